@@ -1,0 +1,238 @@
+"""The `tollway` command line (SPEC §2): serve, demo, mock-llm, check-config, keys."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, NoReturn
+
+from proxy import config as config_module
+
+DEFAULT_CONFIG = "config/tollway.yaml"
+DEMO_CONFIG = "config/demo.yaml"
+_REPO = Path(__file__).resolve().parent.parent
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    result: int = args.run(args)
+    return result
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tollway", description="Tollway LLM API gateway")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", default=DEFAULT_CONFIG)
+    serve.add_argument("--host", default="0.0.0.0")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--workers", type=int, default=1)
+    serve.set_defaults(run=_serve)
+
+    demo = commands.add_parser("demo", help="run a mock LLM and the gateway in front of it")
+    demo.add_argument("--port", type=int, default=8080)
+    demo.add_argument("--mock-port", type=int, default=0, help="default: a free port")
+    demo.set_defaults(run=_demo)
+
+    mock = commands.add_parser("mock-llm", help="run the OpenAI-compatible mock backend")
+    mock.add_argument("--host", default="127.0.0.1")
+    mock.add_argument("--port", type=int, default=9000)
+    mock.add_argument("--ttft", type=float, default=0.0, help="time to first token, ms")
+    mock.add_argument("--itl", type=float, default=0.0, help="inter-token latency, ms")
+    mock.add_argument("--tokens", type=int, default=16, help="completion tokens per response")
+    mock.add_argument("--workers", type=int, default=1)
+    mock.set_defaults(run=_mock_llm)
+
+    check = commands.add_parser("check-config", help="validate a config file")
+    check.add_argument("file")
+    check.set_defaults(run=_check_config)
+
+    keys = commands.add_parser("keys", help="make or hash subscription keys")
+    verbs = keys.add_subparsers(dest="verb", required=True, metavar="VERB")
+    verbs.add_parser("new", help="print a new random key").set_defaults(run=_keys_new)
+    hash_ = verbs.add_parser("hash", help="print the sha256: form of KEY for the config")
+    hash_.add_argument("key")
+    hash_.set_defaults(run=_keys_hash)
+    return parser
+
+
+def _fail(message: str) -> NoReturn:
+    print(f"tollway: {message}", file=sys.stderr)
+    raise SystemExit(1)
+
+
+def _load(path: str) -> config_module.Config:
+    try:
+        return config_module.load(path)
+    except config_module.ConfigError as exc:
+        more = f" (and {len(exc.errors) - 1} more; run tollway check-config {path})"
+        _fail(f"cannot start: {path}: {exc.errors[0]}" + (more if len(exc.errors) > 1 else ""))
+
+
+def _preflight(config: config_module.Config) -> None:
+    """Run the gateway's start-up once here, so a failure is one line before any worker."""
+    from proxy.app import create_app
+
+    async def check() -> None:
+        app = create_app(config)
+        await app.startup()
+        await app.shutdown()
+
+    try:
+        asyncio.run(check())
+    except Exception as exc:
+        _fail(f"cannot start: {exc}")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    _preflight(config)
+    os.environ["TOLLWAY_CONFIG"] = str(Path(args.config).resolve())
+    print(
+        f"tollway: serving {len(config.apis)} API(s) on http://{args.host}:{args.port} "
+        f"with {args.workers} worker(s), config {args.config}",
+        file=sys.stderr,
+        flush=True,
+    )
+    _granian("proxy.app:app_factory", args.host, args.port, args.workers).serve()
+    return 0
+
+
+def _granian(target: str, host: str, port: int, workers: int) -> Any:
+    from granian.constants import Interfaces, Loops
+    from granian.server import MPServer
+
+    class Server(MPServer):
+        """Granian, but SIGHUP reloads the config inside each worker instead of respawning
+        it, so in-process counters survive and a bad config keeps the old one running."""
+
+        def signal_handler_reload(self, *args: object, **kwargs: object) -> None:
+            for worker in self.wrks:
+                pid = worker.inner.pid
+                if pid:
+                    os.kill(pid, signal.SIGHUP)
+
+    return Server(
+        target,
+        address=host,
+        port=port,
+        interface=Interfaces.ASGI,
+        workers=workers,
+        loop=Loops.uvloop,
+        factory=True,
+        websockets=False,
+        backlog=2048,
+        log_access=False,
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _wait_for_port(port: int, timeout: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return True
+        time.sleep(0.05)
+    return False
+
+
+def _demo(args: argparse.Namespace) -> int:
+    config_path = DEMO_CONFIG if Path(DEMO_CONFIG).exists() else str(_REPO / DEMO_CONFIG)
+    mock_port = args.mock_port or _free_port()
+    key = os.environ.setdefault("TOLLWAY_DEMO_KEY", "tw-demo-" + config_module.new_key())
+    os.environ["TOLLWAY_DEMO_MOCK_URL"] = f"http://127.0.0.1:{mock_port}/v1"
+    mock = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "mock-llm", "--port", str(mock_port), "--itl", "20"]
+    )
+    try:
+        if not _wait_for_port(mock_port):
+            _fail(f"cannot start: the mock backend did not open port {mock_port}")
+        _print_demo_help(args.port, key)
+        return _serve(
+            argparse.Namespace(config=config_path, host="127.0.0.1", port=args.port, workers=1)
+        )
+    finally:
+        mock.terminate()
+        mock.wait(timeout=10)
+
+
+def _print_demo_help(port: int, key: str) -> None:
+    base = f"http://127.0.0.1:{port}"
+    print(
+        f"""
+Tollway demo: a mock LLM behind the gateway (memory store, no network needed).
+  subscription key: {key}
+
+  curl {base}/openai/chat/completions -H "api-key: {key}" \\
+       -H "content-type: application/json" \\
+       -d '{{"model": "gpt-4o-mini", "messages": [{{"role": "user", "content": "Hello"}}]}}'
+
+  from openai import OpenAI
+  client = OpenAI(base_url="{base}/openai", api_key="{key}")
+  client.chat.completions.create(
+      model="gpt-4o-mini", messages=[{{"role": "user", "content": "Hi"}}])
+
+Ctrl-C stops both.
+""",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def _mock_llm(args: argparse.Namespace) -> int:
+    from proxy.mock_llm import run
+
+    run(
+        host=args.host,
+        port=args.port,
+        ttft_ms=args.ttft,
+        itl_ms=args.itl,
+        tokens=args.tokens,
+        workers=args.workers,
+    )
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    try:
+        config = config_module.load(args.file)
+    except config_module.ConfigError as exc:
+        for error in exc.errors:
+            print(f"{args.file}: {error}", file=sys.stderr)
+        return 1
+    print(
+        f"{args.file}: ok ({len(config.apis)} APIs, {len(config.backends)} backends, "
+        f"{len(config.products)} products, {len(config.subscriptions)} subscriptions)"
+    )
+    return 0
+
+
+def _keys_new(args: argparse.Namespace) -> int:
+    key = config_module.new_key()
+    print(key)
+    print(f"# store it in the config as: {config_module.hash_key(key)}", file=sys.stderr)
+    return 0
+
+
+def _keys_hash(args: argparse.Namespace) -> int:
+    print(config_module.hash_key(args.key))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

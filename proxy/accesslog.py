@@ -1,0 +1,67 @@
+"""The access log: one line per request, JSON or text, never a secret.
+
+Logged: ids, method, path without the query string (it may carry a subscription key), status,
+timings, model and usage. Never logged: keys, headers, bodies.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import IO, Literal
+
+import msgspec
+
+from proxy.exchange import Exchange
+
+_encoder = msgspec.json.Encoder()
+
+
+class AccessLog:
+    """Writes one line per finished request to `stream` (stdout by default)."""
+
+    def __init__(self, mode: Literal["json", "text", "off"], stream: IO[bytes] | None = None):
+        self.stream = stream or sys.stdout.buffer
+        self.write = {"json": self._json, "text": self._text, "off": self._off}[mode]
+
+    def _json(self, ex: Exchange) -> None:
+        usage = ex.usage
+        record = {
+            "ts": round(time.time(), 3),
+            "request_id": ex.request_id,
+            "method": ex.method,
+            "path": ex.path,
+            "status": ex.status,
+            "duration_ms": round((time.perf_counter() - ex.t0) * 1000, 3),
+            "overhead_ms": round(ex.overhead_ms(), 3),
+            "client_ip": ex.client_ip,
+            "api": ex.api_id or None,
+            "operation": ex.operation or None,
+            "subscription": ex.subscription_id or None,
+            "product": ex.product_id or None,
+            "backend": ex.backend_id or None,
+            "model": ex.model or None,
+            "stream": ex.stream,
+            "prompt_tokens": usage.prompt_tokens if usage else None,
+            "completion_tokens": usage.completion_tokens if usage else None,
+            "error": ex.error_code or None,
+        }
+        self._emit(_encoder.encode(record))
+
+    def _text(self, ex: Exchange) -> None:
+        duration = (time.perf_counter() - ex.t0) * 1000
+        line = (
+            f'{ex.client_ip} "{ex.method} {ex.path}" {ex.status} {duration:.2f}ms '
+            f"sub={ex.subscription_id or '-'} api={ex.api_id or '-'} id={ex.request_id}"
+        )
+        self._emit(line.encode("utf-8", "replace"))
+
+    def _off(self, ex: Exchange) -> None:
+        pass
+
+    def _emit(self, line: bytes) -> None:
+        try:
+            self.stream.write(line + b"\n")
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass  # a closed or full log pipe must never fail a request

@@ -1,0 +1,230 @@
+"""The composition root: `create_app(config)` builds every concrete thing and wires it up.
+
+`Gateway` is the ASGI callable Granian serves. Its lifespan opens the backends' connection
+pools and closes them on shutdown; a failed start is reported with `lifespan.startup.failed`
+(Granian otherwise keeps serving without lifespan). SIGHUP reloads the config file: the new
+`Runtime` is built and opened beside the old one and swapped in whole, or the old one stays
+and the log says why; the old one is closed once its in-flight requests are done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import signal
+import sys
+from typing import IO
+
+import msgspec
+
+from proxy import config as config_module
+from proxy.accesslog import AccessLog
+from proxy.asgi import JSON_TYPE, ClientDisconnected, error_body, error_headers, send_response
+from proxy.auth import ApiGuard, KeyRing
+from proxy.clients import ClientAddress
+from proxy.config import Config
+from proxy.errors import GatewayError
+from proxy.exchange import Exchange
+from proxy.handlers import ApiHandler, OpenAIHandler, PassthroughHandler
+from proxy.relay import Truncated, error_event
+from proxy.routing import Router
+from proxy.types import Receive, Scope, Send
+from proxy.upstream import Backends
+
+log = logging.getLogger("tollway")
+_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
+_encoder = msgspec.json.Encoder()
+
+
+class Runtime:
+    """Everything built from one config; replaced whole on reload."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.backends = Backends(config)
+        self.router: Router[ApiHandler] = Router()
+        self.client_address = ClientAddress(config.gateway.trusted_proxies)
+        self.active = 0
+        ring = KeyRing(config.subscriptions)
+        max_body = int(config.gateway.max_request_body)
+        for api in config.apis:
+            guard = ApiGuard(config, api, ring)
+            if api.type == "openai":
+                self.router.add_openai(api.path, OpenAIHandler(api, guard, self.backends, max_body))
+            else:
+                handler = PassthroughHandler(api, guard, self.backends, max_body)
+                self.router.add_passthrough(api.path, handler)
+
+    async def open(self) -> None:
+        await self.backends.open()
+
+    async def close(self) -> None:
+        await self.backends.close()
+
+
+class Gateway:
+    """The gateway's ASGI application."""
+
+    def __init__(
+        self, config: Config, *, config_path: str | None = None, log_stream: IO[bytes] | None = None
+    ):
+        self.runtime = Runtime(config)
+        self.config_path = config_path
+        self.access_log = AccessLog(config.telemetry.access_log, log_stream)
+        self.ready = False
+        self._retired: set[asyncio.Task[bool]] = set()
+        self._endpoints = {"/healthz": self._healthz, "/readyz": self._readyz}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope["path"]
+        endpoint = self._endpoints.get(path)
+        if endpoint is not None:
+            await endpoint(scope, send)
+            return
+        runtime = self.runtime
+        runtime.active += 1
+        exchange = Exchange(
+            scope["method"], path, _request_id(scope), runtime.client_address.of(scope)
+        )
+        try:
+            await self._serve(runtime, exchange, scope, receive, send)
+        finally:
+            runtime.active -= 1
+            self.access_log.write(exchange)
+
+    async def _serve(
+        self, runtime: Runtime, ex: Exchange, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        """Route and handle one request; the one place that renders errors (STYLE §8)."""
+        try:
+            match = runtime.router.match(ex.method, ex.path, scope.get("raw_path") or b"")
+            handler = match.target
+            ex.api_id, ex.operation = handler.api.id, match.operation
+            await handler(ex, match, scope, receive, send)
+        except GatewayError as error:
+            ex.error_code = error.code
+            await _render(ex, error, send)
+        except (ClientDisconnected, Truncated) as exc:
+            ex.error_code = type(exc).__name__
+            ex.status = ex.status or 499
+        except asyncio.CancelledError:
+            if not ex.disconnected:
+                raise
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            # nginx's 499 when nothing was sent; otherwise the status the client got.
+            ex.error_code, ex.status = "ClientDisconnected", ex.status or 499
+        except Exception:
+            log.exception("unhandled error serving request %s", ex.request_id)
+            ex.error_code = "InternalError"
+            await _render(ex, GatewayError(), send)
+
+    async def _healthz(self, scope: Scope, send: Send) -> None:
+        await send_response(send, 200, [JSON_TYPE], b'{"status":"ok"}')
+
+    async def _readyz(self, scope: Scope, send: Send) -> None:
+        status = 200 if self.ready else 503
+        body = {"status": "ready" if self.ready else "starting", "store": "memory"}
+        await send_response(send, status, [JSON_TYPE], _encoder.encode(body))
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        await receive()  # lifespan.startup
+        try:
+            await self.startup()
+        except Exception as exc:
+            # Granian logs the message and stops the worker; the CLI has already run the same
+            # start-up once (preflight) so this is only reached by what changed since.
+            await send({"type": "lifespan.startup.failed", "message": f"tollway: {exc}"})
+            return
+        await send({"type": "lifespan.startup.complete"})
+        await receive()  # lifespan.shutdown
+        await self.shutdown()
+        await send({"type": "lifespan.shutdown.complete"})
+
+    async def startup(self) -> None:
+        await self.runtime.open()
+        self.ready = True
+        if self.config_path is not None:
+            loop = asyncio.get_running_loop()
+            try:
+                loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+            except (NotImplementedError, RuntimeError, ValueError):
+                log.warning("SIGHUP reload unavailable on this platform/thread")
+
+    async def shutdown(self) -> None:
+        self.ready = False
+        for task in list(self._retired):
+            task.cancel()
+        await self.runtime.close()
+
+    def _on_sighup(self) -> None:
+        task = asyncio.ensure_future(self.reload())
+        self._retired.add(task)
+        task.add_done_callback(self._retired.discard)
+
+    async def reload(self) -> bool:
+        """Swap in the config file's current content, or keep the old one and log why."""
+        assert self.config_path is not None
+        try:
+            config = config_module.load(self.config_path)
+            runtime = Runtime(config)
+            await runtime.open()
+        except Exception as exc:
+            log.error("tollway: config reload failed, keeping the old config: %s", exc)
+            return False
+        old, self.runtime = self.runtime, runtime
+        self.access_log = AccessLog(config.telemetry.access_log, self.access_log.stream)
+        log.warning("tollway: config reloaded from %s", self.config_path)
+        await _drain(old)
+        return True
+
+
+async def _drain(runtime: Runtime) -> None:
+    """Close a retired runtime once its requests are done (or its longest read timeout)."""
+    limit = max((float(b.timeout.read) for b in runtime.config.backends), default=0.0)
+    waited = 0.0
+    while runtime.active and waited < limit:
+        await asyncio.sleep(0.5)
+        waited += 0.5
+    await runtime.close()
+
+
+async def _render(ex: Exchange, error: GatewayError, send: Send) -> None:
+    if not ex.started:
+        await ex.start(send, error.status, error_headers(error))
+        await send({"type": "http.response.body", "body": error_body(error)})
+    elif ex.stream:
+        await send({"type": "http.response.body", "body": error_event(error), "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+    # else: a whole-body response already started; nothing honest can be added.
+
+
+def _request_id(scope: Scope) -> str:
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            if _REQUEST_ID.fullmatch(value):
+                return str(value.decode("ascii"))
+            break
+    return os.urandom(16).hex()
+
+
+def create_app(config: Config, *, config_path: str | None = None) -> Gateway:
+    """Build the gateway for `config` (the only place concrete parts are made)."""
+    return Gateway(config, config_path=config_path)
+
+
+def app_factory() -> Gateway:
+    """Granian's factory target: the config path comes from TOLLWAY_CONFIG."""
+    path = os.environ.get("TOLLWAY_CONFIG", "config/tollway.yaml")
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+    return create_app(config_module.load(path), config_path=path)

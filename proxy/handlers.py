@@ -1,0 +1,310 @@
+"""Endpoint handlers for configured APIs: identify → read → forward → relay.
+
+`OpenAIHandler` serves the five operations of an openai-type API: it validates the fields the
+gateway relies on, asks streamed chat/completions for usage and strips that chunk again for
+clients that did not ask. `PassthroughHandler` forwards any verb and subpath, bodies streamed
+both ways. Policies (SPEC §6) will hook in between identification and forwarding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import unquote_plus
+
+import aiohttp
+
+from proxy.asgi import ClientDisconnected, header, read_body
+from proxy.auth import ApiGuard, Identity
+from proxy.config import Api
+from proxy.errors import RequestTooLargeError
+from proxy.exchange import Exchange
+from proxy.relay import (
+    ChatStreamFilter,
+    DisconnectWatch,
+    ResponsesStreamFilter,
+    StreamFilter,
+    relay_events,
+    relay_raw,
+    sse_headers,
+)
+from proxy.routing import Match, confine
+from proxy.schemas import (
+    ChatRequest,
+    CompletionRequest,
+    ResponsesRequest,
+    decode_request,
+    usage_of_body,
+    wants_usage,
+    with_stream_usage,
+)
+from proxy.types import Headers, Receive, Scope, Send
+from proxy.upstream import Backends, Body, Upstream, mapped_errors
+
+# Never forwarded in either direction (RFC 9110 §7.6.1), plus what the gateway sets itself.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"trailers",
+        b"transfer-encoding",
+        b"upgrade",
+        b"host",
+        b"content-length",
+        b"expect",
+    }
+)
+_RESPONSE_DROP = HOP_BY_HOP | {b"x-request-id", b"x-tollway-overhead-ms"}
+
+
+class ApiHandler:
+    """What both API types share: identification, header and query hygiene."""
+
+    def __init__(self, api: Api, guard: ApiGuard, backends: Backends, max_body: int):
+        self.api = api
+        self.guard = guard
+        self.backends = backends
+        self.max_body = max_body
+        self._drop = HOP_BY_HOP | {
+            api.subscription_key_names.header.lower().encode("latin-1"),
+            b"x-request-id",
+        }
+
+    async def __call__(
+        self, exchange: Exchange, match: Match[Any], scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        raise NotImplementedError
+
+    def identify(self, exchange: Exchange, scope: Scope) -> Identity:
+        identity = self.guard.identify(scope)
+        if identity.subscription is not None:
+            exchange.subscription_id = identity.subscription.id
+        if identity.product is not None:
+            exchange.product_id = identity.product.id
+        return identity
+
+    def request_headers(
+        self, scope: Scope, identity: Identity, upstream: Upstream, exchange: Exchange
+    ) -> list[tuple[str, str]]:
+        """The client's headers minus hop-by-hop and credentials, plus the backend's."""
+        consumed, own = identity.consumed_header, upstream.credential_header
+        out = [
+            (name.decode("latin-1"), value.decode("latin-1"))
+            for name, value in scope["headers"]
+            if name not in self._drop and name != consumed and name != own
+        ]
+        out.append(("x-request-id", exchange.request_id))
+        upstream.add_credentials(out)
+        return out
+
+    @staticmethod
+    def query(scope: Scope, identity: Identity) -> str:
+        """The raw query string, without the subscription key parameter if one was used."""
+        raw: bytes = scope.get("query_string", b"")
+        if not raw:
+            return ""
+        query = raw.decode("latin-1")
+        if identity.consumed_query is None:
+            return query
+        name = identity.consumed_query
+        kept = [p for p in query.split("&") if unquote_plus(p.partition("=")[0]) != name]
+        return "&".join(kept)
+
+
+def response_headers(response: aiohttp.ClientResponse) -> Headers:
+    """The backend's response headers minus hop-by-hop; its request id is kept under
+    `x-backend-request-id` so the gateway's own `X-Request-Id` is the only one."""
+    out: Headers = []
+    for name, value in response.raw_headers:
+        lower = name.lower()
+        if lower not in _RESPONSE_DROP:
+            out.append((lower, value))
+        elif lower == b"x-request-id":
+            out.append((b"x-backend-request-id", value))
+    return out
+
+
+def is_event_stream(response: aiohttp.ClientResponse) -> bool:
+    return response.content_type == "text/event-stream"
+
+
+class OpenAIHandler(ApiHandler):
+    """The five operations of an openai-type API (SPEC §4)."""
+
+    def __init__(self, api: Api, guard: ApiGuard, backends: Backends, max_body: int):
+        super().__init__(api, guard, backends, max_body)
+        # The gateway reads every response for usage, so it asks for identity encoding.
+        self._drop = self._drop | {b"accept-encoding"}
+
+    async def __call__(
+        self, exchange: Exchange, match: Match[Any], scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        identity = self.identify(exchange, scope)
+        operation = match.operation
+        body = await read_body(scope, receive, self.max_body)
+        stream_filter: StreamFilter | None = None
+        if operation != "models":
+            view = decode_request(operation, body)
+            exchange.model = view.model or ""
+            if isinstance(view, ChatRequest | CompletionRequest) and view.stream:
+                stream_filter = ChatStreamFilter(strip_usage=not wants_usage(view))
+                if stream_filter.strip_usage:
+                    body = with_stream_usage(body)
+            elif isinstance(view, ResponsesRequest) and view.stream:
+                stream_filter = ResponsesStreamFilter()
+        exchange.stream = stream_filter is not None
+        upstream = self.backends.pick(self.api.backend)
+        exchange.backend_id = upstream.id
+        headers = self.request_headers(scope, identity, upstream, exchange)
+        headers.append(("accept-encoding", "identity"))
+        url = upstream.url(match.subpath, self.query(scope, identity))
+        await self._forward(exchange, upstream, url, headers, body, stream_filter, receive, send)
+
+    async def _forward(
+        self,
+        exchange: Exchange,
+        upstream: Upstream,
+        url: object,
+        headers: list[tuple[str, str]],
+        body: bytes,
+        stream_filter: StreamFilter | None,
+        receive: Receive,
+        send: Send,
+    ) -> None:
+        method = exchange.method
+        watch = DisconnectWatch(receive, exchange)
+        try:
+            t = time.perf_counter()
+            response = await upstream.send(method, url, headers, body)  # type: ignore[arg-type]
+            try:
+                if (
+                    stream_filter is not None
+                    and response.status == 200
+                    and is_event_stream(response)
+                ):
+                    exchange.backend_seconds += time.perf_counter() - t
+                    await exchange.start(send, 200, sse_headers(response_headers(response)))
+                    await relay_events(
+                        response, send, stream_filter.keep, exchange.add_backend_time
+                    )
+                    exchange.usage = stream_filter.usage
+                else:
+                    with mapped_errors():
+                        payload = await response.read()
+                    exchange.backend_seconds += time.perf_counter() - t
+                    if response.status == 200:
+                        exchange.usage = usage_of_body(payload)
+                    await self._send_whole(exchange, response, payload, send)
+            finally:
+                response.close()
+        finally:
+            watch.stop()
+
+    @staticmethod
+    async def _send_whole(
+        exchange: Exchange, response: aiohttp.ClientResponse, payload: bytes, send: Send
+    ) -> None:
+        headers = response_headers(response)
+        headers.append((b"content-length", str(len(payload)).encode()))
+        await exchange.start(send, response.status, headers)
+        await send({"type": "http.response.body", "body": payload})
+
+
+class PassthroughHandler(ApiHandler):
+    """Any verb and subpath under the API's path, bodies streamed both ways (SPEC §4)."""
+
+    async def __call__(
+        self, exchange: Exchange, match: Match[Any], scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        identity = self.identify(exchange, scope)
+        subpath = confine(match.subpath)
+        upstream = self.backends.pick(self.api.backend)
+        exchange.backend_id = upstream.id
+        headers = self.request_headers(scope, identity, upstream, exchange)
+        url = upstream.url(subpath, self.query(scope, identity))
+        watch: list[DisconnectWatch] = []
+        body = self._body(scope, receive, watch, exchange)
+        try:
+            t = time.perf_counter()
+            response = await self._send(upstream, exchange.method, url, headers, body)
+            exchange.backend_seconds += time.perf_counter() - t
+            if not watch:  # a body-less request: watch from here on
+                watch.append(DisconnectWatch(receive, exchange))
+            try:
+                await exchange.start(send, response.status, response_headers_with_length(response))
+                await relay_raw(response, send, exchange.add_backend_time)
+            finally:
+                response.close()
+        finally:
+            for w in watch:
+                w.stop()
+
+    @staticmethod
+    async def _send(
+        upstream: Upstream, method: str, url: object, headers: list[tuple[str, str]], body: Body
+    ) -> aiohttp.ClientResponse:
+        try:
+            return await upstream.send(method, url, headers, body)  # type: ignore[arg-type]
+        except Exception as exc:
+            # aiohttp wraps what the body generator raised; surface the client's own faults.
+            cause: BaseException | None = exc
+            while cause is not None:
+                if isinstance(cause, RequestTooLargeError | ClientDisconnected):
+                    raise cause from None
+                cause = cause.__cause__ or cause.__context__
+            raise
+
+    def _body(
+        self,
+        scope: Scope,
+        receive: Receive,
+        watch: list[DisconnectWatch],
+        exchange: Exchange,
+    ) -> Body:
+        """The request body as the backend should receive it: None, or streamed."""
+        declared = header(scope, b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body:
+            raise RequestTooLargeError(self.max_body)
+        chunked = header(scope, b"transfer-encoding") is not None
+        if declared in (None, b"0") and not chunked:
+            return None
+        return self._stream_body(receive, watch, exchange, asyncio.current_task())
+
+    async def _stream_body(
+        self,
+        receive: Receive,
+        watch: list[DisconnectWatch],
+        exchange: Exchange,
+        task: asyncio.Task[object] | None,
+    ) -> AsyncIterator[bytes]:
+        # aiohttp writes the body from a task of its own: the watch must cancel the handler.
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnected
+            chunk: bytes = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                raise RequestTooLargeError(self.max_body)
+            if chunk:
+                yield chunk
+            if not message.get("more_body", False):
+                watch.append(DisconnectWatch(receive, exchange, task))
+                return
+
+
+def response_headers_with_length(response: aiohttp.ClientResponse) -> Headers:
+    """Passthrough relays the exact bytes, so the backend's Content-Length stays true."""
+    headers = response_headers(response)
+    length = response.headers.get("content-length")
+    if length is not None:
+        headers.append((b"content-length", length.encode("latin-1")))
+    return headers

@@ -1,0 +1,813 @@
+"""The `tollway mock-llm` backend: an OpenAI-compatible mock for demos, tests and benchmarks.
+
+Raw ASGI on Granian, built never to be the bottleneck of a benchmark: the JSON of a
+non-streamed reply is cached per (model, tokens, prompt size) and only its id and timestamp
+are formatted per request; every streamed token's SSE bytes are encoded once at start-up.
+
+Operations (each at `/v1/<op>` and `/<op>`): `POST chat/completions`, `POST completions`,
+`POST embeddings`, `POST responses`, `GET models`. A reply has `tokens` words, one word per
+token (common English words, each a single token in OpenAI's encodings), capped by
+`max_tokens` / `max_completion_tokens` / `max_output_tokens`. Streams wait `ttft_ms` before
+the first token and `itl_ms` between tokens; non-streamed replies wait the same total.
+
+Fault injection by request header:
+  x-mock-status: N       reply with status N and an OpenAI-shaped error
+  x-mock-retry-after: S  add `Retry-After: S` to that error
+  x-mock-delay-ms: MS    wait before sending the response headers
+  x-mock-close-after: N  send N SSE events (none for JSON) then abort the connection
+  x-mock-garbage: 1      mix comments, junk lines and invalid JSON events into a stream
+
+Observability: `GET /_mock/requests` lists the last 200 requests (newest last), each with
+method, path, query, headers, body (first 64 KiB), status and monotonic timestamps
+`started`, `finished` (the whole response was sent), `disconnected` (the client went away
+first) and `events_sent`; `DELETE /_mock/requests` clears the list.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import itertools
+import math
+import os
+import re
+import secrets
+import struct
+import time
+import zlib
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine
+from functools import lru_cache, partial
+from typing import Any, NamedTuple
+
+import msgspec
+
+from proxy.types import ASGIApp, Headers, Receive, Scope, Send
+
+# Each is one token with a leading space in cl100k/o200k, so a tokenizer's count of the
+# streamed text matches the usage the mock reports.
+_SENTENCE = (
+    "The model is a mock and this is what it says when you ask it for more of the same "
+    "text that you can use to test how long one reply will be in time"
+)
+WORDS = tuple(_SENTENCE.split())
+MODELS = ("gpt-4o-mini", "gpt-4o", "text-embedding-3-small", "llama-3-8b")
+RECORD_LIMIT = 200
+BODY_RECORD_LIMIT = 64 * 1024
+
+_SSE_HEADERS: Headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+_DONE = b"data: [DONE]\n\n"
+_CHAT_ROLE = (
+    b'"choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,'
+    b'"finish_reason":null}]}\n\n'
+)
+_CHAT_FINISH = {
+    reason: b'"choices":[{"index":0,"delta":{},"logprobs":null,"finish_reason":"%s"}]}\n\n'
+    % reason.encode()
+    for reason in ("stop", "length")
+}
+_TEXT_FINISH = {
+    reason: b'"choices":[{"index":0,"text":"","logprobs":null,"finish_reason":"%s"}]}\n\n'
+    % reason.encode()
+    for reason in ("stop", "length")
+}
+_GARBAGE = b": mock comment\n\ndata: {not json\n\ngarbage line without colon\n\n"
+_CACHE_LIMIT = 4096
+
+
+class _StreamOptions(msgspec.Struct):
+    include_usage: bool | None = False
+
+
+class _Part(msgspec.Struct):
+    text: str | None = None
+
+
+class _Message(msgspec.Struct):
+    content: str | list[_Part] | None = None
+
+
+class _Body(msgspec.Struct):
+    """The request fields the mock reads, for every operation; the rest is ignored."""
+
+    model: str = "mock-model"
+    stream: bool | None = False
+    stream_options: _StreamOptions | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    max_output_tokens: int | None = None
+    messages: list[_Message] = []
+    prompt: Any = None
+    input: Any = None
+    instructions: str | None = None
+    dimensions: int | None = None
+    encoding_format: str | None = "float"
+
+
+_decoder = msgspec.json.Decoder(_Body)
+_encode = msgspec.json.encode
+
+
+class _BadRequestError(Exception):
+    """The request cannot be served; rendered as a 400."""
+
+
+class _AbortError(Exception):
+    """Raised on purpose so Granian aborts the connection mid-response (x-mock-close-after)."""
+
+
+class _Json(NamedTuple):
+    status: int
+    body: bytes
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+    tokens: int = 0  # how many generated tokens pacing should wait for
+
+
+class _Stream(NamedTuple):
+    """An SSE reply: events `prefix + part` (prefix made once per request), then `trailer`."""
+
+    prefix: bytes
+    parts: list[bytes]
+    trailer: bytes
+    lead: int  # events before the first token
+    tokens: int
+
+    def events(self) -> list[bytes]:
+        events = [self.prefix + part for part in self.parts]
+        return [*events, self.trailer] if self.trailer else events
+
+    def body(self) -> bytes:
+        """All events in one piece, joined without building each one."""
+        if not self.parts:
+            return self.trailer
+        return self.prefix + self.prefix.join(self.parts) + self.trailer
+
+
+_Reply = _Json | _Stream
+_Op = Callable[[bytes], _Reply]
+
+
+class _Faults:
+    """The x-mock-* headers of one request."""
+
+    __slots__ = ("close_after", "delay", "garbage", "retry_after", "status")
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.retry_after = b""
+        self.delay = 0.0
+        self.close_after: int | None = None
+        self.garbage = False
+
+    def set(self, name: bytes, value: bytes) -> None:
+        try:
+            if name == b"status":
+                self.status = int(value)
+            elif name == b"retry-after":
+                self.retry_after = value
+            elif name == b"delay-ms":
+                self.delay = float(value) / 1000
+            elif name == b"close-after":
+                self.close_after = int(value)
+            elif name == b"garbage":
+                self.garbage = value not in (b"", b"0", b"false")
+        except ValueError:
+            raise _BadRequestError(f"invalid x-mock-{name.decode()} header") from None
+
+
+def _parse_faults(headers: Headers) -> _Faults | None:
+    faults = None
+    for name, value in headers:
+        if name.startswith(b"x-mock-"):
+            faults = faults or _Faults()
+            faults.set(name[7:], value)
+    return faults
+
+
+class _Record:
+    """What the mock saw of one request and how far it got answering it."""
+
+    __slots__ = (
+        "body",
+        "disconnected",
+        "events_sent",
+        "finished",
+        "headers",
+        "method",
+        "path",
+        "query",
+        "started",
+        "status",
+    )
+
+    def __init__(self, scope: Scope, body: bytes) -> None:
+        self.method: str = scope["method"]
+        self.path: str = scope["path"]
+        self.query: bytes = scope["query_string"]
+        self.headers: Headers = list(scope["headers"])
+        self.body = body[:BODY_RECORD_LIMIT]
+        self.status = 0
+        self.started = time.monotonic()
+        self.finished: float | None = None
+        self.disconnected: float | None = None
+        self.events_sent = 0
+
+    def to_builtins(self) -> dict[str, Any]:
+        """The record as JSON-ready values (decoded lazily, off the hot path)."""
+        return {
+            "method": self.method,
+            "path": self.path,
+            "query": self.query.decode("latin-1"),
+            "headers": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in self.headers],
+            "body": self.body.decode("utf-8", "replace"),
+            "status": self.status,
+            "started": self.started,
+            "finished": self.finished,
+            "disconnected": self.disconnected,
+            "events_sent": self.events_sent,
+        }
+
+
+def _error_json(status: int, message: str, headers: Headers | None = None) -> _Json:
+    kind = "server_error" if status >= 500 else "invalid_request_error"
+    body = _encode({"error": {"message": message, "type": kind, "code": None}})
+    return _Json(status, body, tuple(headers or ()))
+
+
+def _not_routed(scope: Scope, methods: dict[str, Any] | None) -> _Json:
+    if methods is None:
+        return _error_json(404, f"no such operation: {scope['method']} {scope['path']}")
+    allow = [(b"allow", ", ".join(methods).encode())]
+    return _error_json(405, f"method {scope['method']} not allowed", allow)
+
+
+def _injected_error(faults: _Faults) -> _Json:
+    headers = [(b"retry-after", faults.retry_after)] if faults.retry_after else []
+    return _error_json(faults.status, f"mock error {faults.status}", headers)
+
+
+def _json_headers(body: bytes, extra: tuple[tuple[bytes, bytes], ...]) -> Headers:
+    return [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)), *extra]
+
+
+def _decode(raw: bytes) -> _Body:
+    try:
+        return _decoder.decode(raw)
+    except msgspec.DecodeError as exc:  # ValidationError is a DecodeError
+        raise _BadRequestError(f"invalid request body: {exc}") from None
+
+
+def _count_words(value: Any) -> int:
+    """A cheap deterministic token estimate: words, token ids, +3 per message item."""
+    if isinstance(value, str):
+        return len(value.split())
+    if isinstance(value, int):
+        return 1
+    if isinstance(value, list):
+        return sum(_count_words(item) for item in value)
+    if isinstance(value, dict):
+        if "content" in value:
+            return 3 + _count_words(value["content"])
+        return _count_words(value.get("text"))
+    return 0
+
+
+def _chat_prompt_tokens(messages: list[_Message]) -> int:
+    count = 0
+    for message in messages:
+        content = message.content
+        if isinstance(content, str):
+            count += 3 + len(content.split())
+        else:
+            count += 3 + sum(len(p.text.split()) for p in content or () if p.text)
+    return max(count, 1)
+
+
+def _usage(prompt: int, completion: int) -> dict[str, Any]:
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": 0},
+    }
+
+
+class MockLLM:
+    """The mock backend as an ASGI app; see the module docstring for what it serves."""
+
+    def __init__(self, *, ttft_ms: float, itl_ms: float, tokens: int, embedding_dim: int) -> None:
+        self._ttft = ttft_ms / 1000
+        self._itl = itl_ms / 1000
+        self._paced = ttft_ms > 0 or itl_ms > 0
+        self._tokens = tokens
+        self._embedding_dim = embedding_dim
+        self._pieces = [WORDS[0]] + [" " + WORDS[i % len(WORDS)] for i in range(1, tokens)]
+        self._chat_deltas = [
+            b'"choices":[{"index":0,"delta":{"content":%s},"logprobs":null,"finish_reason":null}]}'
+            b"\n\n" % _encode(piece)
+            for piece in self._pieces
+        ]
+        self._text_deltas = [
+            b'"choices":[{"index":0,"text":%s,"logprobs":null,"finish_reason":null}]}\n\n'
+            % _encode(piece)
+            for piece in self._pieces
+        ]
+        self._tails: dict[tuple[Any, ...], bytes] = {}
+        self._id_prefix = secrets.token_hex(4).encode()
+        self._ids = itertools.count(1)
+        self._records: deque[_Record] = deque(maxlen=RECORD_LIMIT)
+        self._models = _Json(
+            200,
+            _encode(
+                {
+                    "object": "list",
+                    "data": [
+                        {
+                            "id": m,
+                            "object": "model",
+                            "created": 1_700_000_000,
+                            "owned_by": "tollway-mock",
+                        }
+                        for m in MODELS
+                    ],
+                }
+            ),
+        )
+        self._routes = self._build_routes()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await self._route(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+
+    def _build_routes(self) -> dict[str, dict[str, Callable[..., Awaitable[None]]]]:
+        ops: dict[str, tuple[str, _Op]] = {
+            "chat/completions": ("POST", self._chat),
+            "completions": ("POST", self._completions),
+            "embeddings": ("POST", self._embeddings),
+            "responses": ("POST", self._responses),
+            "models": ("GET", lambda raw: self._models),
+        }
+        routes: dict[str, dict[str, Callable[..., Awaitable[None]]]] = {}
+        for path, (method, op) in ops.items():
+            handler = partial(self._serve, op=op)
+            routes["/v1/" + path] = routes["/" + path] = {method: handler}
+        routes["/_mock/requests"] = {"GET": self._list_records, "DELETE": self._clear_records}
+        return routes
+
+    async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
+        methods = self._routes.get(scope["path"])
+        handler = methods.get(scope["method"]) if methods else None
+        if handler is None:  # still served (and recorded) like an operation, by a fixed reply
+            reply = _not_routed(scope, methods)
+            handler = partial(self._serve, op=lambda raw: reply)
+        await handler(scope, receive, send)
+
+    async def _list_records(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await _read_body(receive)
+        await _send_json(send, _Json(200, _encode([r.to_builtins() for r in self._records])))
+
+    async def _clear_records(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await _read_body(receive)
+        self._records.clear()
+        await _send_json(send, _Json(200, b"{}"))
+
+    # -- serving: fast path, faults, pacing, disconnect watch ----------------------------------
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send, *, op: _Op) -> None:
+        raw = await _read_body(receive)
+        record = _Record(scope, raw)
+        self._records.append(record)
+        try:
+            faults = _parse_faults(scope["headers"])
+            reply = _injected_error(faults) if faults and faults.status else op(raw)
+        except _BadRequestError as exc:
+            faults, reply = None, _error_json(400, str(exc))
+        record.status = reply.status if isinstance(reply, _Json) else 200
+        if faults is None and not (self._paced and reply.tokens):
+            await self._send_at_once(send, reply, record)
+        else:
+            await _watch_disconnect(self._send_slowly(send, reply, record, faults), receive, record)
+
+    async def _send_at_once(self, send: Send, reply: _Reply, record: _Record) -> None:
+        if isinstance(reply, _Json):
+            await _send_json(send, reply)
+        else:
+            await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+            await send({"type": "http.response.body", "body": reply.body()})
+            record.events_sent = len(reply.parts) + bool(reply.trailer)
+        record.finished = time.monotonic()
+
+    async def _send_slowly(
+        self, send: Send, reply: _Reply, record: _Record, faults: _Faults | None
+    ) -> None:
+        faults = faults or _Faults()
+        if faults.delay:
+            await asyncio.sleep(faults.delay)
+        if isinstance(reply, _Stream):
+            await self._pump(send, reply, record, faults)
+        else:
+            await self._send_json_slowly(send, reply, faults)
+        record.finished = time.monotonic()
+
+    async def _send_json_slowly(self, send: Send, reply: _Json, faults: _Faults) -> None:
+        if reply.tokens:
+            await asyncio.sleep(self._ttft + self._itl * (reply.tokens - 1))
+        if faults.close_after is None:
+            await _send_json(send, reply)
+            return
+        # Granian holds back the response start until the first body message: send half.
+        headers = _json_headers(reply.body, reply.headers)
+        await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+        half = reply.body[: len(reply.body) // 2]
+        await send({"type": "http.response.body", "body": half, "more_body": True})
+        raise _AbortError("x-mock-close-after")
+
+    async def _pump(self, send: Send, stream: _Stream, record: _Record, faults: _Faults) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+        events = stream.events()
+        if faults.garbage:  # junk after the first event and before the last, pacing unchanged
+            events = [events[0] + _GARBAGE, *events[1:-1], _GARBAGE + events[-1]]
+        end = len(events) if faults.close_after is None else min(faults.close_after, len(events))
+        for index in range(end):
+            delay = self._delay_before(index, stream)
+            if delay:
+                await asyncio.sleep(delay)
+            await send({"type": "http.response.body", "body": events[index], "more_body": True})
+            record.events_sent += 1
+        if faults.close_after is not None:
+            raise _AbortError("x-mock-close-after")
+        await send({"type": "http.response.body", "body": b""})
+
+    def _delay_before(self, index: int, stream: _Stream) -> float:
+        # The first token (with the events leading up to it) after ttft, later tokens after itl.
+        if index == 0:
+            return self._ttft
+        if stream.lead < index < stream.lead + stream.tokens:
+            return self._itl
+        return 0.0
+
+    # -- operations: request bytes -> reply ----------------------------------------------------
+
+    def _completion_size(self, *caps: int | None) -> tuple[int, str]:
+        cap = next((c for c in caps if c is not None), None)
+        if cap is not None and cap < self._tokens:
+            return max(cap, 0), "length"
+        return self._tokens, "stop"
+
+    def _new_id(self) -> bytes:
+        return b"%s%x" % (self._id_prefix, next(self._ids))
+
+    def _cached_tail(self, key: tuple[Any, ...], build: Callable[[], dict[str, Any]]) -> bytes:
+        """JSON of `build()` without its opening brace, cached: only id/created vary per call."""
+        tail = self._tails.get(key)
+        if tail is None:
+            if len(self._tails) >= _CACHE_LIMIT:
+                self._tails.clear()
+            tail = self._tails[key] = _encode(build())[1:]
+        return tail
+
+    def _chat(self, raw: bytes) -> _Reply:
+        body = _decode(raw)
+        n, finish = self._completion_size(body.max_completion_tokens, body.max_tokens)
+        prompt = _chat_prompt_tokens(body.messages)
+        if body.stream:
+            return self._chat_stream(body, n, finish, prompt)
+        tail = self._cached_tail(
+            ("chat", body.model, n, finish, prompt),
+            lambda: {
+                "model": body.model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {
+                            "role": "assistant",
+                            "content": "".join(self._pieces[:n]),
+                            "refusal": None,
+                        },
+                        "logprobs": None,
+                        "finish_reason": finish,
+                    }
+                ],
+                "usage": _usage(prompt, n),
+            },
+        )
+        head = b'{"id":"chatcmpl-%s","object":"chat.completion","created":%d,'
+        return _Json(200, head % (self._new_id(), time.time()) + tail, tokens=n)
+
+    def _chat_stream(self, body: _Body, n: int, finish: str, prompt: int) -> _Stream:
+        prefix = (
+            b'data: {"id":"chatcmpl-%s","object":"chat.completion.chunk","created":%d,'
+            b'"model":%s,' % (self._new_id(), time.time(), _encode(body.model))
+        )
+        parts = [_CHAT_ROLE, *self._chat_deltas[:n], _CHAT_FINISH[finish]]
+        return _Stream(prefix, self._with_usage(parts, body, prompt, n), _DONE, 1, n)
+
+    def _completions(self, raw: bytes) -> _Reply:
+        body = _decode(raw)
+        n, finish = self._completion_size(body.max_tokens)
+        prompt = max(_count_words(body.prompt), 1)
+        if body.stream:
+            return self._completions_stream(body, n, finish, prompt)
+        tail = self._cached_tail(
+            ("text", body.model, n, finish, prompt),
+            lambda: {
+                "model": body.model,
+                "choices": [
+                    {
+                        "text": "".join(self._pieces[:n]),
+                        "index": 0,
+                        "logprobs": None,
+                        "finish_reason": finish,
+                    }
+                ],
+                "usage": _usage(prompt, n),
+            },
+        )
+        head = b'{"id":"cmpl-%s","object":"text_completion","created":%d,'
+        return _Json(200, head % (self._new_id(), time.time()) + tail, tokens=n)
+
+    def _completions_stream(self, body: _Body, n: int, finish: str, prompt: int) -> _Stream:
+        prefix = b'data: {"id":"cmpl-%s","object":"text_completion","created":%d,"model":%s,' % (
+            self._new_id(),
+            time.time(),
+            _encode(body.model),
+        )
+        parts = [*self._text_deltas[:n], _TEXT_FINISH[finish]]
+        return _Stream(prefix, self._with_usage(parts, body, prompt, n), _DONE, 0, n)
+
+    @staticmethod
+    def _with_usage(parts: list[bytes], body: _Body, prompt: int, n: int) -> list[bytes]:
+        if False:
+            parts.append(b'"choices":[],"usage":%s}\n\n' % _encode(_usage(prompt, n)))
+        return parts
+
+    def _embeddings(self, raw: bytes) -> _Reply:
+        body = _decode(raw)
+        texts = _embedding_texts(body.input)
+        dim = self._embedding_dim if body.dimensions is None else body.dimensions
+        if not 0 < dim <= 8192:
+            raise _BadRequestError("dimensions must be between 1 and 8192")
+        if body.encoding_format not in (None, "float", "base64"):
+            raise _BadRequestError("encoding_format must be 'float' or 'base64'")
+        encode = _as_base64 if body.encoding_format == "base64" else list
+        data = [
+            {"object": "embedding", "index": i, "embedding": encode(embed(text, dim))}
+            for i, text in enumerate(texts)
+        ]
+        prompt = max(_count_words(body.input), 1)
+        usage = {"prompt_tokens": prompt, "total_tokens": prompt}
+        return _Json(
+            200, _encode({"object": "list", "data": data, "model": body.model, "usage": usage})
+        )
+
+    def _responses(self, raw: bytes) -> _Reply:
+        body = _decode(raw)
+        n, _ = self._completion_size(body.max_output_tokens)
+        prompt = max(_count_words(body.input) + _count_words(body.instructions), 1)
+        ids = self._new_id().decode()
+        made = _ResponseMaker(body, ids, n < self._tokens, prompt, self._pieces[:n])
+        if body.stream:
+            return _Stream(b"", made.events(), b"", 4, n)
+        return _Json(200, _encode(made.response(final=True)), tokens=n)
+
+
+class _ResponseMaker:
+    """Builds one Responses API reply: the `response` object or its typed event stream."""
+
+    def __init__(self, body: _Body, ids: str, capped: bool, prompt: int, pieces: list[str]) -> None:
+        self.body, self.pieces, self.prompt = body, pieces, prompt
+        self.rid, self.mid = "resp_" + ids, "msg_" + ids
+        self.status = "incomplete" if capped else "completed"
+        self.text = "".join(pieces)
+        self.created = int(time.time())
+        self.sequence = itertools.count()
+
+    def part(self, text: str) -> dict[str, Any]:
+        return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+    def item(self, final: bool) -> dict[str, Any]:
+        return {
+            "id": self.mid,
+            "type": "message",
+            "role": "assistant",
+            "status": self.status if final else "in_progress",
+            "content": [self.part(self.text)] if final else [],
+        }
+
+    def response(self, final: bool) -> dict[str, Any]:
+        """The `response` object, in progress (no output) or final."""
+        n = len(self.pieces)
+        usage = {
+            "input_tokens": self.prompt,
+            "output_tokens": n,
+            "total_tokens": self.prompt + n,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens_details": {"reasoning_tokens": 0},
+        }
+        capped = self.status == "incomplete"
+        return {
+            "id": self.rid,
+            "object": "response",
+            "created_at": self.created,
+            "status": self.status if final else "in_progress",
+            "error": None,
+            "incomplete_details": {"reason": "max_output_tokens"} if final and capped else None,
+            "instructions": self.body.instructions,
+            "max_output_tokens": self.body.max_output_tokens,
+            "model": self.body.model,
+            "output": [self.item(final=True)] if final else [],
+            "parallel_tool_calls": True,
+            "previous_response_id": None,
+            "reasoning": {"effort": None, "summary": None},
+            "store": False,
+            "temperature": 1.0,
+            "text": {"format": {"type": "text"}},
+            "tool_choice": "auto",
+            "tools": [],
+            "top_p": 1.0,
+            "truncation": "disabled",
+            "usage": usage if final else None,
+            "user": None,
+            "metadata": {},
+        }
+
+    def event(self, kind: str, **fields: Any) -> bytes:
+        data = {"type": kind, "sequence_number": next(self.sequence), **fields}
+        return b"event: %s\ndata: %s\n\n" % (kind.encode(), _encode(data))
+
+    def events(self) -> list[bytes]:
+        """The whole stream; the first 4 events lead up to the first text delta."""
+        at = {"item_id": self.mid, "output_index": 0, "content_index": 0}
+        last = "response.incomplete" if self.status == "incomplete" else "response.completed"
+        return [
+            self.event("response.created", response=self.response(final=False)),
+            self.event("response.in_progress", response=self.response(final=False)),
+            self.event("response.output_item.added", output_index=0, item=self.item(False)),
+            self.event("response.content_part.added", **at, part=self.part("")),
+            *[
+                self.event("response.output_text.delta", **at, delta=p, logprobs=[])
+                for p in self.pieces
+            ],
+            self.event("response.output_text.done", **at, text=self.text, logprobs=[]),
+            self.event("response.content_part.done", **at, part=self.part(self.text)),
+            self.event("response.output_item.done", output_index=0, item=self.item(True)),
+            self.event(last, response=self.response(final=True)),
+        ]
+
+
+# -- embeddings: hashing trick over words and character trigrams --------------------------------
+
+_WORD = re.compile(r"\w+")
+
+
+def _embedding_texts(value: Any) -> list[str]:
+    """`input` as a list of texts; token ids become words so equal ids embed equally."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value:
+        if all(isinstance(v, str) for v in value):
+            return value
+        if all(isinstance(v, int) for v in value):
+            return [" ".join(f"t{v}" for v in value)]
+        if all(isinstance(v, list) and all(isinstance(i, int) for i in v) for v in value):
+            return [" ".join(f"t{i}" for i in v) for v in value]
+    raise _BadRequestError("input must be a string, a list of strings or of token ids")
+
+
+@lru_cache(maxsize=4096)
+def embed(text: str, dim: int) -> tuple[float, ...]:
+    """A deterministic unit vector whose cosine similarity tracks word and spelling overlap."""
+    vector = [0.0] * dim
+    words = _WORD.findall(text.lower())
+    for word in words:
+        _add_feature(vector, word, 1.0)
+    padded = f" {' '.join(words)} "
+    for i in range(len(padded) - 2):
+        _add_feature(vector, "#" + padded[i : i + 3], 0.5)
+    norm = math.sqrt(sum(x * x for x in vector))
+    if norm == 0.0:  # empty text: any fixed unit vector will do
+        return (1.0,) + (0.0,) * (dim - 1)
+    return tuple(x / norm for x in vector)
+
+
+def _add_feature(vector: list[float], feature: str, weight: float) -> None:
+    # crc32, not hash(): Python salts str hashes per process, and embeddings must be stable.
+    h = zlib.crc32(feature.encode())
+    vector[h % len(vector)] += weight if h & 0x80000000 else -weight
+
+
+def _as_base64(vector: tuple[float, ...]) -> str:
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+
+
+# -- ASGI plumbing ------------------------------------------------------------------------------
+
+
+async def _read_body(receive: Receive) -> bytes:
+    message = await receive()
+    body: bytes = message.get("body", b"")
+    if not message.get("more_body"):
+        return body
+    parts = [body]
+    while message.get("more_body"):
+        message = await receive()
+        parts.append(message.get("body", b""))
+    return b"".join(parts)
+
+
+async def _send_json(send: Send, reply: _Json) -> None:
+    headers = _json_headers(reply.body, reply.headers)
+    await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+    await send({"type": "http.response.body", "body": reply.body})
+
+
+async def _watch_disconnect(
+    responding: Coroutine[Any, Any, None], receive: Receive, record: _Record
+) -> None:
+    """Run `responding` until it ends or the client goes away, whichever is first.
+
+    Granian implements ASGI 2.3, where sending to a gone client does not raise, so only
+    `receive()` tells us: https://asgi.readthedocs.io/en/latest/specs/www.html#disconnect
+    """
+    task = asyncio.ensure_future(responding)
+    watcher = asyncio.ensure_future(_until_disconnect(receive))
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task.done():
+        task.result()  # re-raises _AbortError so Granian drops the connection
+        return
+    record.disconnected = time.monotonic()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def _until_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+# -- entry points -------------------------------------------------------------------------------
+
+
+def create_app(
+    *, ttft_ms: float = 0.0, itl_ms: float = 0.0, tokens: int = 16, embedding_dim: int = 256
+) -> ASGIApp:
+    """Build the mock backend ASGI app (see the module docstring)."""
+    return MockLLM(ttft_ms=ttft_ms, itl_ms=itl_ms, tokens=tokens, embedding_dim=embedding_dim)
+
+
+def app_factory() -> ASGIApp:
+    """The app configured from the TOLLWAY_MOCK_{TTFT_MS,ITL_MS,TOKENS} environment (Granian)."""
+    env = os.environ
+    return create_app(
+        ttft_ms=float(env.get("TOLLWAY_MOCK_TTFT_MS", "0")),
+        itl_ms=float(env.get("TOLLWAY_MOCK_ITL_MS", "0")),
+        tokens=int(env.get("TOLLWAY_MOCK_TOKENS", "16")),
+    )
+
+
+def run(
+    *,
+    host: str = "127.0.0.1",
+    port: int = 9000,
+    ttft_ms: float = 0.0,
+    itl_ms: float = 0.0,
+    tokens: int = 16,
+    workers: int = 1,
+) -> None:
+    """Serve the mock with Granian until interrupted."""
+    from granian import Granian  # imported here so the app itself can be used without it
+
+    os.environ["TOLLWAY_MOCK_TTFT_MS"] = str(ttft_ms)
+    os.environ["TOLLWAY_MOCK_ITL_MS"] = str(itl_ms)
+    os.environ["TOLLWAY_MOCK_TOKENS"] = str(tokens)
+    Granian(
+        "proxy.mock_llm:app_factory",
+        address=host,
+        port=port,
+        interface="asgi",  # type: ignore[arg-type]  # a str enum; the plain value is accepted
+        loop="uvloop",  # type: ignore[arg-type]
+        workers=workers,
+        factory=True,
+        log_access=False,
+    ).serve()

@@ -1,0 +1,179 @@
+"""Relaying backend responses to the client: whole bodies, SSE event streams, raw streams.
+
+The relay owns streaming semantics (STYLE §10): response headers go out at once, events are
+forwarded as they complete, a watcher on `receive()` cancels the request when the client
+leaves (Granian speaks ASGI 2.3, where sending to a gone client does not raise), and the
+backend response is released in `finally`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import aiohttp
+import msgspec
+
+from proxy.errors import GatewayError
+from proxy.exchange import Exchange
+from proxy.schemas import Usage, read_chunk, read_response_event
+from proxy.sse import EventSplitter, parse_event
+from proxy.types import Headers, Receive, Send
+from proxy.upstream import mapped_errors
+
+SSE_HEADERS: Headers = [
+    (b"content-type", b"text/event-stream"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+_SSE_OWN = frozenset(name for name, _ in SSE_HEADERS) | {b"content-encoding"}
+
+
+def sse_headers(backend_headers: Headers) -> Headers:
+    """Response headers for a relayed event stream: never cached, buffered or compressed."""
+    return [h for h in backend_headers if h[0] not in _SSE_OWN] + SSE_HEADERS
+
+
+_DONE = b"[DONE]"
+_encoder = msgspec.json.Encoder()
+
+
+class DisconnectWatch:
+    """Cancels the current task when the client disconnects.
+
+    Start it only once the request body has been read: it consumes `receive()`.
+    """
+
+    __slots__ = ("_exchange", "_task", "_watcher")
+
+    def __init__(
+        self, receive: Receive, exchange: Exchange, task: asyncio.Task[object] | None = None
+    ):
+        self._exchange = exchange
+        self._task = task or asyncio.current_task()
+        self._watcher = asyncio.ensure_future(self._watch(receive))
+
+    async def _watch(self, receive: Receive) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                self._exchange.disconnected = True
+                if self._task is not None:
+                    self._task.cancel()
+                return
+
+    def stop(self) -> None:
+        self._watcher.cancel()
+
+
+def error_event(error: GatewayError) -> bytes:
+    """The one SSE event that ends a stream broken after it started (SPEC §4)."""
+    payload = {"error": {"message": error.message, "type": error.type, "code": error.code}}
+    return b"data: " + _encoder.encode(payload) + b"\n\n"
+
+
+class ChatStreamFilter:
+    """Chat/completions chunks: reads usage, drops the usage-only chunk when the client did
+    not ask for it, and drops frames that are not JSON (a backend's garbage never reaches
+    an SDK that would choke on it)."""
+
+    __slots__ = ("dropped", "strip_usage", "usage")
+
+    def __init__(self, strip_usage: bool):
+        self.strip_usage = strip_usage
+        self.usage: Usage | None = None
+        self.dropped = 0
+
+    def keep(self, event: bytes) -> bool:
+        _, data = parse_event(event)
+        if not data or data == _DONE:
+            return True
+        chunk = read_chunk(data)
+        if chunk is None:
+            self.dropped += 1
+            return False
+        usage, usage_only = chunk
+        if usage is not None:
+            self.usage = usage
+            return not (usage_only and self.strip_usage)
+        return True
+
+
+class ResponsesStreamFilter:
+    """Responses API events: usage is read from `response.completed`, nothing is injected."""
+
+    __slots__ = ("dropped", "usage")
+
+    def __init__(self) -> None:
+        self.usage: Usage | None = None
+        self.dropped = 0
+
+    def keep(self, event: bytes) -> bool:
+        _, data = parse_event(event)
+        if not data:
+            return True
+        read = read_response_event(data)
+        if read is None:
+            self.dropped += 1
+            return False
+        if read[1] is not None:
+            self.usage = read[1]
+        return True
+
+
+StreamFilter = ChatStreamFilter | ResponsesStreamFilter
+
+
+async def relay_events(
+    response: aiohttp.ClientResponse,
+    send: Send,
+    keep: Callable[[bytes], bool],
+    on_backend_time: Callable[[float], None],
+) -> None:
+    """Forward an SSE body event by event; a backend failure ends it with one error event."""
+    splitter = EventSplitter()
+    more = {"type": "http.response.body", "body": b"", "more_body": True}
+    try:
+        with mapped_errors():
+            waited = time.perf_counter()
+            async for chunk in response.content.iter_any():
+                now = time.perf_counter()
+                on_backend_time(now - waited)
+                events = splitter.feed(chunk)
+                kept = [e for e in events if keep(e)]
+                if kept:
+                    await send({**more, "body": kept[0] if len(kept) == 1 else b"".join(kept)})
+                waited = time.perf_counter()
+    except GatewayError as error:
+        await send({**more, "body": error_event(error)})
+    else:
+        rest = splitter.flush()
+        if rest.strip() and keep(rest):
+            await send({**more, "body": rest})
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def relay_raw(
+    response: aiohttp.ClientResponse, send: Send, on_backend_time: Callable[[float], None]
+) -> None:
+    """Forward a body as the bytes arrive (passthrough APIs)."""
+    try:
+        with mapped_errors():
+            waited = time.perf_counter()
+            async for chunk in response.content.iter_any():
+                on_backend_time(time.perf_counter() - waited)
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                waited = time.perf_counter()
+    except GatewayError:
+        # Headers (maybe a Content-Length) are out; the only honest signal left is to stop
+        # short, which the client sees as a truncated body.
+        raise _Truncated from None
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+class _Truncated(Exception):
+    """The backend broke a raw body mid-way; the response must end without completing."""
+
+
+Truncated = _Truncated

@@ -1,0 +1,238 @@
+"""Request and response views: only the fields the gateway reads, with module-level codecs.
+
+The original request bytes are what goes upstream; these views exist to validate what the
+gateway relies on (model, stream, messages, limits) and to read usage from responses. Unknown
+fields are ignored so new OpenAI parameters pass through untouched.
+"""
+
+from __future__ import annotations
+
+import re
+
+import msgspec
+
+from proxy.errors import InvalidRequestError
+
+
+class _View(msgspec.Struct, omit_defaults=True):
+    pass
+
+
+class StreamOptions(_View):
+    include_usage: bool | None = None
+
+
+class ImageUrl(_View):
+    url: str = ""
+    detail: str | None = None
+
+
+class ContentPart(_View):
+    type: str
+    text: str | None = None
+    image_url: ImageUrl | str | None = None
+
+
+class Message(_View):
+    role: str
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[msgspec.Raw] | None = None
+
+
+class ChatRequest(_View):
+    model: str
+    messages: list[Message]
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    n: int | None = None
+    tools: list[msgspec.Raw] | None = None
+
+
+class CompletionRequest(_View):
+    model: str
+    prompt: str | list[str | int | list[int]] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = None
+    n: int | None = None
+
+
+class EmbeddingsRequest(_View):
+    model: str
+    input: str | list[str | int | list[int]]
+    dimensions: int | None = None
+
+
+class ResponsesRequest(_View):
+    model: str | None = None
+    input: str | list[msgspec.Raw] | None = None
+    instructions: str | None = None
+    stream: bool | None = False
+    max_output_tokens: int | None = None
+
+
+RequestView = ChatRequest | CompletionRequest | EmbeddingsRequest | ResponsesRequest
+
+
+class Usage(msgspec.Struct):
+    """Token usage as billed by the backend, normalised over the chat and Responses shapes."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+
+
+class _TokensDetails(msgspec.Struct):
+    cached_tokens: int | None = None
+    reasoning_tokens: int | None = None
+
+
+class _WireUsage(msgspec.Struct):
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    total_tokens: int | None = None
+    prompt_tokens_details: _TokensDetails | None = None
+    completion_tokens_details: _TokensDetails | None = None
+    input_tokens_details: _TokensDetails | None = None
+    output_tokens_details: _TokensDetails | None = None
+
+    def normalise(self) -> Usage:
+        prompt = self.prompt_tokens if self.prompt_tokens is not None else self.input_tokens
+        completion = (
+            self.completion_tokens if self.completion_tokens is not None else self.output_tokens
+        )
+        prompt, completion = prompt or 0, completion or 0
+        cached = _detail(self.prompt_tokens_details or self.input_tokens_details, "cached_tokens")
+        reasoning = _detail(
+            self.completion_tokens_details or self.output_tokens_details, "reasoning_tokens"
+        )
+        total = self.total_tokens if self.total_tokens is not None else prompt + completion
+        return Usage(prompt, completion, total, cached, reasoning)
+
+
+def _detail(details: _TokensDetails | None, name: str) -> int:
+    return (getattr(details, name) or 0) if details is not None else 0
+
+
+class _UsageHolder(msgspec.Struct):
+    usage: _WireUsage | None = None
+
+
+class _ChunkView(msgspec.Struct):
+    choices: list[msgspec.Raw] | None = None
+    usage: _WireUsage | None = None
+
+
+class _ResponseEventView(msgspec.Struct):
+    type: str = ""
+    response: _UsageHolder | None = None
+
+
+_DECODERS: dict[str, msgspec.json.Decoder[RequestView]] = {
+    "chat-completions": msgspec.json.Decoder(ChatRequest),
+    "completions": msgspec.json.Decoder(CompletionRequest),
+    "embeddings": msgspec.json.Decoder(EmbeddingsRequest),
+    "responses": msgspec.json.Decoder(ResponsesRequest),
+}
+_usage_decoder = msgspec.json.Decoder(_UsageHolder)
+_chunk_decoder = msgspec.json.Decoder(_ChunkView)
+_response_event_decoder = msgspec.json.Decoder(_ResponseEventView)
+_raw_object_decoder = msgspec.json.Decoder(dict[str, msgspec.Raw])
+_encoder = msgspec.json.Encoder()
+
+
+def decode_request(operation: str, body: bytes) -> RequestView:
+    """Validate and view a request body of an openai-type operation, or raise 400."""
+    try:
+        return _DECODERS[operation].decode(body)
+    except msgspec.DecodeError as exc:
+        raise InvalidRequestError(_describe(exc, body)) from None
+
+
+_AT = re.compile(r"^(.*) - at `(\$[^`]*)`$", re.DOTALL)
+
+
+def _describe(exc: msgspec.DecodeError, body: bytes) -> str:
+    """Turn msgspec's message into `$.path: expected X, got Y` (SPEC §4)."""
+    if not body.strip():
+        return "The request body is empty; expected a JSON object."
+    text = str(exc)
+    if not isinstance(exc, msgspec.ValidationError):
+        return f"The request body is not valid JSON: {text}"
+    match = _AT.match(text)
+    message, path = match.groups() if match else (text, "$")
+    message = message.replace("`", "")
+    message = message[:1].lower() + message[1:]
+    return f"{path}: {_or_list(message)}"
+
+
+def _or_list(message: str) -> str:
+    # "expected str | array | null" reads better as "expected str, array or null".
+    head, sep, kinds = message.partition("expected ")
+    if not sep or " | " not in kinds:
+        return message
+    kinds, comma, rest = kinds.partition(",")
+    names = kinds.split(" | ")
+    return f"{head}expected {', '.join(names[:-1])} or {names[-1]}{comma}{rest}"
+
+
+def wants_usage(view: ChatRequest | CompletionRequest) -> bool:
+    """Did the client itself ask for the streamed usage chunk?"""
+    return bool(view.stream_options is not None and view.stream_options.include_usage)
+
+
+def with_stream_usage(body: bytes) -> bytes:
+    """Return a copy of a request body with `stream_options.include_usage: true` set."""
+    fields = _raw_object_decoder.decode(body)
+    options: dict[str, object] = {}
+    if "stream_options" in fields:
+        current = msgspec.json.decode(fields["stream_options"])
+        if isinstance(current, dict):
+            options = current
+    options["include_usage"] = True
+    fields["stream_options"] = msgspec.Raw(_encoder.encode(options))
+    return _encoder.encode(fields)
+
+
+def usage_of_body(body: bytes) -> Usage | None:
+    """Read `usage` from a complete JSON response body (chat, completions, embeddings,
+    responses); `None` when it has none or is not JSON."""
+    try:
+        holder = _usage_decoder.decode(body)
+    except msgspec.DecodeError:
+        return None
+    return holder.usage.normalise() if holder.usage is not None else None
+
+
+def read_chunk(data: bytes) -> tuple[Usage | None, bool] | None:
+    """Read a streamed chat/completions chunk: `(usage, is_usage_only)`, None if not JSON.
+
+    `is_usage_only` marks the extra chunk (`"choices": []` plus usage) that the gateway asks
+    for and removes again for clients that did not ask for it.
+    """
+    try:
+        chunk = _chunk_decoder.decode(data)
+    except msgspec.DecodeError:
+        return None
+    if chunk.usage is None:
+        return None, False
+    return chunk.usage.normalise(), not chunk.choices
+
+
+def read_response_event(data: bytes) -> tuple[str, Usage | None] | None:
+    """Read a Responses API event: `(type, usage)`, None if not JSON. Usage comes with
+    `response.completed` (and `response.incomplete` / `response.failed`)."""
+    try:
+        event = _response_event_decoder.decode(data)
+    except msgspec.DecodeError:
+        return None
+    if event.response is None or event.response.usage is None:
+        return event.type, None
+    return event.type, event.response.usage.normalise()

@@ -1,0 +1,93 @@
+"""Shared fixtures: a real mock backend and a real gateway in front of it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.gatewayproc import GatewayProc, start_gateway
+from tests.mockproc import MockProc, free_port, start_mock
+
+KEY = "team-a-key-0123456789abcdef"
+KEY_B = "team-b-key-0123456789abcdef"
+SUSPENDED_KEY = "suspended-key-0123456789abcdef"
+BACKEND_SECRET = "Bearer backend-secret-never-shown"
+
+
+def gateway_config(mock_url: str) -> str:
+    """openai-type, passthrough and open APIs on the mock, one on a dead port, three keys."""
+    dead = free_port()
+    return f"""
+gateway:
+  max-request-body: 64KiB
+backends:
+  - id: mock
+    url: {mock_url}
+    credentials: {{header: Authorization, value: "{BACKEND_SECRET}"}}
+    timeout: {{connect: 2s, read: 3s}}
+  - id: dead
+    url: http://127.0.0.1:{dead}/v1
+apis:
+  - id: chat
+    path: /openai
+    type: openai
+    backend: mock
+    products: [starter]
+  - id: raw
+    path: /passthrough
+    type: passthrough
+    backend: mock
+  - id: open
+    path: /open
+    type: openai
+    backend: mock
+    subscription-required: false
+  - id: dead
+    path: /dead
+    type: openai
+    backend: dead
+products:
+  - id: starter
+    display-name: Starter
+subscriptions:
+  - id: team-a
+    scope: all-apis
+    primary-key: {KEY}
+  - id: team-b
+    scope: product:starter
+    primary-key: sha256:{__import__("hashlib").sha256(KEY_B.encode()).hexdigest()}
+  - id: gone
+    scope: all-apis
+    state: suspended
+    primary-key: {SUSPENDED_KEY}
+"""
+
+
+@pytest.fixture(scope="session")
+def mock() -> Iterator[MockProc]:
+    proc = start_mock(tokens=16)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def paced_mock() -> Iterator[MockProc]:
+    """A mock that streams like a model: 20 ms before and between tokens."""
+    proc = start_mock(ttft_ms=20, itl_ms=20, tokens=32)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def gateway(mock: MockProc) -> Iterator[GatewayProc]:
+    proc = start_gateway(gateway_config(mock.url))
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def paced_gateway(paced_mock: MockProc) -> Iterator[GatewayProc]:
+    proc = start_gateway(gateway_config(paced_mock.url))
+    yield proc
+    proc.stop()
