@@ -318,17 +318,20 @@ def test_injected_delay_holds_back_headers(backend: MockProc, stream: bool) -> N
     assert reply.status_code == 200 and TEXT.split()[-1] in text
 
 
-def test_close_after_aborts_stream(backend: MockProc) -> None:
+@pytest.mark.parametrize("events", [0, 3])
+def test_close_after_aborts_stream(backend: MockProc, events: int) -> None:
     body = {"model": "m", "messages": HELLO, "stream": True}
     received = b""
     url = backend.url + "/chat/completions"
+    headers = {"x-mock-close-after": str(events)}
     with (
         pytest.raises(httpx.RemoteProtocolError),
-        httpx.stream("POST", url, json=body, headers={"x-mock-close-after": "3"}) as reply,
+        httpx.stream("POST", url, json=body, headers=headers) as reply,
     ):
+        assert reply.status_code == 200  # the headers made it out before the abort
         for chunk in reply.iter_raw():
             received += chunk
-    assert len(sse_events(received.decode())) == 3
+    assert len(sse_events(received.decode())) == events
     assert b"[DONE]" not in received
 
 
@@ -383,6 +386,17 @@ def test_requests_are_recorded(backend: MockProc) -> None:
     assert backend.requests() == []
 
 
+def test_chunked_request_body_is_read_whole(backend: MockProc) -> None:
+    backend.clear()
+    body = json.dumps({"model": "m", "messages": HELLO, "max_tokens": 2}).encode()
+    pieces = iter([body[:10], body[10:]])  # an iterator makes httpx send it chunked
+    reply = httpx.post(backend.url + "/chat/completions", content=pieces)
+    assert reply.json()["choices"][0]["message"]["content"] == text_of(2)
+    (record,) = backend.requests()
+    assert ["transfer-encoding", "chunked"] in record["headers"]
+    assert record["body"] == body.decode()
+
+
 def test_recorded_body_is_truncated(backend: MockProc) -> None:
     backend.clear()
     big = "word " * 30_000
@@ -404,9 +418,9 @@ def test_stream_pacing(paced_backend: MockProc) -> None:
         for line in reply.iter_lines():
             if '"content":"' in line and '"content":""' not in line:
                 arrivals.append(time.monotonic() - started)
-    assert headers_after < 0.15  # headers go out at once, before the first token
     assert len(arrivals) == 6
     assert 0.18 <= arrivals[0] < 2
+    assert headers_after < arrivals[0] - 0.1  # headers go out at once, not with the first token
     assert 0.04 * 5 <= arrivals[-1] - arrivals[0] < 3  # five inter-token gaps of 50 ms
 
 
@@ -437,8 +451,10 @@ def test_disconnect_is_recorded_promptly(paced_backend: MockProc) -> None:
         time.sleep(0.02)
     assert record is not None and record["disconnected"] is not None
     assert record["disconnected"] - closed < 1.0
-    assert record["finished"] is None
-    assert record["events_sent"] < 10  # it stopped generating
+    assert record["events_sent"] < 10
+    time.sleep(0.3)  # six more tokens' worth: it must have stopped generating
+    (later,) = paced_backend.requests()
+    assert later["events_sent"] == record["events_sent"] and later["finished"] is None
 
 
 def test_disconnect_during_delay_is_recorded(backend: MockProc) -> None:
