@@ -99,3 +99,15 @@ def test_backend_credentials_never_reach_the_client(gateway: GatewayProc) -> Non
     response = httpx.get(gateway.base + "/passthrough/models", headers={"api-key": KEY})
     assert BACKEND_SECRET not in response.text
     assert BACKEND_SECRET not in str(response.headers)
+
+
+def test_access_log_holds_no_secrets(gateway: GatewayProc) -> None:
+    httpx.get(gateway.base + f"/passthrough/models?subscription-key={KEY}")
+    httpx.get(gateway.base + "/openai/models", headers={"Authorization": f"Bearer {KEY}"})
+    httpx.get(gateway.base + "/openai/models", headers={"api-key": "wrong-but-secret-0123456789"})
+    log = gateway.log()
+    assert gateway.access_log(), "no access log lines"
+    for secret in (KEY, BACKEND_SECRET, "wrong-but-secret-0123456789", "backend-secret"):
+        assert secret not in log
+    lines = gateway.access_log()
+    assert {"request_id", "status", "duration_ms", "overhead_ms", "subscription"} <= set(lines[-1])

@@ -1,0 +1,44 @@
+"""A `type: pool` backend spreads requests by weight within its most preferred priority."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+import httpx
+
+from proxy import config as config_module
+from proxy.app import create_app
+from tests.mockproc import MockProc
+
+
+def test_weighted_round_robin_within_the_best_priority(mock: MockProc) -> None:
+    config = config_module.loads(f"""
+backends:
+  - {{id: a, url: {mock.url}, credentials: {{header: x-member, value: a}}}}
+  - {{id: b, url: {mock.url}, credentials: {{header: x-member, value: b}}}}
+  - {{id: spare, url: {mock.url}, credentials: {{header: x-member, value: spare}}}}
+  - id: pool
+    type: pool
+    services: [{{id: a, priority: 1, weight: 3}}, {{id: b, priority: 1, weight: 1}}, {{id: spare, priority: 2}}]
+apis:
+  - {{id: chat, path: /openai, backend: pool, subscription-required: false}}
+""")
+
+    async def run() -> None:
+        app = create_app(config)
+        await app.startup()
+        try:
+            transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
+            async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+                for _ in range(40):
+                    assert (await client.get("/openai/models")).status_code == 200
+        finally:
+            await app.shutdown()
+
+    mock.clear()
+    asyncio.run(run())
+    members = Counter(
+        dict((k.lower(), v) for k, v in r["headers"])["x-member"] for r in mock.requests()
+    )
+    assert members == {"a": 30, "b": 10}
