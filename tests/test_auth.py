@@ -4,7 +4,6 @@ In-process: the ASGI app is driven through httpx's ASGITransport against the rea
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -12,8 +11,9 @@ import httpx
 import pytest
 
 from proxy import config as config_module
-from proxy.app import Gateway, create_app
+from proxy.app import Gateway
 from tests.conftest import KEY, KEY_B, SUSPENDED_KEY, gateway_config
+from tests.inprocess import run_app as run_config
 from tests.mockproc import MockProc
 
 GOOD = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
@@ -22,19 +22,7 @@ GOOD = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 def run_app(
     mock: MockProc, scenario: Callable[[httpx.AsyncClient, Gateway], Awaitable[Any]]
 ) -> Any:
-    config = config_module.loads(gateway_config(mock.url))
-
-    async def main() -> Any:
-        app = create_app(config)
-        await app.startup()
-        try:
-            transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
-            async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
-                return await scenario(client, app)
-        finally:
-            await app.shutdown()
-
-    return asyncio.run(main())
+    return run_config(config_module.loads(gateway_config(mock.url)), scenario)
 
 
 def _status(mock: MockProc, method: str, path: str, **kwargs: Any) -> tuple[int, str]:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections import Counter
 
 import httpx
 
 from proxy import config as config_module
-from proxy.app import create_app
+from tests.inprocess import run_app
 from tests.mockproc import MockProc
 
 
@@ -25,19 +24,12 @@ apis:
   - {{id: chat, path: /openai, backend: pool, subscription-required: false}}
 """)
 
-    async def run() -> None:
-        app = create_app(config)
-        await app.startup()
-        try:
-            transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
-            async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
-                for _ in range(40):
-                    assert (await client.get("/openai/models")).status_code == 200
-        finally:
-            await app.shutdown()
+    async def scenario(client: httpx.AsyncClient, app: object) -> None:
+        for _ in range(40):
+            assert (await client.get("/openai/models")).status_code == 200
 
     mock.clear()
-    asyncio.run(run())
+    run_app(config, scenario)
     members = Counter(
         dict((k.lower(), v) for k, v in r["headers"])["x-member"] for r in mock.requests()
     )
