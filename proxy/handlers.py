@@ -14,13 +14,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import unquote_plus
 
-import aiohttp
-
 from proxy.asgi import ClientDisconnected, header, read_body
 from proxy.auth import ApiGuard, Identity
 from proxy.config import Api
 from proxy.errors import RequestTooLargeError
 from proxy.exchange import Exchange
+from proxy.http1 import Body, Response
 from proxy.relay import (
     ChatStreamFilter,
     DisconnectWatch,
@@ -41,7 +40,7 @@ from proxy.schemas import (
     with_stream_usage,
 )
 from proxy.types import Headers, Receive, Scope, Send
-from proxy.upstream import Backends, Body, Upstream, mapped_errors
+from proxy.upstream import Backends, Upstream
 
 # Never forwarded in either direction (RFC 9110 §7.6.1), plus what the gateway sets itself.
 HOP_BY_HOP = frozenset(
@@ -92,16 +91,17 @@ class ApiHandler:
 
     def request_headers(
         self, scope: Scope, identity: Identity, upstream: Upstream, exchange: Exchange
-    ) -> list[tuple[str, str]]:
-        """The client's headers minus hop-by-hop and credentials, plus the backend's."""
-        consumed, own = identity.consumed_header, upstream.credential_header
+    ) -> list[bytes]:
+        """The client's headers minus hop-by-hop and credentials, plus the backend's, as
+        header lines (the ASGI server has already refused CR/LF in names and values)."""
+        consumed, own, drop = identity.consumed_header, upstream.credential_header, self._drop
         out = [
-            (name.decode("latin-1"), value.decode("latin-1"))
-            for name, value in scope["headers"]
-            if name not in self._drop and name != consumed and name != own
+            b"%b: %b\r\n" % pair
+            for pair in scope["headers"]
+            if pair[0] not in drop and pair[0] != consumed and pair[0] != own
         ]
-        out.append(("x-request-id", exchange.request_id))
-        upstream.add_credentials(out)
+        out.append(b"x-request-id: %b\r\n" % exchange.request_id.encode("ascii"))
+        out.append(upstream.credential_line)
         return out
 
     @staticmethod
@@ -118,11 +118,11 @@ class ApiHandler:
         return "&".join(kept)
 
 
-def response_headers(response: aiohttp.ClientResponse) -> Headers:
+def response_headers(response: Response) -> Headers:
     """The backend's response headers minus hop-by-hop; its request id is kept under
     `x-backend-request-id` so the gateway's own `X-Request-Id` is the only one."""
     out: Headers = []
-    for name, value in response.raw_headers:
+    for name, value in response.headers:
         lower = name.lower()
         if lower not in _RESPONSE_DROP:
             out.append((lower, value))
@@ -131,7 +131,7 @@ def response_headers(response: aiohttp.ClientResponse) -> Headers:
     return out
 
 
-def is_event_stream(response: aiohttp.ClientResponse) -> bool:
+def is_event_stream(response: Response) -> bool:
     return response.content_type == "text/event-stream"
 
 
@@ -163,16 +163,18 @@ class OpenAIHandler(ApiHandler):
         upstream = self.backends.pick(self.api.backend)
         exchange.backend_id = upstream.id
         headers = self.request_headers(scope, identity, upstream, exchange)
-        headers.append(("accept-encoding", "identity"))
-        url = upstream.url(match.subpath, self.query(scope, identity))
-        await self._forward(exchange, upstream, url, headers, body, stream_filter, receive, send)
+        headers.append(b"accept-encoding: identity\r\n")
+        target = upstream.target(match.subpath, self.query(scope, identity))
+        await self._forward(
+            exchange, upstream, target, b"".join(headers), body, stream_filter, receive, send
+        )
 
     async def _forward(
         self,
         exchange: Exchange,
         upstream: Upstream,
-        url: object,
-        headers: list[tuple[str, str]],
+        target: bytes,
+        headers: bytes,
         body: bytes,
         stream_filter: StreamFilter | None,
         receive: Receive,
@@ -182,7 +184,7 @@ class OpenAIHandler(ApiHandler):
         watch = DisconnectWatch(receive, exchange)
         try:
             t = time.perf_counter()
-            response = await upstream.send(method, url, headers, body)  # type: ignore[arg-type]
+            response = await upstream.send(method, target, headers, body)
             try:
                 if (
                     stream_filter is not None
@@ -196,8 +198,7 @@ class OpenAIHandler(ApiHandler):
                     )
                     exchange.usage = stream_filter.usage
                 else:
-                    with mapped_errors():
-                        payload = await response.read()
+                    payload = await response.read()
                     exchange.backend_seconds += time.perf_counter() - t
                     if response.status == 200:
                         exchange.usage = usage_of_body(payload)
@@ -209,7 +210,7 @@ class OpenAIHandler(ApiHandler):
 
     @staticmethod
     async def _send_whole(
-        exchange: Exchange, response: aiohttp.ClientResponse, payload: bytes, send: Send
+        exchange: Exchange, response: Response, payload: bytes, send: Send
     ) -> None:
         headers = response_headers(response)
         headers.append((b"content-length", str(len(payload)).encode()))
@@ -227,13 +228,13 @@ class PassthroughHandler(ApiHandler):
         subpath = confine(match.subpath)
         upstream = self.backends.pick(self.api.backend)
         exchange.backend_id = upstream.id
-        headers = self.request_headers(scope, identity, upstream, exchange)
-        url = upstream.url(subpath, self.query(scope, identity))
+        headers = b"".join(self.request_headers(scope, identity, upstream, exchange))
+        target = upstream.target(subpath, self.query(scope, identity))
         watch: list[DisconnectWatch] = []
-        body = self._body(scope, receive, watch, exchange)
+        body, length = self._body(scope, receive, watch, exchange)
         try:
             t = time.perf_counter()
-            response = await self._send(upstream, exchange.method, url, headers, body)
+            response = await upstream.send(exchange.method, target, headers, body, length)
             exchange.backend_seconds += time.perf_counter() - t
             if not watch:  # a body-less request: watch from here on
                 watch.append(DisconnectWatch(receive, exchange))
@@ -246,36 +247,24 @@ class PassthroughHandler(ApiHandler):
             for w in watch:
                 w.stop()
 
-    @staticmethod
-    async def _send(
-        upstream: Upstream, method: str, url: object, headers: list[tuple[str, str]], body: Body
-    ) -> aiohttp.ClientResponse:
-        try:
-            return await upstream.send(method, url, headers, body)  # type: ignore[arg-type]
-        except Exception as exc:
-            # aiohttp wraps what the body generator raised; surface the client's own faults.
-            cause: BaseException | None = exc
-            while cause is not None:
-                if isinstance(cause, RequestTooLargeError | ClientDisconnected):
-                    raise cause from None
-                cause = cause.__cause__ or cause.__context__
-            raise
-
     def _body(
         self,
         scope: Scope,
         receive: Receive,
         watch: list[DisconnectWatch],
         exchange: Exchange,
-    ) -> Body:
-        """The request body as the backend should receive it: None, or streamed."""
+    ) -> tuple[Body, int | None]:
+        """The request body as the backend should receive it: None, or streamed (with the
+        client's Content-Length when it declared one, else chunked)."""
         declared = header(scope, b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body:
+        length = int(declared) if declared is not None and declared.isdigit() else None
+        if length is not None and length > self.max_body:
             raise RequestTooLargeError(self.max_body)
         chunked = header(scope, b"transfer-encoding") is not None
-        if declared in (None, b"0") and not chunked:
-            return None
-        return self._stream_body(receive, watch, exchange, asyncio.current_task())
+        if not length and not chunked:
+            return None, None
+        stream = self._stream_body(receive, watch, exchange, asyncio.current_task())
+        return stream, None if chunked else length
 
     async def _stream_body(
         self,
@@ -284,7 +273,6 @@ class PassthroughHandler(ApiHandler):
         exchange: Exchange,
         task: asyncio.Task[object] | None,
     ) -> AsyncIterator[bytes]:
-        # aiohttp writes the body from a task of its own: the watch must cancel the handler.
         size = 0
         while True:
             message = await receive()
@@ -301,10 +289,10 @@ class PassthroughHandler(ApiHandler):
                 return
 
 
-def response_headers_with_length(response: aiohttp.ClientResponse) -> Headers:
+def response_headers_with_length(response: Response) -> Headers:
     """Passthrough relays the exact bytes, so the backend's Content-Length stays true."""
     headers = response_headers(response)
-    length = response.headers.get("content-length")
+    length = response.header(b"content-length")
     if length is not None:
-        headers.append((b"content-length", length.encode("latin-1")))
+        headers.append((b"content-length", length))
     return headers

@@ -11,16 +11,16 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from typing import Any
 
-import aiohttp
 import msgspec
 
 from proxy.errors import GatewayError
 from proxy.exchange import Exchange
+from proxy.http1 import Response
 from proxy.schemas import Usage, read_chunk, read_response_event
 from proxy.sse import EventSplitter, parse_event
 from proxy.types import Headers, Receive, Send
-from proxy.upstream import mapped_errors
 
 SSE_HEADERS: Headers = [
     (b"content-type", b"text/event-stream"),
@@ -40,31 +40,47 @@ _encoder = msgspec.json.Encoder()
 
 
 class DisconnectWatch:
-    """Cancels the current task when the client disconnects.
+    """Cancels the request's task when the client disconnects.
 
-    Start it only once the request body has been read: it consumes `receive()`.
+    Start it only once the request body has been read: it consumes `receive()`. Granian's
+    `receive()` returns a future, so watching costs a done-callback, not a task; a server
+    whose `receive()` is a coroutine gets it wrapped in a task.
     """
 
-    __slots__ = ("_exchange", "_task", "_watcher")
+    __slots__ = ("_exchange", "_pending", "_receive", "_task")
 
     def __init__(
         self, receive: Receive, exchange: Exchange, task: asyncio.Task[object] | None = None
     ):
         self._exchange = exchange
         self._task = task or asyncio.current_task()
-        self._watcher = asyncio.ensure_future(self._watch(receive))
+        self._receive = receive
+        self._pending: asyncio.Future[Any] | None = None
+        self._arm()
 
-    async def _watch(self, receive: Receive) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                self._exchange.disconnected = True
-                if self._task is not None:
-                    self._task.cancel()
-                return
+    def _arm(self) -> None:
+        received: Any = self._receive()
+        waiting: asyncio.Future[Any] = (
+            received if hasattr(received, "add_done_callback") else asyncio.ensure_future(received)
+        )
+        self._pending = waiting
+        waiting.add_done_callback(self._on_message)
+
+    def _on_message(self, done: asyncio.Future[Any]) -> None:
+        if self._pending is not done or done.cancelled() or done.exception() is not None:
+            return
+        if done.result()["type"] == "http.disconnect":
+            self._pending = None
+            self._exchange.disconnected = True
+            if self._task is not None:
+                self._task.cancel()
+        else:  # the body's empty final message: keep listening
+            self._arm()
 
     def stop(self) -> None:
-        self._watcher.cancel()
+        pending, self._pending = self._pending, None
+        if isinstance(pending, asyncio.Task):
+            pending.cancel()
 
 
 def error_event(error: GatewayError) -> bytes:
@@ -126,7 +142,7 @@ StreamFilter = ChatStreamFilter | ResponsesStreamFilter
 
 
 async def relay_events(
-    response: aiohttp.ClientResponse,
+    response: Response,
     send: Send,
     keep: Callable[[bytes], bool],
     on_backend_time: Callable[[float], None],
@@ -135,16 +151,15 @@ async def relay_events(
     splitter = EventSplitter()
     more = {"type": "http.response.body", "body": b"", "more_body": True}
     try:
-        with mapped_errors():
+        waited = time.perf_counter()
+        async for chunk in response.chunks():
+            now = time.perf_counter()
+            on_backend_time(now - waited)
+            events = splitter.feed(chunk)
+            kept = [e for e in events if keep(e)]
+            if kept:
+                await send({**more, "body": kept[0] if len(kept) == 1 else b"".join(kept)})
             waited = time.perf_counter()
-            async for chunk in response.content.iter_any():
-                now = time.perf_counter()
-                on_backend_time(now - waited)
-                events = splitter.feed(chunk)
-                kept = [e for e in events if keep(e)]
-                if kept:
-                    await send({**more, "body": kept[0] if len(kept) == 1 else b"".join(kept)})
-                waited = time.perf_counter()
     except GatewayError as error:
         await send({**more, "body": error_event(error)})
     else:
@@ -155,16 +170,15 @@ async def relay_events(
 
 
 async def relay_raw(
-    response: aiohttp.ClientResponse, send: Send, on_backend_time: Callable[[float], None]
+    response: Response, send: Send, on_backend_time: Callable[[float], None]
 ) -> None:
     """Forward a body as the bytes arrive (passthrough APIs)."""
     try:
-        with mapped_errors():
+        waited = time.perf_counter()
+        async for chunk in response.chunks():
+            on_backend_time(time.perf_counter() - waited)
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
             waited = time.perf_counter()
-            async for chunk in response.content.iter_any():
-                on_backend_time(time.perf_counter() - waited)
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                waited = time.perf_counter()
     except GatewayError:
         # Headers (maybe a Content-Length) are out; the only honest signal left is to stop
         # short, which the client sees as a truncated body.

@@ -1,38 +1,19 @@
-"""Backends: one pooled aiohttp session per backend, URL building, and error mapping.
+"""Backends: one HTTP/1.1 connection pool per backend, request targets, credentials, pools.
 
-aiohttp serves the hot path because httpx's connection pool collapses under concurrency on
-this hardware (bench/RESULTS.md "Upstream client choice"); httpx stays for tests and side calls.
-Responses are never decompressed here: the gateway forwards the bytes it was sent.
+The hot path uses `proxy.http1` (bench/RESULTS.md "Upstream client": aiohttp costs ~4x the
+CPU per request, httpx's pool collapses under concurrency). Responses are never decompressed
+here: the gateway forwards the bytes it was sent.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterable, Iterator
-from contextlib import contextmanager
-
-import aiohttp
-from yarl import URL
+from urllib.parse import quote, quote_from_bytes, urlsplit
 
 from proxy.config import Backend, Config
-from proxy.errors import BackendConnectionError, BackendTimeoutError, BackendUnavailableError
-
-
-@contextmanager
-def mapped_errors() -> Iterator[None]:
-    """Translate aiohttp's exceptions into the gateway's, without backend detail."""
-    try:
-        yield
-    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-        raise BackendTimeoutError from exc
-    except aiohttp.ClientError as exc:
-        raise BackendConnectionError from exc
-    except OSError as exc:
-        raise BackendConnectionError from exc
-
-
-Body = bytes | AsyncIterable[bytes] | None
+from proxy.errors import BackendUnavailableError
+from proxy.http1 import Body, ConnectionPool, Response
 
 
 class Upstream:
@@ -40,68 +21,76 @@ class Upstream:
 
     def __init__(self, backend: Backend):
         self.id = backend.id
-        base = backend.url.rstrip("/")
-        self._base = base
-        self._credentials = (
-            (backend.credentials.header, backend.credentials.value) if backend.credentials else None
+        self.url = backend.url
+        base_path = urlsplit(backend.url).path.rstrip("/")
+        self._base = quote(base_path, safe="/%:@!$&'()*+,;=-._~").encode("ascii")
+        creds = backend.credentials
+        self.credential_header = creds.header.lower().encode("latin-1") if creds else b""
+        # One ready-made header line, appended to every request (validated: no CR/LF).
+        self.credential_line = (
+            b"%b: %b\r\n" % (self.credential_header, creds.value.encode("latin-1"))
+            if creds
+            else b""
         )
-        self.credential_header = (
-            backend.credentials.header.lower().encode("latin-1") if backend.credentials else b""
-        )
-        self._max_connections = backend.max_connections
-        self._timeout = aiohttp.ClientTimeout(
-            total=None,
-            sock_connect=float(backend.timeout.connect),
-            sock_read=float(backend.timeout.read),
-        )
-        self._session: aiohttp.ClientSession | None = None
-        self._urls: dict[str, URL] = {}
+        self._limit = backend.max_connections
+        self._connect_timeout = float(backend.timeout.connect)
+        self._read_timeout = float(backend.timeout.read)
+        self._pool: ConnectionPool | None = None
+        self._targets: dict[str, bytes] = {}
 
     async def open(self) -> None:
-        connector = aiohttp.TCPConnector(
-            limit=self._max_connections, limit_per_host=0, ttl_dns_cache=300
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=self._timeout,
-            auto_decompress=False,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
+        self._pool = ConnectionPool(
+            self.url,
+            limit=self._limit,
+            connect_timeout=self._connect_timeout,
+            read_timeout=self._read_timeout,
         )
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
 
-    def url(self, subpath: str, query: str = "") -> URL:
-        """The backend URL for `subpath` (already confined and percent-encoded) and query.
+    def target(self, subpath: str, query: str = "") -> bytes:
+        """The request target for `subpath` (already confined and percent-encoded) and query.
 
-        Built by concatenation onto the base URL, never by URL joining, so nothing in the
+        Built by concatenation onto the base path, never by URL joining, so nothing in the
         subpath can change the scheme, host or base path.
         """
         if not query:
-            cached = self._urls.get(subpath)
+            cached = self._targets.get(subpath)
             if cached is None:
-                cached = self._urls[subpath] = URL(f"{self._base}/{subpath}", encoded=True)
+                cached = self._targets[subpath] = self._base + b"/" + _ascii(subpath)
             return cached
-        return URL(f"{self._base}/{subpath}?{query}", encoded=True)
-
-    def add_credentials(self, headers: list[tuple[str, str]]) -> None:
-        if self._credentials is not None:
-            headers.append(self._credentials)
+        return b"%b/%b?%b" % (self._base, _ascii(subpath), _ascii(query))
 
     async def send(
-        self, method: str, url: URL, headers: list[tuple[str, str]], body: Body
-    ) -> aiohttp.ClientResponse:
-        """Send one request; the caller must release the response."""
-        session = self._session
-        if session is None:
+        self, method: str, target: bytes, headers: bytes, body: Body, length: int | None = None
+    ) -> Response:
+        """Send one request; the caller must close the response."""
+        pool = self._pool
+        if pool is None:
             raise BackendUnavailableError("The backend is not open.")
-        with mapped_errors():
-            return await session.request(
-                method, url, headers=headers, data=body, allow_redirects=False
-            )
+        return await pool.request(_method(method), target, headers, body, length)
+
+
+_METHODS: dict[str, bytes] = {}
+
+
+def _method(method: str) -> bytes:
+    encoded = _METHODS.get(method)
+    if encoded is None:
+        encoded = _METHODS[method] = method.encode("ascii")
+    return encoded
+
+
+def _ascii(text: str) -> bytes:
+    """`text` (raw bytes as latin-1) as it may appear in a request target: bytes outside
+    printable ASCII percent-encoded, everything else (including %XX) left as it was."""
+    raw = text.encode("latin-1")
+    if text.isascii() and text.isprintable() and " " not in text:
+        return raw
+    return quote_from_bytes(raw, safe="/%:@!$&'()*+,;=-._~?").encode("ascii")
 
 
 class Pool:

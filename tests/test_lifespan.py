@@ -40,7 +40,7 @@ def test_startup_and_shutdown_open_and_close_the_pools() -> None:
 
     async def spy(self: Backends) -> None:
         await original(self)
-        sessions.extend(u._session for u in self._singles.values())
+        sessions.extend(u._pool for u in self._singles.values())
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(Backends, "open", spy)

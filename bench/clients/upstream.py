@@ -3,7 +3,8 @@
 * ``httpx``          - ``httpx.AsyncClient`` (httpcore pool), limits 1000 / keep-alive 100;
 * ``httpx_aiohttp``  - ``httpx.AsyncClient`` with ``httpx_aiohttp.AiohttpTransport``
                        wrapping the same aiohttp session as below;
-* ``aiohttp``        - ``aiohttp.ClientSession`` on a ``TCPConnector``.
+* ``aiohttp``        - ``aiohttp.ClientSession`` on a ``TCPConnector``;
+* ``tollway``        - the gateway's own HTTP/1.1 client (``proxy.http1``, httptools parser).
 
 Each adapter must be created inside a running event loop.
 """
@@ -11,11 +12,14 @@ Each adapter must be created inside a running event loop.
 from __future__ import annotations
 
 from typing import Protocol
+from urllib.parse import urlsplit
 
 import aiohttp
 import httpx
 
-CLIENTS = ("httpx", "httpx_aiohttp", "aiohttp")
+from proxy.http1 import ConnectionPool
+
+CLIENTS = ("httpx", "httpx_aiohttp", "aiohttp", "tollway")
 POOL_LIMIT = 1000
 KEEPALIVE = 100
 TIMEOUT_S = 60.0
@@ -88,6 +92,31 @@ class HttpxUpstream:
         await self.client.aclose()
 
 
+class TollwayUpstream:
+    """``proxy.http1.ConnectionPool``, one per origin; the body is read with ``read()``."""
+
+    def __init__(self) -> None:
+        self.pools: dict[str, tuple[ConnectionPool, bytes]] = {}
+
+    async def post(self, url: str, body: bytes, content_type: str) -> tuple[int, bytes, str]:
+        """POST through the pool for ``url``'s origin."""
+        entry = self.pools.get(url)
+        if entry is None:
+            parts = urlsplit(url)
+            pool = ConnectionPool(url, limit=POOL_LIMIT, read_timeout=TIMEOUT_S)
+            entry = self.pools[url] = (pool, parts.path.encode() or b"/")
+        pool, target = entry
+        headers = b"content-type: %b\r\n" % content_type.encode()
+        response = await pool.request(b"POST", target, headers, body)
+        data = await response.read()
+        return response.status, data, response.content_type
+
+    async def aclose(self) -> None:
+        """Close every pool."""
+        for pool, _ in self.pools.values():
+            await pool.close()
+
+
 def open_upstream(name: str) -> Upstream:
     """Create the adapter called ``name`` (one of :data:`CLIENTS`)."""
     if name == "aiohttp":
@@ -98,4 +127,6 @@ def open_upstream(name: str) -> Upstream:
         from httpx_aiohttp import AiohttpTransport
 
         return HttpxUpstream(AiohttpTransport(client=aiohttp_session()))
+    if name == "tollway":
+        return TollwayUpstream()
     raise ValueError(f"unknown client {name!r}; expected one of {CLIENTS}")
