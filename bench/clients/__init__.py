@@ -17,7 +17,7 @@ Method (2-core machine): an nginx mock (:mod:`bench.nginx`) runs on core 0.
 
 Two interleaved rounds (order reversed in the second); medians. Each run waits for the
 machine to be quiet and is retried when processes outside the bench used more than
-``--max-other-load`` cores meanwhile (see :mod:`bench.clients.quiet`). Markdown tables go to
+``--max-other-load`` cores meanwhile (see :mod:`bench.quiet`). Markdown tables go to
 stdout; one JSON line per row is appended to ``bench/results/clients.jsonl``. Results and
 the conclusion: ``bench/RESULTS.md``, section "Upstream client choice".
 """

@@ -3,55 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import os
-import platform
-import re
 import statistics
-import subprocess
 from collections import defaultdict
-from importlib import metadata
 from pathlib import Path
+
+from bench import machine
 
 _PACKAGES = ("granian", "aiohttp", "httpx", "httpcore", "httpx-aiohttp", "uvloop", "sniffio")
 _MACHINE = ("date", "nproc", "cpu_model", "kernel")
 _MEDIANS = ("req_s", "p50_ms", "p99_ms", "cpu_us_per_req")
 
 
-def _cpu_model() -> str:
-    text = Path("/proc/cpuinfo").read_text()
-    match = re.search(r"^model name\s*:\s*(.+)$", text, re.MULTILINE)
-    return match[1].strip() if match else platform.processor()
-
-
-def _tool_version(cmd: list[str]) -> str:
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
-    except OSError:
-        return "missing"
-    return (done.stdout + done.stderr).strip().splitlines()[0]
-
-
-def _version(package: str) -> str:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return "missing"
-
-
 def environment() -> dict:
     """Date, machine and versions, stored with every JSON line."""
-    return {
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "nproc": os.cpu_count(),
-        "cpu_model": _cpu_model(),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        **{package.replace("-", "_"): _version(package) for package in _PACKAGES},
-        "nginx": _tool_version(["nginx", "-v"]).removeprefix("nginx version: "),
-        "wrk": _tool_version(["wrk", "-v"]).split(" [")[0],
-    }
+    return machine.environment(_PACKAGES)
 
 
 def _key(row: dict) -> tuple[str, str, int]:

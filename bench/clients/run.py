@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import nginx
-from bench.clients import procs, quiet, report, wrk
+from bench import procs, quiet
+from bench.clients import report, wrk
 from bench.clients.app import SSE_MODES
 from bench.clients.upstream import CLIENTS, CONTENT_TYPE, REQUEST_BODY
 

@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from bench.clients import procs
+from bench import procs
 
 
 @dataclass

@@ -1,0 +1,157 @@
+"""The processes a gateway benchmark runs: backends, the gateway under test, their configs.
+
+Pinning on this 2-core machine: the gateway on core 1 (`GATEWAY_CPU`); the backends and the
+load generators on core 0 (`LOAD_CPU`). Every process runs in its own session and is
+stopped by process group (bench/procs.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench import nginx, procs
+
+LOAD_CPU, GATEWAY_CPU = "0", "1"
+REPO = Path(__file__).resolve().parents[1]
+API_PATH = "/openai"
+KEYS = tuple(f"bench-key-{i:02d}-0123456789abcdef" for i in range(4))
+CHAT_BODY = (
+    b'{"model":"gpt-4o-mini","messages":[{"role":"system","content":"You are a helpful '
+    b'assistant."},{"role":"user","content":"Say hello to the benchmark in one short '
+    b'sentence."}]}'
+)
+STREAM_BODY = CHAT_BODY[:-1] + b',"stream":true}'
+JSON_HEADERS = {"Content-Type": "application/json"}
+AUTH_HEADERS = {**JSON_HEADERS, "api-key": KEYS[0]}
+
+# What each policy-cost profile adds to the gateway's config. Profiles for what has not
+# landed yet (token limits, telemetry) are added here as those issues land.
+PROFILES: dict[str, str] = {
+    "open": """
+apis:
+  - {id: chat, path: /openai, backend: up, subscription-required: false}
+""",
+    "auth": """
+apis:
+  - {id: chat, path: /openai, backend: up}
+subscriptions:
+"""
+    + "".join(f"  - {{id: s{i}, scope: all-apis, primary-key: {k}}}\n" for i, k in enumerate(KEYS)),
+}
+
+
+def gateway_config(profile: str, upstream: str) -> str:
+    """The YAML config of `profile` forwarding to `upstream` (a base URL ending in /v1)."""
+    head = f"""
+telemetry: {{access-log: "off"}}
+backends:
+  - {{id: up, url: "{upstream}", max-connections: 4096}}
+"""
+    return head + PROFILES[profile]
+
+
+@dataclass(frozen=True)
+class Service:
+    """A running process under measurement: where it answers and its process group."""
+
+    url: str
+    pgid: int
+    log: Path
+
+
+@contextlib.contextmanager
+def nginx_backend(tmp: Path) -> Iterator[Service]:
+    """nginx serving the fixed chat.completion from memory (bench/nginx), on LOAD_CPU."""
+    port = procs.free_port()
+    cmd = nginx.prepare(tmp / "nginx", port)
+    log = tmp / "nginx.log"
+    base = f"http://127.0.0.1:{port}"
+    with procs.running(cmd, LOAD_CPU, log) as proc:
+        procs.wait_ready(proc, base + nginx.CHAT_PATH, CHAT_BODY, "application/json", log)
+        yield Service(base + "/v1", proc.pid, log)
+
+
+@contextlib.contextmanager
+def mock_backend(tmp: Path, ttft_ms: int, itl_ms: int, tokens: int) -> Iterator[Service]:
+    """`tollway mock-llm` with paced streams, on LOAD_CPU."""
+    port = procs.free_port()
+    log = tmp / f"mock-{port}.log"
+    cmd = [sys.executable, "-m", "proxy", "mock-llm", "--port", str(port)]
+    cmd += ["--ttft", str(ttft_ms), "--itl", str(itl_ms), "--tokens", str(tokens)]
+    base = f"http://127.0.0.1:{port}"
+    with procs.running(cmd, LOAD_CPU, log, _env()) as proc:
+        _wait_get(proc, base + "/v1/models", log)
+        yield Service(base + "/v1", proc.pid, log)
+
+
+@contextlib.contextmanager
+def gateway(
+    tmp: Path, profile: str, upstream: str, workers: int = 1, cpu: str = GATEWAY_CPU
+) -> Iterator[Service]:
+    """`tollway serve` with `profile`'s config, pinned to `cpu` (a taskset list)."""
+    port = procs.free_port()
+    config = tmp / f"gateway-{profile}-{port}.yaml"
+    config.write_text(gateway_config(profile, upstream))
+    log = tmp / f"gateway-{profile}-{port}.log"
+    cmd = [sys.executable, "-m", "proxy", "serve", "--config", str(config)]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]
+    with procs.running(cmd, cpu, log, _env()) as proc:
+        _wait_get(proc, f"http://127.0.0.1:{port}/readyz", log)
+        yield Service(f"http://127.0.0.1:{port}{API_PATH}", proc.pid, log)
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=str(REPO))
+
+
+def _wait_get(proc: object, url: str, log: Path, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:  # type: ignore[attr-defined]
+            raise RuntimeError(f"exited; see {log}:\n" + log.read_text(errors="replace")[-2000:])
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} not ready after {timeout} s; see {log}")
+
+
+def check_chat(url: str, headers: dict[str, str]) -> dict[str, object]:
+    """One non-streamed chat request through `url` (must succeed): the parsed reply."""
+    request = urllib.request.Request(url + "/chat/completions", data=CHAT_BODY, headers=headers)
+    with urllib.request.urlopen(request, timeout=10) as resp:
+        reply: dict[str, object] = json.loads(resp.read())
+    if "choices" not in reply:
+        raise RuntimeError(f"{url}: not a chat completion: {reply}")
+    return reply
+
+
+def rss_mib(pgid: int) -> list[float]:
+    """Resident memory (MiB) of each process in the group, largest first: for `tollway
+    serve` the first is the worker that serves, the next Granian's supervisor."""
+    sizes = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(stat[2]) != pgid:
+                continue
+            status = (entry / "status").read_text()
+        except OSError:
+            continue
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                sizes.append(int(line.split()[1]) / 1024.0)
+    return sorted(sizes, reverse=True)
