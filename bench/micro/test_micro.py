@@ -1,0 +1,354 @@
+"""Microbenchmarks of the gateway's pure per-request code (pytest-benchmark).
+
+Every benchmark also checks its result, so a broken code path fails instead of timing an
+exception. Inputs are built once at import and shaped like real OpenAI traffic: a chat request
+as the SDK sends it, a 64-token streamed reply with the usage chunk, an SDK's request headers.
+"""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from proxy import config as config_module
+from proxy.auth import ApiGuard, KeyRing
+from proxy.relay import ChatStreamFilter
+from proxy.routing import Router
+from proxy.schemas import (
+    ChatRequest,
+    EmbeddingsRequest,
+    Usage,
+    decode_request,
+    read_chunk,
+    usage_of_body,
+    with_stream_usage,
+)
+from proxy.sse import EventSplitter, parse_event
+
+pytestmark = pytest.mark.bench
+
+_encode = msgspec.json.encode
+
+# --- inputs --------------------------------------------------------------------------------
+
+MODEL = "gpt-4o-mini"
+_SENTENCE = (
+    "the gateway forwards each request to the backend and counts the tokens of every reply "
+    "so that a team can see what it used and stay within the limits it was given"
+)
+_WORDS = _SENTENCE.split()
+
+CHAT_SMALL = _encode(
+    {
+        "model": MODEL,
+        "messages": [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "Say hello to the benchmark in one short sentence."},
+        ],
+        "temperature": 0.7,
+        "max_tokens": 64,
+    }
+)
+
+
+def _paragraph(seed: int, words: int) -> str:
+    return " ".join(_WORDS[(seed + i * 7) % len(_WORDS)] for i in range(words)).capitalize() + "."
+
+
+TURNS = 23
+
+
+def _large_chat() -> bytes:
+    """A ~20 KB conversation: system prompt, 23 turns, a tool call and a multimodal message."""
+    messages: list[dict[str, object]] = [{"role": "system", "content": _paragraph(0, 120)}]
+    for turn in range(TURNS):
+        messages.append({"role": "user", "content": _paragraph(turn, 60)})
+        messages.append({"role": "assistant", "content": _paragraph(turn + 3, 90)})
+    function = {"name": "lookup_order", "arguments": '{"order_id":"A-1042"}'}
+    call = {"id": "call_abc123", "type": "function", "function": function}
+    messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+    messages.append({"role": "tool", "tool_call_id": "call_abc123", "content": '{"status":"ok"}'})
+    messages.append(
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "What does this chart show?"},
+                {"type": "image_url", "image_url": {"url": "https://example.com/c.png"}},
+            ],
+        }
+    )
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "lookup_order",
+            "description": "Look an order up by id.",
+            "parameters": {
+                "type": "object",
+                "properties": {"order_id": {"type": "string"}},
+                "required": ["order_id"],
+            },
+        },
+    }
+    body = {"model": MODEL, "messages": messages, "tools": [tool], "max_completion_tokens": 512}
+    return _encode(body)
+
+
+CHAT_LARGE = _large_chat()
+CHAT_STREAM_REQUEST = _encode(
+    {**msgspec.json.decode(CHAT_SMALL), "stream": True, "stream_options": {"include_usage": False}}
+)
+EMBEDDINGS = _encode(
+    {
+        "model": "text-embedding-3-small",
+        "input": [_paragraph(i, 24) for i in range(8)],
+        "dimensions": 512,
+    }
+)
+
+PROMPT_TOKENS, COMPLETION_TOKENS, CACHED_TOKENS = 1180, 64, 1024
+_USAGE = {
+    "prompt_tokens": PROMPT_TOKENS,
+    "completion_tokens": COMPLETION_TOKENS,
+    "total_tokens": PROMPT_TOKENS + COMPLETION_TOKENS,
+    "prompt_tokens_details": {"cached_tokens": CACHED_TOKENS, "audio_tokens": 0},
+    "completion_tokens_details": {
+        "reasoning_tokens": 0,
+        "audio_tokens": 0,
+        "accepted_prediction_tokens": 0,
+        "rejected_prediction_tokens": 0,
+    },
+}
+EXPECTED_USAGE = Usage(
+    PROMPT_TOKENS, COMPLETION_TOKENS, PROMPT_TOKENS + COMPLETION_TOKENS, CACHED_TOKENS, 0
+)
+_PIECES = [_WORDS[0], *(" " + _WORDS[i % len(_WORDS)] for i in range(1, COMPLETION_TOKENS))]
+
+CHAT_RESPONSE = _encode(
+    {
+        "id": "chatcmpl-B9MHDbslfkBeAs8l4bebGdFOJ6PeG",
+        "object": "chat.completion",
+        "created": 1741570283,
+        "model": "gpt-4o-mini-2024-07-18",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "".join(_PIECES), "refusal": None},
+                "logprobs": None,
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": _USAGE,
+        "service_tier": "default",
+        "system_fingerprint": "fp_06737a9306",
+    }
+)
+
+
+def _chunk(choices: list[dict[str, object]], usage: dict[str, object] | None = None) -> bytes:
+    chunk = {
+        "id": "chatcmpl-B9MHDbslfkBeAs8l4bebGdFOJ6PeG",
+        "object": "chat.completion.chunk",
+        "created": 1741570283,
+        "model": "gpt-4o-mini-2024-07-18",
+        "service_tier": "default",
+        "system_fingerprint": "fp_06737a9306",
+        "choices": choices,
+        "usage": usage,
+    }
+    return b"data: " + _encode(chunk) + b"\n\n"
+
+
+def _choice(delta: dict[str, object], finish: str | None = None) -> dict[str, object]:
+    return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+
+DELTA_EVENT = _chunk([_choice({"content": " gateway"})])
+USAGE_EVENT = _chunk([], _USAGE)
+STREAM_EVENTS = [
+    _chunk([_choice({"role": "assistant", "content": "", "refusal": None})]),
+    *(_chunk([_choice({"content": piece})]) for piece in _PIECES),
+    _chunk([_choice({}, "stop")]),
+    USAGE_EVENT,
+    b"data: [DONE]\n\n",
+]
+STREAM_BODY = b"".join(STREAM_EVENTS)  # ~18 KB: role, 64 deltas, finish, usage, [DONE]
+STREAM_PIECES_7 = [STREAM_BODY[i : i + 7] for i in range(0, len(STREAM_BODY), 7)]
+
+# --- decoding requests ---------------------------------------------------------------------
+
+
+@pytest.mark.benchmark(group="decode")
+def test_decode_chat_small(benchmark):
+    assert 180 <= len(CHAT_SMALL) <= 220
+    view = benchmark(decode_request, "chat-completions", CHAT_SMALL)
+    assert isinstance(view, ChatRequest)
+    assert (view.model, len(view.messages), view.max_tokens) == (MODEL, 2, 64)
+
+
+@pytest.mark.benchmark(group="decode")
+def test_decode_chat_20kb(benchmark):
+    assert 19_000 <= len(CHAT_LARGE) <= 22_000
+    view = benchmark(decode_request, "chat-completions", CHAT_LARGE)
+    assert isinstance(view, ChatRequest)
+    messages = 1 + 2 * TURNS + 3  # system, the turns, tool call, tool result, image question
+    assert (view.model, len(view.messages), view.max_completion_tokens) == (MODEL, messages, 512)
+    assert view.tools is not None and len(view.tools) == 1
+
+
+@pytest.mark.benchmark(group="decode")
+def test_decode_embeddings(benchmark):
+    view = benchmark(decode_request, "embeddings", EMBEDDINGS)
+    assert isinstance(view, EmbeddingsRequest)
+    assert (view.model, len(view.input), view.dimensions) == ("text-embedding-3-small", 8, 512)
+
+
+@pytest.mark.benchmark(group="decode")
+def test_with_stream_usage(benchmark):
+    body = benchmark(with_stream_usage, CHAT_STREAM_REQUEST)
+    fields = msgspec.json.decode(body)
+    assert fields["stream_options"] == {"include_usage": True}
+    assert fields["stream"] is True and fields["messages"][1]["role"] == "user"
+
+
+# --- reading usage -------------------------------------------------------------------------
+
+
+@pytest.mark.benchmark(group="usage")
+def test_usage_of_chat_completion(benchmark):
+    assert benchmark(usage_of_body, CHAT_RESPONSE) == EXPECTED_USAGE
+
+
+@pytest.mark.benchmark(group="usage")
+def test_read_chunk_delta(benchmark):
+    assert benchmark(read_chunk, DELTA_EVENT[6:-2]) == (None, False)
+
+
+@pytest.mark.benchmark(group="usage")
+def test_read_chunk_usage(benchmark):
+    assert benchmark(read_chunk, USAGE_EVENT[6:-2]) == (EXPECTED_USAGE, True)
+
+
+# --- SSE -----------------------------------------------------------------------------------
+
+
+def _split(pieces: list[bytes]) -> list[bytes]:
+    splitter = EventSplitter()
+    events: list[bytes] = []
+    for piece in pieces:
+        events += splitter.feed(piece)
+    assert splitter.flush() == b""
+    return events
+
+
+@pytest.mark.benchmark(group="sse")
+def test_split_stream_whole(benchmark):
+    assert benchmark(_split, [STREAM_BODY]) == STREAM_EVENTS
+
+
+@pytest.mark.benchmark(group="sse")
+def test_split_stream_7_byte_pieces(benchmark):
+    assert len(STREAM_PIECES_7) > 2000
+    assert benchmark(_split, STREAM_PIECES_7) == STREAM_EVENTS
+
+
+@pytest.mark.benchmark(group="sse")
+def test_parse_event(benchmark):
+    name, data = benchmark(parse_event, DELTA_EVENT)
+    assert name == b""
+    assert data == DELTA_EVENT[6:-2]
+
+
+def _filter_stream(strip_usage: bool) -> tuple[int, Usage | None, int]:
+    stream_filter = ChatStreamFilter(strip_usage)
+    kept = sum(1 for event in STREAM_EVENTS if stream_filter.keep(event))
+    return kept, stream_filter.usage, stream_filter.dropped
+
+
+@pytest.mark.benchmark(group="sse")
+@pytest.mark.parametrize("strip_usage", [True, False], ids=["strip-usage", "keep-usage"])
+def test_chat_stream_filter(benchmark, strip_usage):
+    assert len(STREAM_EVENTS) == 68
+    kept = len(STREAM_EVENTS) - 1 if strip_usage else len(STREAM_EVENTS)
+    assert benchmark(_filter_stream, strip_usage) == (kept, EXPECTED_USAGE, 0)
+
+
+# --- auth and routing ----------------------------------------------------------------------
+
+SUBSCRIPTIONS = 100
+_SUBSCRIPTION_LINES = "".join(
+    f"  - {{id: team-{i:03}, scope: {'product:starter' if i % 2 else 'all-apis'}, "
+    f"primary-key: team-{i:03}-primary-0123456789, secondary-key: team-{i:03}-second-0123456789}}\n"
+    for i in range(SUBSCRIPTIONS)
+)
+CONFIG = config_module.loads(
+    f"""
+backends:
+  - {{id: mock, url: "http://127.0.0.1:9000/v1"}}
+apis:
+  - {{id: chat, path: /openai, backend: mock, products: [starter]}}
+  - {{id: raw, path: /passthrough, type: passthrough, backend: mock}}
+products:
+  - {{id: starter}}
+subscriptions:
+{_SUBSCRIPTION_LINES}""",
+    env={},
+)
+KEY = b"team-057-primary-0123456789"
+SCOPE = {
+    "type": "http",
+    "method": "POST",
+    "path": "/openai/chat/completions",
+    "query_string": b"",
+    "headers": [
+        (b"host", b"gateway.internal:8080"),
+        (b"accept-encoding", b"gzip, deflate"),
+        (b"connection", b"keep-alive"),
+        (b"accept", b"application/json"),
+        (b"content-type", b"application/json"),
+        (b"user-agent", b"OpenAI/Python 1.82.0"),
+        (b"x-stainless-lang", b"python"),
+        (b"x-stainless-package-version", b"1.82.0"),
+        (b"x-stainless-retry-count", b"0"),
+        (b"api-key", KEY),
+        (b"content-length", b"188"),
+    ],
+}
+
+
+@pytest.mark.benchmark(group="auth")
+def test_keyring_find(benchmark):
+    ring = KeyRing(CONFIG.subscriptions)
+    sub = benchmark(ring.find, KEY)
+    assert sub is not None and sub.id == "team-057"
+
+
+@pytest.mark.benchmark(group="auth")
+def test_guard_identify_api_key_header(benchmark):
+    guard = ApiGuard(CONFIG, CONFIG.api("chat"), KeyRing(CONFIG.subscriptions))
+    identity = benchmark(guard.identify, SCOPE)
+    assert identity.subscription is not None and identity.subscription.id == "team-057"
+    assert identity.product is not None and identity.product.id == "starter"
+    assert identity.consumed_header == b"api-key"
+
+
+def _router() -> Router[str]:
+    router: Router[str] = Router()
+    for path in ("/openai", "/team-b/openai", "/azure/openai/deployments/gpt-4o-mini"):
+        router.add_openai(path, path)
+    for path in ("/passthrough", "/raw/v2", "/raw/v2/files"):
+        router.add_passthrough(path, path)
+    return router
+
+
+@pytest.mark.benchmark(group="routing")
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("/openai/chat/completions", ("/openai", "chat-completions", "chat/completions")),
+        ("/raw/v2/files/file-abc/content", ("/raw/v2/files", "passthrough", "file-abc/content")),
+    ],
+    ids=["openai", "passthrough"],
+)
+def test_router_match(benchmark, path, expected):
+    match = benchmark(_router().match, "POST", path, path.encode())
+    assert tuple(match) == expected
