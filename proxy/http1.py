@@ -239,6 +239,8 @@ class _Connection(asyncio.Protocol):
             self.transport.pause_reading()  # type: ignore[union-attr]
 
     def on_message_complete(self) -> None:
+        if self._headers:  # trailers of a chunked body: dropped, not the next response's
+            self._headers, self._head_size = [], 0
         response = self._response
         if response is not None:
             self._complete(response, keep=self.parser.should_keep_alive())
@@ -454,6 +456,10 @@ class ConnectionPool:
             self._waiters.append(waiter)
             try:
                 await waiter
+            except asyncio.CancelledError:
+                if not waiter.cancelled():  # woken, then cancelled: pass the wake-up on
+                    self._wake_one()
+                raise
             finally:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
