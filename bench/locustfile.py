@@ -129,18 +129,23 @@ class TollwayUser(FastHttpUser):
         self.json_headers = {**_JSON, "api-key": key}
         self.sse_headers = {**_SSE, "api-key": key}
 
-    @task(4)
-    def chat(self) -> None:
+    def _post_json(self, op: str, body: bytes, name: str, field: str, item: str) -> None:
+        """POST `body` to the API's `op`; the reply must hold a `field` list whose first
+        element has `item`."""
         with self.client.post(
-            f"{API_PATH}/chat/completions",
-            data=CHAT_BODY,
+            f"{API_PATH}/{op}",
+            data=body,
             headers=self.json_headers,
-            name="chat",
+            name=name,
             catch_response=True,
         ) as response:
-            data = _json_object(response, "choices")
-            if data is not None and "message" not in data["choices"][0]:
-                response.failure("choices[0] has no message")
+            data = _json_object(response, field)
+            if data is not None and item not in data[field][0]:
+                response.failure(f"{field}[0] has no {item}")
+
+    @task(4)
+    def chat(self) -> None:
+        self._post_json("chat/completions", CHAT_BODY, "chat", "choices", "message")
 
     @task(4)
     def chat_stream(self) -> None:
@@ -177,16 +182,7 @@ class TollwayUser(FastHttpUser):
 
     @task(2)
     def embeddings(self) -> None:
-        with self.client.post(
-            f"{API_PATH}/embeddings",
-            data=EMBEDDINGS_BODY,
-            headers=self.json_headers,
-            name="embeddings",
-            catch_response=True,
-        ) as response:
-            data = _json_object(response, "data")
-            if data is not None and "embedding" not in data["data"][0]:
-                response.failure("data[0] has no embedding")
+        self._post_json("embeddings", EMBEDDINGS_BODY, "embeddings", "data", "embedding")
 
     @task(1)
     def models(self) -> None:

@@ -67,8 +67,10 @@ def running(
         stop(proc)
 
 
-def post(url: str, body: bytes, content_type: str, timeout: float = 5.0) -> tuple[int, bytes]:
-    """One blocking POST (for readiness and correctness checks)."""
+def post(
+    url: str, body: bytes | None, content_type: str, timeout: float = 5.0
+) -> tuple[int, bytes]:
+    """One blocking POST, or GET when ``body`` is None (readiness and correctness checks)."""
     request = urllib.request.Request(url, data=body, headers={"Content-Type": content_type})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as resp:
@@ -80,12 +82,13 @@ def post(url: str, body: bytes, content_type: str, timeout: float = 5.0) -> tupl
 def wait_ready(
     proc: subprocess.Popen[bytes],
     url: str,
-    body: bytes,
+    body: bytes | None,
     content_type: str,
     log: Path,
     timeout: float = 20.0,
 ) -> bytes:
-    """Poll ``url`` with a POST until it answers 200; return that body."""
+    """Poll ``url`` with a POST (a GET if ``body`` is None) until it answers 200; return
+    that body."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -104,9 +107,8 @@ def wait_ready(
     raise TimeoutError(f"{url} not ready after {timeout} s; see {log}")
 
 
-def group_cpu_seconds(pgid: int) -> float:
-    """User + system CPU seconds of the live processes in process group ``pgid``."""
-    total = 0
+def group_members(pgid: int) -> Iterator[tuple[Path, list[str]]]:
+    """(/proc/<pid>, stat fields after the command name) of each live process in ``pgid``."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -114,9 +116,14 @@ def group_cpu_seconds(pgid: int) -> float:
             stat = (entry / "stat").read_text()
         except OSError:
             continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[2]) == pgid:  # fields: state ppid pgrp ... utime(11) stime(12)
-            total += int(fields[11]) + int(fields[12])
+        fields = stat.rsplit(")", 1)[1].split()  # state ppid pgrp ... utime(11) stime(12)
+        if int(fields[2]) == pgid:
+            yield entry, fields
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """User + system CPU seconds of the live processes in process group ``pgid``."""
+    total = sum(int(f[11]) + int(f[12]) for _, f in group_members(pgid))
     return total / _CLK_TCK
 
 

@@ -2,8 +2,7 @@
 
 The harness itself runs on the load core; the gateway alone on the other (bench/stack.py).
 Every row is appended to `--out` (default bench/results/gateway.jsonl) with the run's id,
-machine and versions; `python -m bench compare` diffs two runs, `python -m bench plot` draws
-the figures next to bench/RESULTS.md.
+machine and versions.
 """
 
 from __future__ import annotations
@@ -64,7 +63,6 @@ def _args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smoke test: 1 round, short runs")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--no-save", action="store_true")
-    p.add_argument("--plot", action="store_true", help="draw the PNGs after the run")
     args = p.parse_args(argv)
     args.scenarios = [s for s in args.scenarios.split(",") if s]
     unknown = set(args.scenarios) - set(SCENARIOS)
@@ -109,10 +107,6 @@ def main(argv: list[str]) -> int:
             for row in rows:
                 out.write(json.dumps(row, default=str) + "\n")
         print(f"\nrun {run_id}: appended {len(rows)} rows to {args.out}", file=sys.stderr)
-    if args.plot:
-        from bench import plots
-
-        plots.draw(rows, stack.REPO / "bench")
     return 0
 
 

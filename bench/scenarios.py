@@ -136,7 +136,9 @@ def rate(ctx: Ctx) -> list[Row]:
                     headers = stack.AUTH_HEADERS if profile else stack.JSON_HEADERS
                     url = service.url + "/chat/completions"
 
-                    def once(url: str = url, headers: dict[str, str] = headers) -> Row:
+                    def once(
+                        url: str = url, headers: dict[str, str] = headers, offered: int = offered
+                    ) -> Row:
                         return loadgen.hey(
                             url, offered, ctx.args.duration, stack.CHAT_BODY, headers,
                             stack.LOAD_CPU, tmp=ctx.tmp,
@@ -312,14 +314,14 @@ def workers(ctx: Ctx) -> list[Row]:
     """`--workers 2` against `--workers 1`, both allowed on both cores (nginx and wrk stay
     on core 0, so on a 2-core machine the second worker competes with the load)."""
     rows = []
-    url_rows: dict[int, list[Row]] = {}
+    by_count: dict[int, list[Row]] = {}
     for rnd in range(ctx.args.rounds):
         for count in (1, 2) if rnd % 2 == 0 else (2, 1):
             with stack.gateway(ctx.tmp, "auth", ctx.nginx.url, workers=count, cpu="0-1") as gw:
                 stack.check_chat(gw.url, stack.AUTH_HEADERS)
                 row = _wrk_once(ctx, gw, "auth", 64, ctx.args.duration)
-                url_rows.setdefault(count, []).append(row)
-    for count, rounds in url_rows.items():
+                by_count.setdefault(count, []).append(row)
+    for count, rounds in by_count.items():
         row = merge_rounds(rounds, _WRK_FIELDS)
         row.update(scenario="workers", target=f"gateway:auth:w{count}", workers=count)
         row["key"] = f"workers/w{count}"

@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -88,7 +87,7 @@ def mock_backend(tmp: Path, ttft_ms: int, itl_ms: int, tokens: int) -> Iterator[
     cmd += ["--ttft", str(ttft_ms), "--itl", str(itl_ms), "--tokens", str(tokens)]
     base = f"http://127.0.0.1:{port}"
     with procs.running(cmd, LOAD_CPU, log, _env()) as proc:
-        _wait_get(proc, base + "/v1/models", log)
+        procs.wait_ready(proc, base + "/v1/models", None, "", log, timeout=30)
         yield Service(base + "/v1", proc.pid, log)
 
 
@@ -104,27 +103,12 @@ def gateway(
     cmd = [sys.executable, "-m", "proxy", "serve", "--config", str(config)]
     cmd += ["--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]
     with procs.running(cmd, cpu, log, _env()) as proc:
-        _wait_get(proc, f"http://127.0.0.1:{port}/readyz", log)
+        procs.wait_ready(proc, f"http://127.0.0.1:{port}/readyz", None, "", log, timeout=30)
         yield Service(f"http://127.0.0.1:{port}{API_PATH}", proc.pid, log)
 
 
 def _env() -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=str(REPO))
-
-
-def _wait_get(proc: object, url: str, log: Path, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:  # type: ignore[attr-defined]
-            raise RuntimeError(f"exited; see {log}:\n" + log.read_text(errors="replace")[-2000:])
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(f"{url} not ready after {timeout} s; see {log}")
 
 
 def check_chat(url: str, headers: dict[str, str]) -> dict[str, object]:
@@ -141,17 +125,10 @@ def rss_mib(pgid: int) -> list[float]:
     """Resident memory (MiB) of each process in the group, largest first: for `tollway
     serve` the first is the worker that serves, the next Granian's supervisor."""
     sizes = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for entry, _ in procs.group_members(pgid):
         try:
-            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            if int(stat[2]) != pgid:
-                continue
             status = (entry / "status").read_text()
         except OSError:
             continue
-        for line in status.splitlines():
-            if line.startswith("VmRSS:"):
-                sizes.append(int(line.split()[1]) / 1024.0)
+        sizes += [int(x.split()[1]) / 1024.0 for x in status.splitlines() if x.startswith("VmRSS:")]
     return sorted(sizes, reverse=True)

@@ -530,8 +530,3 @@ class ConnectionPool:
 
 def _is_stream(body: Body) -> bool:
     return body is not None and not isinstance(body, bytes)
-
-
-def format_headers(headers: RawHeaders) -> bytes:
-    """Request headers as one "name: value\\r\\n" block."""
-    return b"".join([b"%b: %b\r\n" % pair for pair in headers])

@@ -26,7 +26,8 @@ import uvloop
 
 from proxy import http1
 from proxy.errors import BackendConnectionError, BackendTimeoutError
-from proxy.http1 import ConnectionPool, format_headers
+from proxy.http1 import ConnectionPool
+from tests.mockproc import free_port
 
 Runner = Callable[[Coroutine[Any, Any, None]], None]
 
@@ -235,13 +236,6 @@ async def until(predicate: Callable[[], bool], limit: float = 2.0) -> None:
 async def get(pool: ConnectionPool, target: bytes = b"/") -> tuple[int, bytes]:
     response = await pool.request(b"GET", target, b"")
     return response.status, await response.read()
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def pattern(size: int, seed: int = 0) -> bytes:
@@ -494,7 +488,8 @@ def test_unsolicited_bytes_after_a_response_drop_the_connection(run: Runner) -> 
 
 def test_connection_refused_is_a_connection_error(run: Runner) -> None:
     async def main() -> None:
-        async with client(f"http://127.0.0.1:{closed_port()}") as pool:
+        # A port that was free a moment ago: nothing listens there.
+        async with client(f"http://127.0.0.1:{free_port()}") as pool:
             with pytest.raises(BackendConnectionError):
                 await pool.request(b"GET", b"/", b"")
             assert pool.connections == 0
@@ -705,7 +700,7 @@ def test_stream_body_without_length_is_sent_chunked(run: Runner) -> None:
 
 
 def test_head_is_sent_verbatim_with_host(run: Runner) -> None:
-    headers = format_headers([(b"X-Trace-Id", b"AbC-1"), (b"authorization", b"Bearer t0k3n")])
+    headers = b"X-Trace-Id: AbC-1\r\nauthorization: Bearer t0k3n\r\n"
     assert headers == b"X-Trace-Id: AbC-1\r\nauthorization: Bearer t0k3n\r\n"
 
     async def main() -> None:

@@ -10,15 +10,15 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import nginx
-from bench import procs, quiet
+from bench import nginx, procs
 from bench.clients import report, wrk
 from bench.clients.app import SSE_MODES
 from bench.clients.upstream import CLIENTS, CONTENT_TYPE, REQUEST_BODY
+from bench.measure import Guard
 
 REPO = Path(__file__).resolve().parents[2]
 LOAD_CPU, SERVER_CPU = "0", "1"  # nginx + wrk on core 0; gateway / client loop on core 1
@@ -44,7 +44,7 @@ class Ctx:
     nginx_url: str
     nginx_pgid: int
     script: Path
-    guard: quiet.Quiet
+    guard: Guard
 
 
 def _granian_cmd(port: int) -> list[str]:
@@ -76,27 +76,6 @@ def _serve(target: Target, ctx: Ctx, path: str, expected: bytes) -> Iterator[tup
         yield url, proc.pid
 
 
-def _guarded(run_once: Callable[[], dict], pgids: tuple[int, ...], ctx: Ctx) -> dict:
-    """Run after the machine is quiet; retry while other load exceeds the threshold.
-
-    Keeps the attempt with the least other load.
-    """
-    best: dict | None = None
-    for attempt in range(1, ctx.args.retries + 2):
-        ctx.guard.wait(pgids)
-        meter = quiet.Meter(pgids)
-        meter.start()
-        result = run_once()
-        result.update(other_load=round(meter.stop(), 3), attempts=attempt)
-        if best is None or result["other_load"] < best["other_load"]:
-            best = result
-        if result["other_load"] <= ctx.args.max_other_load:
-            break
-        print(f"  other load {result['other_load']:.2f} cores: retry", file=sys.stderr)
-    assert best is not None
-    return best
-
-
 def _measure(url: str, concurrency: int, seconds: int, pgid: int, ctx: Ctx) -> dict:
     """Warm up, then one wrk run; add the server's CPU microseconds per request."""
 
@@ -109,7 +88,7 @@ def _measure(url: str, concurrency: int, seconds: int, pgid: int, ctx: Ctx) -> d
         result["cpu_us_per_req"] = round(cpu / result["requests"] * 1e6, 1)
         return result
 
-    return _guarded(once, (ctx.nginx_pgid, pgid), ctx)
+    return ctx.guard.run(once, (ctx.nginx_pgid, pgid))
 
 
 def _wrk_rounds(
@@ -162,8 +141,8 @@ def _loop_rounds(ctx: Ctx) -> list[dict]:
     for rnd in range(ctx.args.rounds):
         for client in CLIENTS if rnd % 2 == 0 else CLIENTS[::-1]:
             for concurrency in LOOP_CONCURRENCY:
-                result = _guarded(
-                    lambda c=client, n=concurrency: _loop_once(c, n, ctx), (ctx.nginx_pgid,), ctx
+                result = ctx.guard.run(
+                    lambda c=client, n=concurrency: _loop_once(c, n, ctx), (ctx.nginx_pgid,)
                 )
                 raw.append({"kind": "client_alone", "target": client, "round": rnd, **result})
                 print(
@@ -245,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
         with procs.running(cmd, LOAD_CPU, log) as proc:
             procs.wait_ready(proc, url + nginx.CHAT_PATH, REQUEST_BODY, CONTENT_TYPE, log)
             script = wrk.write_post_script(tmp / "post.lua", REQUEST_BODY, CONTENT_TYPE)
-            guard = quiet.Quiet(args.max_other_load, args.wait_budget)
+            guard = Guard(args.max_other_load, args.retries, args.wait_budget)
             ctx = Ctx(args, tmp, url, proc.pid, script, guard)
             raw = _collect(ctx)
     rows = report.aggregate(raw)
