@@ -1,17 +1,27 @@
-"""`python -m bench run [options]`: the gateway benchmark (bench/run.py); `--help` lists them."""
+"""`python -m bench run|compare|plot ...`: the gateway benchmark; `--help` after each lists
+its options (bench/README.md explains them)."""
 
 from __future__ import annotations
 
 import sys
 
-from bench import run
+USAGE = """usage: python -m bench run [--quick] [--scenarios a,b] [...]  (measure; JSON lines)
+       python -m bench compare A.jsonl[:RUN] B.jsonl[:RUN]      (deltas between two runs)
+       python -m bench plot [FILE.jsonl[:RUN]]                   (PNGs, RESULTS.md)"""
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] != "run":
-        print("usage: python -m bench run [--quick] [--scenarios a,b] [...]", file=sys.stderr)
+    command, rest = (argv[0], argv[1:]) if argv else ("", [])
+    if command == "run":
+        from bench import run as module
+    elif command == "compare":
+        from bench import compare as module  # type: ignore[no-redef]
+    elif command == "plot":
+        from bench import plot as module  # type: ignore[no-redef]
+    else:
+        print(USAGE, file=sys.stderr)
         return 2
-    return run.main(argv[1:])
+    return module.main(rest)
 
 
 if __name__ == "__main__":

@@ -93,10 +93,14 @@ def hey(
     body: bytes,
     headers: dict[str, str],
     cpu: str,
-    workers: int = 64,
+    workers: int = 16,
     tmp: Path | None = None,
 ) -> dict[str, object]:
-    """Open-ish loop: `rate` requests per second in total from `workers` hey workers."""
+    """Open-ish loop: `rate` requests per second in total from `workers` hey workers.
+
+    hey's workers tick in lockstep, so the load arrives as bursts of `workers` requests every
+    `workers / rate` seconds; 16 keeps the bursts small while leaving headroom for a slow
+    response (each worker has one request in flight)."""
     per_worker = max(rate / workers, 0.01)
     body_file = (tmp or Path("/tmp")) / f"hey-body-{id(body)}.json"
     body_file.write_bytes(body)

@@ -139,6 +139,11 @@ def rate(ctx: Ctx) -> list[Row]:
                     def once(
                         url: str = url, headers: dict[str, str] = headers, offered: int = offered
                     ) -> Row:
+                        if ctx.args.warmup:  # connections, pools and caches warm
+                            loadgen.hey(
+                                url, offered, ctx.args.warmup, stack.CHAT_BODY, headers,
+                                stack.LOAD_CPU, tmp=ctx.tmp,
+                            )  # fmt: skip
                         return loadgen.hey(
                             url, offered, ctx.args.duration, stack.CHAT_BODY, headers,
                             stack.LOAD_CPU, tmp=ctx.tmp,

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Shared bench setup (idempotent): installs the system tools the benches need.
 #   nginx  - the mock LLM upstream (bench/nginx/)
-#   wrk    - the HTTP load generator
+#   wrk    - the closed-loop HTTP load generator
+#   hey    - the constant-rate load generator (the `rate` scenario)
 #   taskset (util-linux) - CPU pinning
 # and the Python packages the client comparison imports (httpx-aiohttp is bench-only).
 # Usage: bash bench/setup.sh      (root, or sudo available)
@@ -10,6 +11,7 @@ set -euo pipefail
 need=()
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx)
 command -v wrk >/dev/null 2>&1 || need+=(wrk)
+command -v hey >/dev/null 2>&1 || need+=(hey)
 command -v taskset >/dev/null 2>&1 || need+=(util-linux)
 
 if [ "${#need[@]}" -gt 0 ]; then
@@ -24,10 +26,11 @@ fi
 # it (they run their own foreground nginx on a free loopback port), so it is left alone.
 
 PY="${PYTHON:-python3}"
-if ! "$PY" -c "import aiohttp, httpx, httpx_aiohttp, sniffio, uvloop, granian" 2>/dev/null; then
+if ! "$PY" -c "import aiohttp, httpx, httpx_aiohttp, sniffio, uvloop, granian, matplotlib, pytest_benchmark" 2>/dev/null; then
     echo "bench/setup.sh: installing Python bench packages"
     "$PY" -m pip install -q "granian[uvloop]>=2.8,<3" "uvloop>=0.21,<1" "aiohttp>=3.11,<4" \
-        "httpx>=0.28,<1" "sniffio>=1.3,<2" "httpx-aiohttp>=0.1,<1"
+        "httpx>=0.28,<1" "sniffio>=1.3,<2" "httpx-aiohttp>=0.1,<1" \
+        "matplotlib>=3.8,<4" "pytest-benchmark>=4,<6"
 fi
 
 echo "bench/setup.sh: ok ($(nginx -v 2>&1), wrk $(wrk -v 2>&1 | head -1 | awk '{print $2}'))"

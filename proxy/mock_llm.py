@@ -819,5 +819,7 @@ def run(
         loop="uvloop",  # type: ignore[arg-type]
         workers=workers,
         factory=True,
+        backlog=4096,
+        backpressure=20_000,  # paced-stream benches hold thousands of requests open
         log_access=False,
     ).serve()
