@@ -49,7 +49,7 @@ def _args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--streams-light", type=int, default=20, help="streams for added TTFT/gap")
     p.add_argument(
         "--stream-levels", type=lambda s: [int(x) for x in s.split(",")],
-        default=[250, 500, 1000, 2000, 3000],
+        default=[250, 500, 750, 1000, 1500, 2000],
     )  # fmt: skip
     p.add_argument("--stream-duration", type=float, default=10.0)
     p.add_argument("--stream-warmup", type=float, default=3.0)

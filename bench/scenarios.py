@@ -245,10 +245,11 @@ def _stream_line(profile: str | None, n: int, row: Row) -> str:
 
 def max_streams(ctx: Ctx) -> list[Row]:
     """The most concurrent paced streams one worker carries without a stall over 50 ms:
-    each level against the direct mock (is the backend/load core still fine?) and the
-    gateway; stops after the first level the gateway fails."""
+    each level against the direct backend (is the backend/load core still fine?) and the
+    gateway; stops after the first level the gateway fails. The backend is bench/paced.py
+    (~10 µs per event), since mock-llm's ~20 µs would saturate the load core first."""
     rows = []
-    with _paced_mock(ctx) as mock:
+    with stack.paced_backend(ctx.tmp, ttft_ms=20, itl_ms=20, tokens=64) as mock:
         for n in ctx.args.stream_levels:
             failed = False
             for profile in (None, "auth"):

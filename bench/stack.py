@@ -92,6 +92,19 @@ def mock_backend(tmp: Path, ttft_ms: int, itl_ms: int, tokens: int) -> Iterator[
 
 
 @contextlib.contextmanager
+def paced_backend(tmp: Path, ttft_ms: int, itl_ms: int, tokens: int) -> Iterator[Service]:
+    """bench/paced.py: paced SSE at a few µs per event (for thousands of streams), LOAD_CPU."""
+    port = procs.free_port()
+    log = tmp / f"paced-{port}.log"
+    cmd = [sys.executable, "-m", "bench.paced", "--port", str(port)]
+    cmd += ["--ttft", str(ttft_ms), "--itl", str(itl_ms), "--tokens", str(tokens)]
+    base = f"http://127.0.0.1:{port}"
+    with procs.running(cmd, LOAD_CPU, log, _env()) as proc:
+        procs.wait_ready(proc, base + "/v1/models", None, "", log, timeout=30)
+        yield Service(base + "/v1", proc.pid, log)
+
+
+@contextlib.contextmanager
 def gateway(
     tmp: Path, profile: str, upstream: str, workers: int = 1, cpu: str = GATEWAY_CPU
 ) -> Iterator[Service]:

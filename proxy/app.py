@@ -10,6 +10,7 @@ and the log says why; the old one is closed once its in-flight requests are done
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import re
@@ -227,4 +228,18 @@ def app_factory() -> Gateway:
     """Granian's factory target: the config path comes from TOLLWAY_CONFIG."""
     path = os.environ.get("TOLLWAY_CONFIG", "config/tollway.yaml")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
-    return create_app(config_module.load(path), config_path=path)
+    app = create_app(config_module.load(path), config_path=path)
+    tune_gc()
+    return app
+
+
+def tune_gc() -> None:
+    """Move everything alive at start-up out of the collector's view and collect the young
+    generation every 50,000 net allocations instead of 700. A request allocates a few hundred
+    objects; at the default, a worker carrying hundreds of streams runs a young collection
+    every few ms and a full one (walking every live stream's objects) often enough to show
+    as stalls. Measured (bench.paced, 500 paced streams, 2 rounds): max stall 49.7/53.4 ms
+    -> 32.2/36.3 ms, gap p99 35.2/39.7 -> 25.0/25.5 ms; c=64 p99 13.2/15.0 -> 7.8/11.4 ms."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
