@@ -57,8 +57,7 @@ _SSE_HEAD = (
 _END = b"0\r\n\r\n"
 
 
-def _framed(data: str) -> bytes:
-    event = b"data: " + data.encode() + b"\n\n"
+def _framed(event: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(event), event)
 
 
@@ -67,13 +66,18 @@ def _whole(body: bytes, content_type: bytes = b"application/json") -> bytes:
     return head % (content_type, len(body)) + body
 
 
+def stream_payloads(tokens: int) -> list[bytes]:
+    """The SSE events of one stream: role, `tokens` deltas, finish, usage, [DONE]."""
+    data = [_CHUNK % ('{"role":"assistant","content":""}', "null")]
+    data += [_CHUNK % ('{"content":" tok"}', "null")] * tokens
+    data += [_CHUNK % ("{}", '"stop"'), _USAGE % (tokens, tokens + 12), "[DONE]"]
+    return [b"data: " + d.encode() + b"\n\n" for d in data]
+
+
 def stream_events(tokens: int) -> list[bytes]:
-    """The chunk-framed events of one stream: role, `tokens` deltas, finish, usage, [DONE]."""
-    events = [_framed(_CHUNK % ('{"role":"assistant","content":""}', "null"))]
-    events += [_framed(_CHUNK % ('{"content":" tok"}', "null")) for _ in range(tokens)]
-    events.append(_framed(_CHUNK % ("{}", '"stop"')))
-    events.append(_framed(_USAGE % (tokens, tokens + 12)))
-    events.append(_framed("[DONE]") + _END)
+    """`stream_payloads` chunk-framed for the wire, the last one ending the body."""
+    events = [_framed(e) for e in stream_payloads(tokens)]
+    events[-1] += _END
     return events
 
 

@@ -3,12 +3,13 @@
 - `latency-cdf.png`: the latency distribution at concurrency 1, direct to nginx vs through
   the gateway (the `latency` scenario's wrk percentiles, first round);
 - `throughput.png`: req/s and p99 by concurrency, direct vs gateway (the `sweep` scenario).
-Both come from one run (the newest in the file unless `:RUN` is given).
+Each comes from the newest run in the file that measured its scenario, or from `:RUN`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
@@ -81,11 +82,18 @@ def main(argv: list[str]) -> int:
     p.add_argument("source", nargs="?", default=str(DEFAULT_OUT), help="FILE.jsonl[:RUN]")
     p.add_argument("--out-dir", type=Path, default=OUT_DIR)
     args = p.parse_args(argv)
-    run, rows = load_run(args.source)
+    if Path(args.source).exists():  # no :RUN given: the newest run with each scenario
+        lines = Path(args.source).read_text().splitlines()
+        every = [json.loads(line) for line in lines if line.strip()]
+    else:
+        every = load_run(args.source)[1]
     made = []
-    for name, draw in (("latency-cdf.png", latency_cdf), ("throughput.png", throughput)):
-        if draw(rows, args.out_dir / name):
-            made.append(name)
-    print(f"run {run}: wrote {', '.join(made) or 'nothing (no latency/sweep rows)'} "
-          f"in {args.out_dir}")  # fmt: skip
+    for name, scenario, draw in (
+        ("latency-cdf.png", "latency", latency_cdf),
+        ("throughput.png", "sweep", throughput),
+    ):
+        runs = [r["run"] for r in every if r["scenario"] == scenario]
+        if runs and draw([r for r in every if r["run"] == runs[-1]], args.out_dir / name):
+            made.append(f"{name} (run {runs[-1]})")
+    print(f"wrote {', '.join(made) or 'nothing (no latency/sweep rows)'} in {args.out_dir}")
     return 0 if made else 1

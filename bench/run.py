@@ -51,6 +51,7 @@ def _args(argv: list[str]) -> argparse.Namespace:
         "--stream-levels", type=lambda s: [int(x) for x in s.split(",")],
         default=[250, 500, 750, 1000, 1500, 2000],
     )  # fmt: skip
+    p.add_argument("--floor-streams", type=int, default=500, help="paced streams in floor")
     p.add_argument("--stream-duration", type=float, default=10.0)
     p.add_argument("--stream-warmup", type=float, default=3.0)
     p.add_argument("--stream-ramp", type=float, default=2.0)
@@ -70,7 +71,7 @@ def _args(argv: list[str]) -> argparse.Namespace:
         p.error(f"unknown scenario(s): {', '.join(sorted(unknown))}")
     if args.quick:
         args.rounds, args.duration, args.warmup = 1, 2, 1
-        args.rates, args.stream_levels = [1000], [100, 200]
+        args.rates, args.stream_levels, args.floor_streams = [1000], [100, 200], 100
         args.stream_duration, args.stream_warmup, args.stream_ramp = 3.0, 1.0, 0.5
         args.soak, args.soak_step, args.wait_budget = 40_000, 20_000, 30
     return args
@@ -111,6 +112,9 @@ def main(argv: list[str]) -> int:
 
 
 _COLUMNS: dict[str, tuple[str, ...]] = {
+    "floor": ("concurrency", "streams", "req_s", "p50_ms", "p99_ms", "added_p50_ms",
+              "server_cpu_us_per_req", "gap_p99_ms", "max_stall_ms", "server_cores",
+              "server_cpu_us_per_event"),
     "wrk": ("concurrency", "req_s", "p50_ms", "p99_ms", "p999_ms", "added_p50_ms",
             "added_p99_ms", "server_cpu_us_per_req", "errors"),
     "rate": ("offered_req_s", "req_s", "p50_ms", "p99_ms", "p999_ms", "added_p50_ms",
@@ -119,7 +123,8 @@ _COLUMNS: dict[str, tuple[str, ...]] = {
                   "max_stall_ms", "added_ttft_p50_ms", "added_ttft_p99_ms", "added_gap_p99_ms",
                   "errors"),
     "max_streams": ("streams", "completed", "events_per_s", "ttft_p99_ms", "gap_p99_ms",
-                    "max_stall_ms", "errors", "saturated", "no_stall"),
+                    "max_stall_ms", "server_cores", "server_cpu_us_per_event", "errors",
+                    "saturated", "no_stall"),
     "soak": ("requests", "idle_rss_mib", "supervisor_rss_mib", "end_rss_mib",
              "growth_mib_per_100k"),
     "workers": ("workers", "req_s", "p50_ms", "p99_ms", "scaling"),
@@ -157,13 +162,17 @@ def render(rows: list[Row], env: dict[str, Any]) -> str:
 def bar(rows: list[Row]) -> list[tuple[str, Any, str, float, str]]:
     """Each bar target with the measured value and met / missed by how much / not measured."""
     by_key = {r["key"]: r for r in rows}
-    carried = [r["streams"] for r in rows if r["scenario"] == "max_streams" and r["no_stall"]
-               and r["target"] != "direct"]  # fmt: skip
+    carried = 0  # the highest level with every level up to it stall-free
+    for r in sorted((r for r in rows if r["scenario"] == "max_streams"
+                     and r["target"] != "direct"), key=lambda r: r["streams"]):  # fmt: skip
+        if not r["no_stall"]:
+            break
+        carried = r["streams"]
     out = []
     for key, field, op, target, label in BAR:
         if key == "max_streams":
             measured = any(r["scenario"] == "max_streams" for r in rows)
-            value: Any = max(carried, default=0) if measured else None
+            value: Any = carried if measured else None
         else:
             row = next((r for k, r in by_key.items() if k.startswith(key)), None)
             value = row.get(field) if row else None

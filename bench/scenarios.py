@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import loadgen, stack
+from bench import loadgen, procs, stack
 from bench.measure import Guard, Row, added, merge_rounds, with_cpu
 
 _WRK_FIELDS = ("req_s", "p50_ms", "p90_ms", "p99_ms", "p999_ms", "server_cpu_us_per_req")
@@ -40,7 +40,9 @@ class Ctx:
 
 
 def _target(profile: str | None) -> str:
-    return "direct" if profile is None else f"gateway:{profile}"
+    if profile is None or profile == "floor":
+        return profile or "direct"
+    return f"gateway:{profile}"
 
 
 @contextlib.contextmanager
@@ -48,6 +50,10 @@ def _serving(ctx: Ctx, profile: str | None, upstream: stack.Service) -> Iterator
     """The direct backend (profile None) or a fresh gateway with `profile` in front of it."""
     if profile is None:
         yield upstream
+        return
+    if profile == "floor":
+        with stack.floor_app(ctx.tmp) as floor:
+            yield floor
         return
     with stack.gateway(ctx.tmp, profile, upstream.url) as gw:
         headers = stack.AUTH_HEADERS if profile != "open" else stack.JSON_HEADERS
@@ -109,6 +115,26 @@ def latency(ctx: Ctx) -> list[Row]:
 def throughput(ctx: Ctx) -> list[Row]:
     """Non-streamed chat at concurrency 64, one worker, auth on."""
     return closed_loop(ctx, "throughput", [None, "auth"], [64])
+
+
+def floor(ctx: Ctx) -> list[Row]:
+    """Granian's own cost (bench/floor.py: a fixed reply or a paced stream, no upstream)
+    beside the gateway's: at c=1 and c=64, and per streamed event at `--floor-streams`
+    paced streams (the gateway in front of bench/paced.py)."""
+    rows = closed_loop(ctx, "floor", [None, "floor", "auth"], [1, 64])
+    n = ctx.args.floor_streams
+    with stack.paced_backend(ctx.tmp, ttft_ms=20, itl_ms=20, tokens=64) as backend:
+        for profile in ("floor", "auth"):
+            with _serving(ctx, profile, backend) as service:
+                row = ctx.guard.run(
+                    lambda s=service, p=profile: _flatten(_stream_once(ctx, s, p, n)),
+                    (backend.pgid, service.pgid),
+                )
+            ctx.log(_stream_line(profile, n, row))
+            row.update(scenario="floor", target=_target(profile), streams=n)
+            row["key"] = f"floor/{row['target']}/n{n}"
+            rows.append(row)
+    return rows
 
 
 def sweep(ctx: Ctx) -> list[Row]:
@@ -176,14 +202,18 @@ def _stream_once(ctx: Ctx, service: stack.Service, profile: str | None, n: int) 
     if profile not in (None, "open"):
         cmd += ["--header", f"api-key: {stack.KEYS[0]}"]
 
-    def once() -> Row:
-        done = subprocess.run(
-            cmd, capture_output=True, text=True, check=True, timeout=seconds * 3 + 120
-        )
-        result: Row = json.loads(done.stdout)
-        return result
-
-    return with_cpu(service.pgid, lambda r: int(r.get("completed") or 0), once)
+    cpu0, wall0 = procs.group_cpu_seconds(service.pgid), time.monotonic()
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, check=True, timeout=seconds * 3 + 120
+    )
+    cpu, wall = procs.group_cpu_seconds(service.pgid) - cpu0, time.monotonic() - wall0
+    row: Row = json.loads(done.stdout)
+    # The server's busy share of a core, and its CPU per relayed event (events/s is steady
+    # after the ramp, so events_per_s x wall slightly over-counts the ramp: a lower bound).
+    row["server_cores"] = round(cpu / wall, 3)
+    events = (row.get("events_per_s") or 0) * wall
+    row["server_cpu_us_per_event"] = round(cpu / events * 1e6, 1) if events else None
+    return row
 
 
 _STREAM_FIELDS = ("ttft_p50_ms", "ttft_p99_ms", "gap_p50_ms", "gap_p99_ms", "max_stall_ms")
@@ -244,19 +274,22 @@ def _stream_line(profile: str | None, n: int, row: Row) -> str:
 
 
 def max_streams(ctx: Ctx) -> list[Row]:
-    """The most concurrent paced streams one worker carries without a stall over 50 ms:
-    each level against the direct backend (is the backend/load core still fine?) and the
-    gateway; stops after the first level the gateway fails. The backend is bench/paced.py
-    (~10 µs per event), since mock-llm's ~20 µs would saturate the load core first."""
+    """The most concurrent paced streams one worker carries without a stall over 50 ms.
+
+    Each level runs against the direct backend (can the load core still feed it?) and then
+    the gateway. Levels past the first failure still run, so the rows show where the worker
+    saturates (`server_cores`, `server_cpu_us_per_event`); the scenario stops at the first
+    level the load core cannot feed directly. The backend is bench/paced.py (~10 µs per
+    event), since mock-llm's ~20 µs would saturate the load core first."""
     rows = []
-    with stack.paced_backend(ctx.tmp, ttft_ms=20, itl_ms=20, tokens=64) as mock:
+    with stack.paced_backend(ctx.tmp, ttft_ms=20, itl_ms=20, tokens=64) as backend:
         for n in ctx.args.stream_levels:
-            failed = False
+            fed = True
             for profile in (None, "auth"):
-                with _serving(ctx, profile, mock) as service:
+                with _serving(ctx, profile, backend) as service:
                     row = ctx.guard.run(
                         lambda s=service, p=profile, n=n: _flatten(_stream_once(ctx, s, p, n)),
-                        (mock.pgid, service.pgid),
+                        (backend.pgid, service.pgid),
                     )
                 ctx.log(_stream_line(profile, n, row))
                 ok = (row.get("max_stall_ms") or 1e9) <= 50.0 and not row.get("errors")
@@ -265,11 +298,13 @@ def max_streams(ctx: Ctx) -> list[Row]:
                     target=_target(profile),
                     streams=n,
                     key=f"max_streams/{_target(profile)}/n{n}",
-                    no_stall=ok,
+                    no_stall=ok and not row.get("saturated"),
                 )
                 rows.append(row)
-                failed = failed or (profile is not None and not ok)
-            if failed:
+                if profile is None and (not ok or row.get("saturated")):
+                    fed = False
+                    break
+            if not fed:
                 break
     return rows
 
@@ -346,5 +381,6 @@ SCENARIOS: dict[str, Callable[[Ctx], list[Row]]] = {
     "policy": policy,
     "rate": rate,
     "sweep": sweep,
+    "floor": floor,
     "workers": workers,
 }

@@ -120,6 +120,18 @@ def gateway(
         yield Service(f"http://127.0.0.1:{port}{API_PATH}", proc.pid, log)
 
 
+@contextlib.contextmanager
+def floor_app(tmp: Path, cpu: str = GATEWAY_CPU) -> Iterator[Service]:
+    """bench/floor.py: Granian with the gateway's settings and a fixed reply, pinned to `cpu`."""
+    port = procs.free_port()
+    log = tmp / f"floor-{port}.log"
+    cmd = [sys.executable, "-m", "bench.floor", "--port", str(port)]
+    with procs.running(cmd, cpu, log, _env()) as proc:
+        base = f"http://127.0.0.1:{port}{API_PATH}"
+        procs.wait_ready(proc, base + "/chat/completions", CHAT_BODY, "application/json", log)
+        yield Service(base, proc.pid, log)
+
+
 def _env() -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=str(REPO))
 
