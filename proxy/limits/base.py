@@ -1,0 +1,158 @@
+"""The token-limit store interface and the pure arithmetic every store shares (SPEC §6).
+
+A `Limiter` keeps, per resolved counter key, a 60-second sliding rate window in 1-second
+buckets and one counter per UTC quota period. `admit` reserves tokens against both in one
+atomic step, `settle` replaces a reservation by the real usage, `release` gives it back.
+
+Rules every store follows (tests/test_limits.py proves them against each one):
+
+- The window at time `now` holds the 61 buckets whose second `b` satisfies
+  `floor(now) - 60 <= b <= floor(now)`; a bucket charged at second `b` leaves it at `b + 61`.
+  One bucket more than 60 because a bucket stands for a whole second: two charges less than
+  60 s apart (0.9 s and 60.0 s) are in buckets 60 apart, and must still see each other for
+  "never more than tokens-per-minute in any 60-second interval" to hold to the microsecond.
+- The quota is checked before the rate: a quota refusal (403) is the more lasting answer.
+- A refusal changes nothing. An admission charges `bucket[now]` and the period counter.
+- Only what a limit limits is counted: no window without `tokens_per_minute`, no period
+  counter without `token_quota`.
+- `settle` with less than reserved returns the difference to the bucket and period the
+  reservation was charged in (while the bucket is still in the window, never below 0); usage
+  beyond the reservation is charged to `bucket[now]` and the current period.
+
+This module imports nothing from proxy and no Redis.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+WINDOW = 60  # seconds in the sliding rate window
+LEAVES = WINDOW + 1  # a bucket charged at second b leaves the window at b + LEAVES
+PERIODS = ("hourly", "daily", "weekly", "monthly", "yearly")
+
+
+class StoreUnavailableError(Exception):
+    """The store could not answer (connection refused or lost, timeout, cluster down).
+
+    The caller applies `store-failure-mode`; the store itself reconnects on the next call.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """One `llm-token-limit` policy as resolved for a request."""
+
+    key: str  # resolved counter key, e.g. "team-a"
+    tokens_per_minute: int | None
+    token_quota: int | None
+    quota_period: str = "monthly"
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """What `settle`/`release` need; opaque to callers."""
+
+    limit: Limit
+    tokens: int
+    second: int  # the window bucket (unix second) charged
+    period: str  # quota period id, e.g. "2026-11" ("" when no quota)
+    store: Limiter  # the store that holds it (a failure-mode fallback may differ)
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    reservation: Reservation
+    remaining_tokens: int | None
+    remaining_quota: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    reason: Literal["rate", "quota"]
+    retry_after: float  # seconds
+    remaining_tokens: int | None
+    remaining_quota: int | None
+
+
+class Limiter(Protocol):
+    """A token-limit store; see the module docstring for the rules."""
+
+    async def admit(self, limit: Limit, tokens: int) -> Admitted | Refused:
+        """Reserve `tokens` against the window and the quota, or refuse and change nothing."""
+        ...
+
+    async def settle(self, reservation: Reservation, used: int) -> tuple[int | None, int | None]:
+        """Replace the reservation by `used`; return the remaining tokens and quota after."""
+        ...
+
+    async def release(self, reservation: Reservation) -> None:
+        """Give the whole reservation back (`settle` with 0)."""
+        ...
+
+    async def usage(self, limit: Limit) -> tuple[int, int]:
+        """Tokens in the current window and used in the current quota period."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def period_bounds(period: str, now: float) -> tuple[str, float, float]:
+    """The UTC calendar period containing `now`: (id, start, end) with unix-time bounds.
+
+    Ids: hourly "2026-11-26T09", daily "2026-11-26", weekly "2026-W48" (ISO week, from
+    Monday 00:00), monthly "2026-11", yearly "2026".
+    """
+    t = dt.datetime.fromtimestamp(now, dt.UTC)
+    if period == "hourly":
+        start = t.replace(minute=0, second=0, microsecond=0)
+        return start.strftime("%Y-%m-%dT%H"), start.timestamp(), start.timestamp() + 3600
+    day = t.replace(hour=0, minute=0, second=0, microsecond=0)
+    if period == "daily":
+        end = day + dt.timedelta(days=1)
+        return day.strftime("%Y-%m-%d"), day.timestamp(), end.timestamp()
+    if period == "weekly":
+        year, week, weekday = day.isocalendar()
+        start = day - dt.timedelta(days=weekday - 1)
+        end = start + dt.timedelta(days=7)
+        return f"{year}-W{week:02d}", start.timestamp(), end.timestamp()
+    if period == "monthly":
+        start = day.replace(day=1)
+        end = (start + dt.timedelta(days=32)).replace(day=1)
+        return start.strftime("%Y-%m"), start.timestamp(), end.timestamp()
+    if period == "yearly":
+        start = day.replace(month=1, day=1)
+        end = start.replace(year=start.year + 1)
+        return start.strftime("%Y"), start.timestamp(), end.timestamp()
+    raise ValueError(f"unknown quota period {period!r}; expected one of {', '.join(PERIODS)}")
+
+
+def rate_retry_after(
+    buckets: Iterable[tuple[int, int]], used: int, tokens: int, tpm: int, now: float
+) -> float:
+    """Seconds until `tokens` fit the window: until the oldest buckets that must leave have.
+
+    `buckets` are the (second, tokens) pairs in the window at `now`, summing to `used`.
+    More tokens than the limit never fit: 60 s, which callers turn into a clear message.
+    proxy/limits/lua/admit.lua mirrors this in microseconds.
+    """
+    if tokens > tpm:
+        return float(WINDOW)
+    excess = used + tokens - tpm
+    freed = 0
+    for second, count in sorted(buckets):
+        freed += count
+        if freed >= excess:
+            return max(0.0, second + LEAVES - now)
+    return 0.0
+
+
+def remaining(limit: Limit, in_window: int, in_period: int) -> tuple[int | None, int | None]:
+    """What is left of the rate and of the quota (never negative; None where not limited)."""
+    tpm, quota = limit.tokens_per_minute, limit.token_quota
+    return (
+        None if tpm is None else max(0, tpm - in_window),
+        None if quota is None else max(0, quota - in_period),
+    )

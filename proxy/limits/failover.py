@@ -1,0 +1,99 @@
+"""`store-failure-mode` (SPEC §3, §6): what token limits do while the shared store is down.
+
+`FailoverLimiter` wraps the shared store. While it answers, every call goes to it. When it
+fails (`StoreUnavailableError`), the limiter is *degraded* until the store answers again:
+
+- `open`: requests are admitted against a per-process `MemoryLimiter` — limits still hold
+  per process, not across processes — and the gateway says so: one log line when it
+  degrades and one when it recovers, `degraded` for `/readyz`, `fallback_admissions` counted;
+- `closed`: requests under a token limit are refused with 503 `StoreUnavailable`.
+
+While degraded, the store is tried again at most once per `retry_interval` (so an outage
+costs one connection attempt per interval, not one per request); the first success
+recovers, without a restart. A reservation settles in the store that made it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from proxy.errors import TokenStoreUnavailableError
+from proxy.limits.base import Admitted, Limit, Limiter, Refused, Reservation, StoreUnavailableError
+from proxy.limits.memory import MemoryLimiter
+
+log = logging.getLogger("tollway")
+
+
+class FailoverLimiter:
+    """A shared store with the configured failure mode (see the module docstring)."""
+
+    def __init__(
+        self,
+        store: Limiter,
+        mode: str = "open",
+        *,
+        retry_interval: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.store = store
+        self.mode = mode
+        self.fallback = MemoryLimiter()
+        self.degraded = False
+        self.fallback_admissions = 0
+        self._retry_interval = retry_interval
+        self._clock = clock
+        self._next_try = 0.0
+
+    async def admit(self, limit: Limit, tokens: int) -> Admitted | Refused:
+        if not self.degraded or self._clock() >= self._next_try:
+            try:
+                result = await self.store.admit(limit, tokens)
+            except StoreUnavailableError as exc:
+                self._degrade(exc)
+            else:
+                self._recover()
+                return result
+        if self.mode == "closed":
+            raise TokenStoreUnavailableError()
+        self.fallback_admissions += 1
+        return await self.fallback.admit(limit, tokens)
+
+    async def settle(self, reservation: Reservation, used: int) -> tuple[int | None, int | None]:
+        store = reservation.store
+        try:
+            return await store.settle(reservation, used)
+        except StoreUnavailableError as exc:
+            self._degrade(exc)
+            return None, None  # the reservation ages out of the window on its own
+
+    async def release(self, reservation: Reservation) -> None:
+        try:
+            await reservation.store.release(reservation)
+        except StoreUnavailableError as exc:
+            self._degrade(exc)
+
+    async def usage(self, limit: Limit) -> tuple[int, int]:
+        try:
+            return await self.store.usage(limit)
+        except StoreUnavailableError as exc:
+            self._degrade(exc)
+            return await self.fallback.usage(limit)
+
+    async def close(self) -> None:
+        await self.store.close()
+        await self.fallback.close()
+
+    def _degrade(self, exc: BaseException) -> None:
+        self._next_try = self._clock() + self._retry_interval
+        if not self.degraded:
+            self.degraded = True
+            counting = "per-process counters" if self.mode == "open" else "refusing with 503"
+            log.error("tollway: token-limit store unavailable (%s); %s until it returns",
+                      exc, counting)  # fmt: skip
+
+    def _recover(self) -> None:
+        if self.degraded:
+            self.degraded = False
+            log.warning("tollway: token-limit store is back; shared counting resumed")

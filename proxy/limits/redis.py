@@ -1,0 +1,220 @@
+"""The shared token-limit store: Redis (or Valkey, or a Redis Cluster) and two Lua scripts.
+
+Every decision is one round trip: `lua/admit.lua` or `lua/settle.lua`, registered with
+`register_script` (EVALSHA, reloaded after a `SCRIPT FLUSH` or on a new server). Per counter
+key there are two kinds of Redis keys, both on the key's hash tag so they share a cluster slot:
+
+    tollway:{<tag>}:rate            hash: unix second -> tokens; live buckets only, 62 s TTL
+    tollway:{<tag>}:q:<period id>   string counter; expires a day after its period ends
+
+The window's clock is the server's `TIME`, so any number of gateways agree on it; quota
+periods follow the gateway's clock and reach the scripts as key names and TTLs.
+
+Connection errors, timeouts and cluster outages raise `StoreUnavailableError`. Sockets time
+out after `timeout` seconds and a failed call is tried once more on a fresh connection, so a
+restarted server is picked up by the next call, without a new limiter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import importlib.resources
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from redis import exceptions
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from proxy.limits.base import (
+    Admitted,
+    Limit,
+    Refused,
+    Reservation,
+    StoreUnavailableError,
+    period_bounds,
+    remaining,
+)
+
+PREFIX = "tollway"
+TIMEOUT = 0.5  # seconds to connect, and to wait for a reply
+MAX_CONNECTIONS = 50  # per limiter (per node on a cluster); further calls wait their turn
+TAG_MAX = 128  # longer counter keys are hashed
+KEEP_PERIOD_MS = 86_400_000  # a period counter outlives its period by a day
+UNAVAILABLE = (
+    exceptions.ConnectionError,
+    exceptions.TimeoutError,
+    exceptions.ClusterError,  # CLUSTERDOWN, MASTERDOWN
+    exceptions.RedisClusterException,  # no node reachable, slot not covered
+    OSError,
+    # redis-py's asyncio connections can fail with these instead of a ConnectionError when
+    # a socket dies under them (https://github.com/redis/redis-py/issues/4287), and its
+    # cluster client does the same to connections it recycles mid-handshake after an error.
+    # Only the client call is inside the mapping, so no bug of ours hides here.
+    AttributeError,
+    TypeError,
+)
+
+
+def _lua(name: str) -> str:
+    return importlib.resources.files("proxy.limits").joinpath("lua", name).read_text("utf-8")
+
+
+ADMIT_LUA = _lua("admit.lua")
+SETTLE_LUA = _lua("settle.lua")
+
+
+def hash_tag(key: str) -> str:
+    """The counter key as it appears between `{}` in Redis keys.
+
+    A key that is empty, contains a brace, is longer than TAG_MAX bytes or starts with `#`
+    becomes `#` + its sha256, so the tag stays intact and no two counter keys share one.
+    """
+    raw = key.encode()
+    if not key or "{" in key or "}" in key or key.startswith("#") or len(raw) > TAG_MAX:
+        return "#" + hashlib.sha256(raw).hexdigest()
+    return key
+
+
+def rate_key(key: str) -> str:
+    return f"{PREFIX}:{{{hash_tag(key)}}}:rate"
+
+
+def quota_key(key: str, period: str) -> str:
+    return f"{PREFIX}:{{{hash_tag(key)}}}:q:{period}"
+
+
+def _ttl_ms(end: float, now: float) -> int:
+    return max(1, round((end - now) * 1000)) + KEEP_PERIOD_MS
+
+
+class RedisLimiter:
+    """A `Limiter` on a Redis client (standalone or cluster); see the module docstring.
+
+    `clock` is a test seam: when given, its reading replaces the server's `TIME` in the
+    scripts and the gateway's clock for quota periods, so tests can move time. Leave it None.
+    """
+
+    def __init__(
+        self,
+        client: Redis | RedisCluster,
+        *,
+        max_calls: int = MAX_CONNECTIONS,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self._client = client
+        self._clock = clock
+        # redis-py's asyncio pools raise MaxConnectionsError instead of waiting when full.
+        self._calls = asyncio.Semaphore(max_calls)
+        # redis-py's cluster client breaks its own connections when commands run while it
+        # (re)discovers the topology, which it does lazily on first use and after an error;
+        # so that step runs alone, before the calls that wait for it.
+        self._discover = isinstance(client, RedisCluster)
+        self._discovering = asyncio.Lock()
+        self._admit = client.register_script(ADMIT_LUA)
+        self._settle = client.register_script(SETTLE_LUA)
+
+    @classmethod
+    def connect(
+        cls, url: str, *, timeout: float = TIMEOUT, clock: Callable[[], float] | None = None
+    ) -> RedisLimiter:
+        """A limiter for `redis://`, `rediss://` or `redis+cluster://` (`rediss+cluster://`).
+
+        Nothing is connected yet: the first call connects, and raises StoreUnavailableError
+        if it cannot.
+        """
+        scheme, _, rest = url.partition("://")
+        # Retry on a fresh connection after a ConnectionError only: a timeout may mean the
+        # script ran and its reply was lost, and running it twice would reserve twice.
+        options: dict[str, Any] = {
+            "max_connections": MAX_CONNECTIONS,
+            "socket_timeout": timeout,
+            "socket_connect_timeout": timeout,
+            "retry": Retry(NoBackoff(), 1, (exceptions.ConnectionError,)),
+        }
+        client: Redis | RedisCluster
+        if scheme in ("redis+cluster", "rediss+cluster"):
+            client = RedisCluster.from_url(f"{scheme.removesuffix('+cluster')}://{rest}", **options)
+        elif scheme in ("redis", "rediss"):
+            client = Redis.from_url(url, **options)
+        else:
+            raise ValueError(f"not a Redis URL: {scheme}://…")
+        return cls(client, clock=clock)
+
+    async def admit(self, limit: Limit, tokens: int) -> Admitted | Refused:
+        now = self._now()
+        tpm, quota = limit.tokens_per_minute, limit.token_quota
+        keys = [rate_key(limit.key)]
+        period, end = "", now
+        if quota is not None:
+            period, _, end = period_bounds(limit.quota_period, now)
+            keys.append(quota_key(limit.key, period))
+        args = (tokens, _limit_arg(tpm), _limit_arg(quota), _ttl_ms(end, now), self._override(now))
+        verdict, second, used, quota_used, retry_us = await self._run(self._admit, keys, args)
+        left = remaining(limit, used, quota_used)
+        if verdict == 1:
+            return Admitted(Reservation(limit, tokens, second, period, self), *left)
+        if verdict == -1:
+            return Refused("quota", end - now, *left)
+        return Refused("rate", retry_us / 1_000_000, *left)
+
+    async def settle(self, reservation: Reservation, used: int) -> tuple[int | None, int | None]:
+        res = reservation
+        totals = await self._settled(res.limit, used - res.tokens, res.second, res.period)
+        return remaining(res.limit, *totals)
+
+    async def release(self, reservation: Reservation) -> None:
+        await self.settle(reservation, 0)
+
+    async def usage(self, limit: Limit) -> tuple[int, int]:
+        return await self._settled(limit, 0, 0, "")
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    async def _settled(self, limit: Limit, delta: int, second: int, period: str) -> tuple[int, int]:
+        """Run settle.lua: apply `delta`, return the window and current-period totals."""
+        now = self._now()
+        keys = [rate_key(limit.key)]
+        ttl = 0
+        if limit.token_quota is not None:
+            current, _, end = period_bounds(limit.quota_period, now)
+            keys += [quota_key(limit.key, period or current), quota_key(limit.key, current)]
+            ttl = _ttl_ms(end, now)
+        has_rate = int(limit.tokens_per_minute is not None)
+        args = (delta, second, has_rate, ttl, self._override(now))
+        in_window, in_period = await self._run(self._settle, keys, args)
+        return in_window, in_period
+
+    async def _run(self, script: Any, keys: Sequence[str], args: Sequence[int | str]) -> Any:
+        """One script call; outage errors become StoreUnavailableError."""
+        async with self._calls:
+            try:
+                if self._discover:
+                    await self._discover_cluster()
+                return await script(keys, args)
+            except UNAVAILABLE as exc:
+                self._discover = isinstance(self._client, RedisCluster)
+                raise StoreUnavailableError(f"{type(exc).__name__}: {exc}") from exc
+
+    async def _discover_cluster(self) -> None:
+        async with self._discovering:
+            if self._discover:
+                assert isinstance(self._client, RedisCluster)
+                await self._client.initialize()
+                self._discover = False
+
+    def _now(self) -> float:
+        return self._clock() if self._clock else time.time()
+
+    def _override(self, now: float) -> str:
+        """The scripts' time: "" (the server's TIME) unless a test clock is set."""
+        return str(round(now * 1_000_000)) if self._clock else ""
+
+
+def _limit_arg(limit: int | None) -> int:
+    return -1 if limit is None else limit

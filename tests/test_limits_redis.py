@@ -1,0 +1,258 @@
+"""What only the Redis store does: scripts, key layout, cluster slots, outages and recovery.
+
+The shared rules are proven for every store in tests/test_limits.py; these cases run against
+real servers from tests/redisproc.py, and kill, pause and restart them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Coroutine, Iterator
+from typing import Any
+
+import pytest
+from redis.crc import key_slot
+
+from proxy.limits import Admitted, Limit, StoreUnavailableError
+from proxy.limits.redis import TIMEOUT, RedisLimiter, hash_tag, quota_key, rate_key
+from tests.redisproc import Cluster, RedisProc, free_ports, running_cluster, running_server
+from tests.test_limits import KEYS, at
+
+pytestmark = pytest.mark.redis
+
+GUARD = 20.0
+PROMPT = 2 * TIMEOUT + 0.25  # the longest an outage may take to surface: two tries, timed out
+
+
+def run(main: Coroutine[Any, Any, None]) -> None:
+    asyncio.run(asyncio.wait_for(main, GUARD))
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[RedisProc]:
+    with running_server() as proc:
+        yield proc
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    with running_cluster() as proc:
+        yield proc
+
+
+@pytest.fixture
+def own_server() -> Iterator[RedisProc]:
+    """A server for one test to kill or pause."""
+    with running_server() as proc:
+        yield proc
+
+
+@contextlib.asynccontextmanager
+async def open_limiter(url: str, **kwargs: Any) -> AsyncIterator[RedisLimiter]:
+    limiter = RedisLimiter.connect(url, **kwargs)
+    try:
+        yield limiter
+    finally:
+        await limiter.close()
+
+
+async def timed_failure(limiter: RedisLimiter, limit: Limit) -> float:
+    """Seconds until `admit` raised StoreUnavailableError."""
+    start = time.monotonic()
+    with pytest.raises(StoreUnavailableError):
+        await limiter.admit(limit, 1)
+    return time.monotonic() - start
+
+
+LIMIT = Limit("team-a", 1000, 10_000, "daily")
+
+
+# -- scripts and keys
+
+
+@pytest.mark.parametrize("kind", ["server", "cluster"])
+def test_scripts_survive_script_flush(request: pytest.FixtureRequest, kind: str) -> None:
+    target: RedisProc | Cluster = request.getfixturevalue(kind)
+    nodes = target.nodes if isinstance(target, Cluster) else [target]
+
+    async def main() -> None:
+        async with open_limiter(target.url) as limiter:
+            first = await limiter.admit(LIMIT, 10)
+            assert isinstance(first, Admitted)
+            before = await limiter.usage(LIMIT)
+            for node in nodes:
+                with node.client() as client:
+                    client.script_flush()
+            assert isinstance(await limiter.admit(LIMIT, 10), Admitted)  # admit.lua reloaded
+            for node in nodes:
+                with node.client() as client:
+                    client.script_flush()
+            await limiter.release(first.reservation)  # settle.lua reloaded
+            assert await limiter.usage(LIMIT) == before
+
+    run(main())
+
+
+def test_key_layout_and_expiry(server: RedisProc) -> None:
+    """One hash for the window, one counter per period expiring a day after it ends."""
+    now = at("2026-11-26T09:30:00")
+    limit = Limit("team-b", 100, 1000, "daily")
+
+    async def main() -> None:
+        async with open_limiter(server.url, clock=lambda: now) as limiter:
+            await limiter.admit(limit, 7)
+
+    run(main())
+    with server.client() as client:
+        assert client.hgetall("tollway:{team-b}:rate") == {str(int(now)).encode(): b"7"}
+        assert 62_000 < client.pttl("tollway:{team-b}:rate") <= 63_000
+        assert client.get("tollway:{team-b}:q:2026-11-26") == b"7"
+        expected = (at("2026-11-27T00:00:00") - now + 86400) * 1000
+        assert expected - 5000 < client.pttl("tollway:{team-b}:q:2026-11-26") <= expected
+
+
+def test_server_time_is_the_window_clock(server: RedisProc) -> None:
+    """Without the test seam the window follows the server's TIME, not the gateway's."""
+
+    async def main() -> None:
+        async with open_limiter(server.url) as limiter:
+            decision = await limiter.admit(Limit("team-c", 100, None), 1)
+            assert isinstance(decision, Admitted)
+            with server.client() as client:
+                seconds, _ = client.time()
+            assert seconds - 1 <= decision.reservation.second <= seconds
+
+    run(main())
+
+
+@pytest.mark.parametrize(
+    ("key", "tag"),
+    [
+        ("team-a", "team-a"),
+        ("ünïcødé チーム", "ünïcødé チーム"),
+        ("with space", "with space"),
+        ("{team-a}", None),
+        ("a}b", None),
+        ("", None),
+        ("#team-a", None),
+        ("x" * 129, None),
+    ],
+)
+def test_hash_tag(key: str, tag: str | None) -> None:
+    """Plain keys are their own tag; any that could break or fake one is hashed."""
+    hashed = "#" + hashlib.sha256(key.encode()).hexdigest()
+    assert hash_tag(key) == (hashed if tag is None else tag)
+
+
+def test_cluster_keys_share_one_slot_per_counter_key(cluster: Cluster) -> None:
+    clock = at("2026-11-26T09:30:00")
+    cluster.flush()
+
+    async def main() -> None:
+        async with open_limiter(cluster.url, clock=lambda: clock) as limiter:
+            for key in KEYS:
+                assert isinstance(await limiter.admit(Limit(key, 100, 1000, "weekly"), 1), Admitted)
+
+    run(main())
+    owner: dict[bytes, int] = {}  # every key stored, and the node holding it
+    for i, node in enumerate(cluster.nodes):
+        with node.client() as client:
+            owner.update(dict.fromkeys(client.keys("tollway:*"), i))
+    nodes_used = set()
+    for key in KEYS:
+        names = [rate_key(key).encode(), quota_key(key, "2026-W48").encode()]
+        assert {name in owner for name in names} == {True}, key
+        assert len({key_slot(name) for name in names}) == 1, key
+        assert len({owner[name] for name in names}) == 1, key
+        nodes_used.add(owner[names[0]])
+    assert len(owner) == 2 * len(KEYS)
+    assert len(nodes_used) > 1  # the keys do spread over the cluster
+
+
+# -- outages
+
+
+def test_nothing_listening() -> None:
+    (port,) = free_ports(1)
+
+    async def main() -> None:
+        async with open_limiter(f"redis://127.0.0.1:{port}") as limiter:
+            assert await timed_failure(limiter, LIMIT) < PROMPT
+
+    run(main())
+
+
+def test_server_killed_then_restarted(own_server: RedisProc) -> None:
+    async def main() -> None:
+        async with open_limiter(own_server.url) as limiter:
+            assert isinstance(await limiter.admit(LIMIT, 10), Admitted)
+            own_server.kill()
+            assert await timed_failure(limiter, LIMIT) < PROMPT
+            assert await timed_failure(limiter, LIMIT) < PROMPT
+            own_server.start()  # same port, empty
+            assert isinstance(await limiter.admit(LIMIT, 10), Admitted)  # same limiter
+            assert await limiter.usage(LIMIT) == (10, 10)
+
+    run(main())
+
+
+def test_hung_server_times_out(own_server: RedisProc) -> None:
+    async def main() -> None:
+        async with open_limiter(own_server.url) as limiter:
+            assert isinstance(await limiter.admit(LIMIT, 10), Admitted)
+            own_server.pause()
+            try:
+                assert await timed_failure(limiter, LIMIT) < PROMPT
+            finally:
+                own_server.resume()
+            assert isinstance(await limiter.admit(LIMIT, 10), Admitted)
+
+    run(main())
+
+
+def test_cluster_node_killed_then_restarted(cluster: Cluster) -> None:
+    """Keys on a dead node fail promptly, others keep working; the node's return heals."""
+    dead = cluster.nodes[1]  # not nodes[0], the URL's node: the client must find the rest
+    names = [f"k{i}" for i in range(100)]
+    on_dead = [k for k in names if cluster.node_for(rate_key(k)) is dead][:2]
+    elsewhere = [k for k in names if cluster.node_for(rate_key(k)) is not dead][:2]
+
+    async def main() -> None:
+        async with open_limiter(cluster.url) as limiter:
+            for key in on_dead + elsewhere:
+                assert isinstance(await limiter.admit(Limit(key, 100, None), 1), Admitted)
+            dead.kill()
+            for key in on_dead:
+                assert await timed_failure(limiter, Limit(key, 100, None)) < PROMPT
+            for key in elsewhere:
+                assert isinstance(await limiter.admit(Limit(key, 100, None), 1), Admitted)
+            dead.start()  # same port, same nodes.conf: it takes its slots back
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    decisions = await asyncio.gather(
+                        *(limiter.admit(Limit(k, 10**6, None), 1) for k in on_dead * 50)
+                    )
+                    break
+                except StoreUnavailableError:
+                    assert time.monotonic() < deadline, "the cluster did not heal"
+                    await asyncio.sleep(0.1)
+            assert all(isinstance(d, Admitted) for d in decisions)
+
+    run(main())
+
+
+def test_unknown_url_scheme() -> None:
+    with pytest.raises(ValueError, match="not a Redis URL"):
+        RedisLimiter.connect("memcached://127.0.0.1:11211")
+
+
+def test_the_package_does_not_load_redis() -> None:
+    """`proxy.limits` (protocol, memory store) imports no redis; only `.redis` does."""
+    code = "import sys, proxy.limits; assert 'redis' not in sys.modules, sorted(sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
