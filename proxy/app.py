@@ -29,8 +29,14 @@ from proxy.config import Config
 from proxy.errors import GatewayError
 from proxy.exchange import Exchange
 from proxy.handlers import ApiHandler, OpenAIHandler, PassthroughHandler
+from proxy.limits.base import Limiter
+from proxy.limits.failover import FailoverLimiter
+from proxy.limits.memory import MemoryLimiter
+from proxy.limits.redis import RedisLimiter
+from proxy.policies.token_limit import token_limits, uses_token_limits
 from proxy.relay import Truncated, error_event
 from proxy.routing import Router
+from proxy.tokens import TokenizerRegistry
 from proxy.types import Receive, Scope, Send
 from proxy.upstream import Backends
 
@@ -42,9 +48,10 @@ _encoder = msgspec.json.Encoder()
 class Runtime:
     """Everything built from one config; replaced whole on reload."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, limiter: Limiter):
         self.config = config
         self.backends = Backends(config)
+        tokenizers = TokenizerRegistry(config.tokenizers) if uses_token_limits(config) else None
         self.router: Router[ApiHandler] = Router()
         self.client_address = ClientAddress(config.gateway.trusted_proxies)
         self.active = 0
@@ -53,7 +60,9 @@ class Runtime:
         for api in config.apis:
             guard = ApiGuard(config, api, ring)
             if api.type == "openai":
-                self.router.add_openai(api.path, OpenAIHandler(api, guard, self.backends, max_body))
+                limits = token_limits(config, api, limiter, tokenizers)
+                openai = OpenAIHandler(api, guard, self.backends, max_body, limits)
+                self.router.add_openai(api.path, openai)
             else:
                 handler = PassthroughHandler(api, guard, self.backends, max_body)
                 self.router.add_passthrough(api.path, handler)
@@ -71,7 +80,8 @@ class Gateway:
     def __init__(
         self, config: Config, *, config_path: str | None = None, log_stream: IO[bytes] | None = None
     ):
-        self.runtime = Runtime(config)
+        self.limiter = make_limiter(config)
+        self.runtime = Runtime(config, self.limiter)
         self.config_path = config_path
         self.access_log = AccessLog(config.telemetry.access_log, log_stream)
         self.ready = False
@@ -134,8 +144,16 @@ class Gateway:
         await send_response(send, 200, [JSON_TYPE], b'{"status":"ok"}')
 
     async def _readyz(self, scope: Scope, send: Send) -> None:
-        status = 200 if self.ready else 503
-        body = {"status": "ready" if self.ready else "starting", "store": "memory"}
+        """200 ready; 200 degraded while a shared store is down in `open` mode (limits count
+        per process); 503 while starting or while it is down in `closed` mode."""
+        limiter, status, state = self.limiter, 200, "ready"
+        store = "memory" if isinstance(limiter, MemoryLimiter) else "redis"
+        if isinstance(limiter, FailoverLimiter) and limiter.degraded:
+            store += " (unavailable)"
+            state, status = ("degraded", 200) if limiter.mode == "open" else ("unavailable", 503)
+        if not self.ready:
+            state, status = "starting", 503
+        body = {"status": state, "store": store}
         await send_response(send, status, [JSON_TYPE], _encoder.encode(body))
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
@@ -167,6 +185,7 @@ class Gateway:
         for task in list(self._retired):
             task.cancel()
         await self.runtime.close()
+        await self.limiter.close()
 
     def _on_sighup(self) -> None:
         task = asyncio.ensure_future(self.reload())
@@ -178,7 +197,7 @@ class Gateway:
         assert self.config_path is not None
         try:
             config = config_module.load(self.config_path)
-            runtime = Runtime(config)
+            runtime = Runtime(config, self.limiter)
             await runtime.open()
         except Exception as exc:
             log.error("tollway: config reload failed, keeping the old config: %s", exc)
@@ -217,6 +236,16 @@ def _request_id(scope: Scope) -> str:
                 return str(value.decode("ascii"))
             break
     return os.urandom(16).hex()
+
+
+def make_limiter(config: Config) -> FailoverLimiter | MemoryLimiter:
+    """The token-limit store: per process (`memory`), or a shared Redis with the configured
+    failure mode. Kept across reloads, so counters survive a SIGHUP (a changed `store`
+    takes effect on restart)."""
+    gateway = config.gateway
+    if gateway.store == "memory":
+        return MemoryLimiter()
+    return FailoverLimiter(RedisLimiter.connect(gateway.store), gateway.store_failure_mode)
 
 
 def create_app(config: Config, *, config_path: str | None = None) -> Gateway:

@@ -10,6 +10,7 @@
     ├── TokenLimitExceededError       429 TokenLimitExceeded (+ Retry-After)
     ├── TokenQuotaExceededError       403 TokenQuotaExceeded (+ Retry-After)
     ├── ContentBlockedError           403 ContentBlocked
+    ├── TokenStoreUnavailableError    503 StoreUnavailable (store-failure-mode: closed)
     └── BackendError
         ├── BackendConnectionError    502 BackendConnectionFailure
         ├── BackendUnavailableError   503 BackendUnavailable (+ Retry-After)
@@ -94,12 +95,18 @@ class RequestTooLargeError(GatewayError):
 class _RetryAfterError(GatewayError):
     template = "{seconds}"
 
-    def __init__(self, retry_after: float, header_name: str = "Retry-After"):
+    def __init__(
+        self,
+        retry_after: float,
+        header_name: str = "Retry-After",
+        *,
+        detail: str = "",
+        headers: tuple[tuple[str, str], ...] = (),
+    ):
         seconds = max(1, math.ceil(retry_after))
         self.retry_after = seconds
-        super().__init__(
-            self.template.format(seconds=seconds), headers=((header_name, str(seconds)),)
-        )
+        message = self.template.format(seconds=seconds) + (f" {detail}" if detail else "")
+        super().__init__(message, headers=((header_name, str(seconds)), *headers))
 
 
 class TokenLimitExceededError(_RetryAfterError):
@@ -114,6 +121,16 @@ class TokenQuotaExceededError(_RetryAfterError):
     code = "TokenQuotaExceeded"
     type = "quota_exceeded_error"
     template = "Token quota is exceeded. Try again in {seconds} seconds."
+
+
+class TokenStoreUnavailableError(GatewayError):
+    status = 503
+    code = "StoreUnavailable"
+    type = "server_error"
+    default_message = (
+        "The token-limit store is unavailable and the gateway is configured to refuse "
+        "requests it cannot count (store-failure-mode: closed)."
+    )
 
 
 class ContentBlockedError(GatewayError):

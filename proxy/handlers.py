@@ -2,8 +2,9 @@
 
 `OpenAIHandler` serves the five operations of an openai-type API: it validates the fields the
 gateway relies on, asks streamed chat/completions for usage and strips that chunk again for
-clients that did not ask. `PassthroughHandler` forwards any verb and subpath, bodies streamed
-both ways. Policies (SPEC §6) will hook in between identification and forwarding.
+clients that did not ask, and applies the API's token limits (reserve before forwarding,
+settle once however the request ends). `PassthroughHandler` forwards any verb and subpath,
+bodies streamed both ways.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from proxy.config import Api
 from proxy.errors import RequestTooLargeError
 from proxy.exchange import Exchange
 from proxy.http1 import Body, Response
+from proxy.policies.token_limit import Metering, TokenLimits
 from proxy.relay import (
     ChatStreamFilter,
     DisconnectWatch,
@@ -33,6 +35,7 @@ from proxy.routing import Match, confine
 from proxy.schemas import (
     ChatRequest,
     CompletionRequest,
+    RequestView,
     ResponsesRequest,
     decode_request,
     usage_of_body,
@@ -138,10 +141,18 @@ def is_event_stream(response: Response) -> bool:
 class OpenAIHandler(ApiHandler):
     """The five operations of an openai-type API (SPEC §4)."""
 
-    def __init__(self, api: Api, guard: ApiGuard, backends: Backends, max_body: int):
+    def __init__(
+        self,
+        api: Api,
+        guard: ApiGuard,
+        backends: Backends,
+        max_body: int,
+        limits: TokenLimits | None = None,
+    ):
         super().__init__(api, guard, backends, max_body)
         # The gateway reads every response for usage, so it asks for identity encoding.
         self._drop = self._drop | {b"accept-encoding"}
+        self.limits = limits if limits else None
 
     async def __call__(
         self, exchange: Exchange, match: Match[Any], scope: Scope, receive: Receive, send: Send
@@ -150,6 +161,7 @@ class OpenAIHandler(ApiHandler):
         operation = match.operation
         body = await read_body(scope, receive, self.max_body)
         stream_filter: StreamFilter | None = None
+        view: RequestView | None = None
         if operation != "models":
             view = decode_request(operation, body)
             exchange.model = view.model or ""
@@ -162,12 +174,35 @@ class OpenAIHandler(ApiHandler):
         exchange.stream = stream_filter is not None
         upstream = self.backends.pick(self.api.backend)
         exchange.backend_id = upstream.id
+        metering = None
+        if self.limits is not None and view is not None:
+            policies = self.limits.for_product(exchange.product_id)
+            if policies:
+                metering = Metering()
+                name = identity.subscription.display_name if identity.subscription else ""
+                await metering.admit(self.limits, policies, view, len(body), exchange, scope, name)
+                if stream_filter is not None:
+                    stream_filter.counter = metering.counter
         headers = self.request_headers(scope, identity, upstream, exchange)
         headers.append(b"accept-encoding: identity\r\n")
         target = upstream.target(match.subpath, self.query(scope, identity))
-        await self._forward(
-            exchange, upstream, target, b"".join(headers), body, stream_filter, receive, send
-        )
+        if metering is None:
+            await self._forward(
+                exchange, upstream, target, b"".join(headers), body, stream_filter, None, send,
+                receive,
+            )  # fmt: skip
+            return
+        error: BaseException | None = None
+        try:
+            await self._forward(
+                exchange, upstream, target, b"".join(headers), body, stream_filter, metering,
+                send, receive,
+            )  # fmt: skip
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            await metering.settle(exchange, error)
 
     async def _forward(
         self,
@@ -177,8 +212,9 @@ class OpenAIHandler(ApiHandler):
         headers: bytes,
         body: bytes,
         stream_filter: StreamFilter | None,
-        receive: Receive,
+        metering: Metering | None,
         send: Send,
+        receive: Receive,
     ) -> None:
         method = exchange.method
         watch = DisconnectWatch(receive, exchange)
@@ -192,7 +228,10 @@ class OpenAIHandler(ApiHandler):
                     and is_event_stream(response)
                 ):
                     exchange.backend_seconds += time.perf_counter() - t
-                    await exchange.start(send, 200, sse_headers(response_headers(response)))
+                    out = response_headers(response)
+                    if metering is not None:
+                        out += metering.ledger.headers()
+                    await exchange.start(send, 200, sse_headers(out))
                     await relay_events(
                         response, send, stream_filter.keep, exchange.add_backend_time
                     )
@@ -202,7 +241,7 @@ class OpenAIHandler(ApiHandler):
                     exchange.backend_seconds += time.perf_counter() - t
                     if response.status == 200:
                         exchange.usage = usage_of_body(payload)
-                    await self._send_whole(exchange, response, payload, send)
+                    await self._send_whole(exchange, response, payload, metering, send)
             finally:
                 response.close()
         finally:
@@ -210,9 +249,17 @@ class OpenAIHandler(ApiHandler):
 
     @staticmethod
     async def _send_whole(
-        exchange: Exchange, response: Response, payload: bytes, send: Send
+        exchange: Exchange,
+        response: Response,
+        payload: bytes,
+        metering: Metering | None,
+        send: Send,
     ) -> None:
         headers = response_headers(response)
+        if metering is not None:  # usage is known: settle now so the headers tell the truth
+            exchange.status = response.status
+            await metering.settle(exchange, None)
+            headers += metering.ledger.headers()
         headers.append((b"content-length", str(len(payload)).encode()))
         await exchange.start(send, response.status, headers)
         await send({"type": "http.response.body", "body": payload})

@@ -16,6 +16,7 @@ from typing import Any
 import msgspec
 
 from proxy.errors import GatewayError
+from proxy.estimate import CompletionCounter
 from proxy.exchange import Exchange
 from proxy.http1 import Response
 from proxy.schemas import Usage, read_chunk, read_response_event
@@ -94,17 +95,20 @@ class ChatStreamFilter:
     not ask for it, and drops frames that are not JSON (a backend's garbage never reaches
     an SDK that would choke on it)."""
 
-    __slots__ = ("dropped", "strip_usage", "usage")
+    __slots__ = ("counter", "dropped", "strip_usage", "usage")
 
     def __init__(self, strip_usage: bool):
         self.strip_usage = strip_usage
         self.usage: Usage | None = None
         self.dropped = 0
+        self.counter: CompletionCounter | None = None  # set when a token limit applies
 
     def keep(self, event: bytes) -> bool:
         _, data = parse_event(event)
         if not data or data == _DONE:
             return True
+        if self.counter is not None:
+            self.counter.feed(data)
         chunk = read_chunk(data)
         if chunk is None:
             self.dropped += 1
@@ -119,16 +123,19 @@ class ChatStreamFilter:
 class ResponsesStreamFilter:
     """Responses API events: usage is read from `response.completed`, nothing is injected."""
 
-    __slots__ = ("dropped", "usage")
+    __slots__ = ("counter", "dropped", "usage")
 
     def __init__(self) -> None:
         self.usage: Usage | None = None
         self.dropped = 0
+        self.counter: CompletionCounter | None = None
 
     def keep(self, event: bytes) -> bool:
         _, data = parse_event(event)
         if not data:
             return True
+        if self.counter is not None:
+            self.counter.feed(data)
         read = read_response_event(data)
         if read is None:
             self.dropped += 1

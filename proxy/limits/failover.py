@@ -10,11 +10,14 @@ fails (`StoreUnavailableError`), the limiter is *degraded* until the store answe
 
 While degraded, the store is tried again at most once per `retry_interval` (so an outage
 costs one connection attempt per interval, not one per request); the first success
-recovers, without a restart. A reservation settles in the store that made it.
+recovers, without a restart. A reservation settles in the store that made it; a settlement
+the store could not take is kept (up to `MAX_PENDING`) and replayed when it answers again,
+so an outage leaves no reservation behind in a store that kept its data.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
 from collections.abc import Callable
@@ -24,6 +27,8 @@ from proxy.limits.base import Admitted, Limit, Limiter, Refused, Reservation, St
 from proxy.limits.memory import MemoryLimiter
 
 log = logging.getLogger("tollway")
+
+MAX_PENDING = 100_000  # settlements kept for replay while the store is away
 
 
 class FailoverLimiter:
@@ -45,6 +50,9 @@ class FailoverLimiter:
         self._retry_interval = retry_interval
         self._clock = clock
         self._next_try = 0.0
+        self._pending: collections.deque[tuple[Reservation, int]] = collections.deque(
+            maxlen=MAX_PENDING
+        )
 
     async def admit(self, limit: Limit, tokens: int) -> Admitted | Refused:
         if not self.degraded or self._clock() >= self._next_try:
@@ -54,6 +62,8 @@ class FailoverLimiter:
                 self._degrade(exc)
             else:
                 self._recover()
+                if self._pending:
+                    await self._replay()
                 return result
         if self.mode == "closed":
             raise TokenStoreUnavailableError()
@@ -61,18 +71,27 @@ class FailoverLimiter:
         return await self.fallback.admit(limit, tokens)
 
     async def settle(self, reservation: Reservation, used: int) -> tuple[int | None, int | None]:
-        store = reservation.store
         try:
-            return await store.settle(reservation, used)
+            return await reservation.store.settle(reservation, used)
         except StoreUnavailableError as exc:
             self._degrade(exc)
-            return None, None  # the reservation ages out of the window on its own
+            self._pending.append((reservation, used))
+            return None, None
 
     async def release(self, reservation: Reservation) -> None:
-        try:
-            await reservation.store.release(reservation)
-        except StoreUnavailableError as exc:
-            self._degrade(exc)
+        await self.settle(reservation, 0)
+
+    async def _replay(self) -> None:
+        """Settle what the store missed while it was away, oldest first; stop at a failure."""
+        pending = self._pending
+        while pending:
+            reservation, used = pending[0]
+            try:
+                await reservation.store.settle(reservation, used)
+            except StoreUnavailableError as exc:
+                self._degrade(exc)
+                return
+            pending.popleft()
 
     async def usage(self, limit: Limit) -> tuple[int, int]:
         try:

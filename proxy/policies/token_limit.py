@@ -1,0 +1,260 @@
+"""`llm-token-limit` (SPEC §6): reserve before forwarding, settle exactly once at the end.
+
+Each policy in a request's pipeline names a counter (its rendered `counter-key`) with a rate
+window and/or a quota. Admission reserves the estimated prompt (and, with
+`reserve-completion-tokens`, the completion bound the request sets) against every policy in
+turn; the first refusal wins and the reservations already made are released, so a refused
+request leaves nothing behind. When the request ends — however it ends — `Ledger.settle`
+replaces every reservation with the tokens actually used. Handlers know this module and the
+`Limiter` protocol, never a concrete store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping, Sequence
+
+from proxy.config import Api, Config, PolicyEntry, TokenLimit, parse_template
+from proxy.errors import (
+    BackendConnectionError,
+    TokenLimitExceededError,
+    TokenQuotaExceededError,
+)
+from proxy.estimate import CompletionCounter, completion_reserve, prompt_tokens
+from proxy.exchange import Exchange
+from proxy.limits.base import Admitted, Limit, Limiter, Refused
+from proxy.policies.templates import render
+from proxy.schemas import RequestView
+from proxy.tokens import TokenizerRegistry
+from proxy.types import Headers, Scope
+
+log = logging.getLogger("tollway")
+
+
+class TokenLimitPolicy:
+    """One configured `llm-token-limit`, its counter-key template parsed once."""
+
+    __slots__ = ("_key", "limiter", "spec")
+
+    def __init__(self, spec: TokenLimit, limiter: Limiter):
+        self.spec = spec
+        self.limiter = limiter
+        self._key = parse_template(spec.counter_key)
+
+    def limit(self, exchange: Exchange, scope: Scope, subscription_name: str) -> Limit:
+        spec = self.spec
+        key = render(self._key, exchange, scope, subscription_name)
+        return Limit(key, spec.tokens_per_minute, spec.token_quota, spec.token_quota_period)
+
+    def tokens(self, prompt: int, completion: int) -> int:
+        """What this policy reserves at admission (at least 1: a counter already at its
+        limit refuses even a request whose size is not estimated)."""
+        reserved = prompt if self.spec.estimate_prompt_tokens else 0
+        if self.spec.reserve_completion_tokens:
+            reserved += completion
+        return max(1, reserved)
+
+
+class Ledger:
+    """One request's reservations across its token-limit policies: all admitted or none,
+    settled exactly once."""
+
+    __slots__ = ("_held", "_settled", "consumed")
+
+    def __init__(self) -> None:
+        self._held: list[tuple[TokenLimitPolicy, Admitted]] = []
+        self._settled = False
+        self.consumed = 0  # the tokens charged: reserved until settled, then used
+
+    async def admit(
+        self,
+        policies: Sequence[TokenLimitPolicy],
+        limits: Sequence[Limit],
+        prompt: int,
+        completion: int,
+    ) -> None:
+        """Reserve against every policy, or raise 429/403 having released what was taken."""
+        for policy, limit in zip(policies, limits, strict=True):
+            tokens = policy.tokens(prompt, completion)
+            result = await policy.limiter.admit(limit, tokens)
+            if isinstance(result, Refused):
+                await self._release()
+                raise _refusal(policy, limit, result, tokens)
+            self._held.append((policy, result))
+            self.consumed = max(self.consumed, tokens)
+
+    async def settle(self, used: int) -> None:
+        """Replace every reservation with `used` tokens; later calls do nothing."""
+        if self._settled:
+            return
+        self._settled = True
+        self.consumed = used
+        held, self._held = self._held, []
+        for policy, admitted in held:
+            try:
+                remaining = await policy.limiter.settle(admitted.reservation, used)
+            except Exception:  # the store failed: the request itself must still end cleanly
+                log.exception("token-limit settle failed for %r", admitted.reservation.limit.key)
+                continue
+            self._held.append((policy, _after(admitted, remaining)))
+
+    def headers(self) -> Headers:
+        """The headers the policies name: remaining tokens and quota (the smallest where two
+        policies use one name) and the tokens consumed."""
+        values: dict[str, int] = {}
+        for policy, admitted in self._held:
+            spec = policy.spec
+            for name, value in (
+                (spec.remaining_tokens_header_name, admitted.remaining_tokens),
+                (spec.remaining_quota_tokens_header_name, admitted.remaining_quota),
+                (spec.tokens_consumed_header_name, self.consumed),
+            ):
+                if name and value is not None:
+                    values[name] = min(values.get(name, value), value)
+        return [(k.lower().encode("latin-1"), b"%d" % v) for k, v in values.items()]
+
+    async def _release(self) -> None:
+        held, self._held = self._held, []
+        for policy, admitted in held:
+            try:
+                await policy.limiter.release(admitted.reservation)
+            except Exception:
+                log.exception("token-limit release failed for %r", admitted.reservation.limit.key)
+
+
+def _after(admitted: Admitted, remaining: tuple[int | None, int | None]) -> Admitted:
+    return Admitted(admitted.reservation, *remaining)
+
+
+def _refusal(
+    policy: TokenLimitPolicy, limit: Limit, refused: Refused, tokens: int
+) -> TokenLimitExceededError | TokenQuotaExceededError:
+    spec = policy.spec
+    headers = tuple(
+        (name, str(value))
+        for name, value in (
+            (spec.remaining_tokens_header_name, refused.remaining_tokens),
+            (spec.remaining_quota_tokens_header_name, refused.remaining_quota),
+        )
+        if name and value is not None
+    )
+    if refused.reason == "quota":
+        return TokenQuotaExceededError(
+            refused.retry_after, spec.retry_after_header_name, headers=headers
+        )
+    detail = ""
+    if limit.tokens_per_minute is not None and tokens > limit.tokens_per_minute:
+        detail = (
+            f"This request needs {tokens} tokens, more than the limit of "
+            f"{limit.tokens_per_minute} tokens per minute allows at once."
+        )
+    return TokenLimitExceededError(
+        refused.retry_after, spec.retry_after_header_name, detail=detail, headers=headers
+    )
+
+
+class TokenLimits:
+    """An API's token-limit policies: global, then the caller's product's, then the API's
+    (SPEC §3 pipeline order), with the tokenizers that estimate for them."""
+
+    __slots__ = ("_api", "_by_product", "_global", "tokenizers")
+
+    def __init__(
+        self,
+        global_: Sequence[TokenLimitPolicy],
+        products: Mapping[str, Sequence[TokenLimitPolicy]],
+        api: Sequence[TokenLimitPolicy],
+        tokenizers: TokenizerRegistry | None,
+    ):
+        self._global, self._api = tuple(global_), tuple(api)
+        self._by_product = {
+            pid: (*self._global, *policies, *self._api) for pid, policies in products.items()
+        }
+        self.tokenizers = tokenizers
+
+    def __bool__(self) -> bool:
+        return bool(self._global or self._api or any(self._by_product.values()))
+
+    def for_product(self, product_id: str) -> tuple[TokenLimitPolicy, ...]:
+        found = self._by_product.get(product_id)
+        return found if found is not None else (*self._global, *self._api)
+
+
+# Prompts up to this size are estimated inline; larger ones on a worker thread (tiktoken and
+# HF tokenizers release the GIL while they encode).
+INLINE_ESTIMATE_BYTES = 32 * 1024
+
+
+class Metering:
+    """One request's token accounting: the prompt estimate, the reservations, the streamed
+    completion count, and what to charge however the request ends."""
+
+    __slots__ = ("counter", "ledger", "prompt", "reserve")
+
+    def __init__(self) -> None:
+        self.ledger = Ledger()
+        self.prompt = 0
+        self.reserve = 0
+        self.counter: CompletionCounter | None = None
+
+    async def admit(
+        self,
+        limits: TokenLimits,
+        policies: Sequence[TokenLimitPolicy],
+        view: RequestView,
+        body_size: int,
+        exchange: Exchange,
+        scope: Scope,
+        subscription_name: str,
+    ) -> None:
+        assert limits.tokenizers is not None  # made whenever a token limit is configured
+        count = limits.tokenizers.for_model(exchange.model).count
+        if body_size <= INLINE_ESTIMATE_BYTES:
+            self.prompt = prompt_tokens(view, count, exchange.model)
+        else:
+            self.prompt = await asyncio.to_thread(prompt_tokens, view, count, exchange.model)
+        self.reserve = completion_reserve(view)
+        self.counter = CompletionCounter(count)
+        keys = [p.limit(exchange, scope, subscription_name) for p in policies]
+        await self.ledger.admit(policies, keys, self.prompt, self.reserve)
+
+    def charge(self, exchange: Exchange, error: BaseException | None) -> int:
+        """The tokens this request cost, however it ended (README "Token limits")."""
+        usage = exchange.usage
+        if usage is not None:
+            return usage.total_tokens or usage.prompt_tokens + usage.completion_tokens
+        if exchange.status >= 400:
+            return 0  # the backend refused it (backends bill no failed request)
+        if isinstance(error, BackendConnectionError) and not exchange.started:
+            return 0  # it never reached the backend
+        produced = self.counter.tokens() if self.counter is not None else 0
+        if exchange.status == 200 and not exchange.stream and error is None:
+            return self.prompt + self.reserve  # a whole reply without usage: the reservation
+        return self.prompt + produced  # timeouts, disconnects, a stream cut short
+
+    async def settle(self, exchange: Exchange, error: BaseException | None) -> None:
+        """Settle once, shielded so a second cancellation cannot leave a reservation."""
+        await asyncio.shield(self.ledger.settle(self.charge(exchange, error)))
+
+
+def token_limits(
+    config: Config, api: Api, limiter: Limiter, tokenizers: TokenizerRegistry | None
+) -> TokenLimits | None:
+    """The compiled token-limit policies that apply to `api`, or None when none do."""
+
+    def compile_(entries: Sequence[PolicyEntry]) -> list[TokenLimitPolicy]:
+        return [
+            TokenLimitPolicy(e.policy, limiter) for e in entries if isinstance(e.policy, TokenLimit)
+        ]
+
+    products = {p.id: compile_(p.policies) for p in config.products}
+    limits_ = TokenLimits(compile_(config.policies), products, compile_(api.policies), tokenizers)
+    return limits_ if limits_ else None
+
+
+def uses_token_limits(config: Config) -> bool:
+    """Does any pipeline in `config` hold an llm-token-limit (so tokenizers must load)?"""
+    entries = [*config.policies, *(e for a in config.apis for e in a.policies)]
+    entries += [e for p in config.products for e in p.policies]
+    return any(isinstance(e.policy, TokenLimit) for e in entries)

@@ -1,0 +1,165 @@
+"""store-failure-mode (SPEC §3, §6): the gateway with a Redis store that goes away and returns.
+
+A real valkey-server (tests/redisproc.py) is killed and restarted on the same port under a
+gateway running in-process in front of the real mock backend.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from proxy import config as config_module
+from proxy.app import Gateway
+from proxy.limits.base import Limit
+from proxy.limits.failover import FailoverLimiter
+from tests.inprocess import run_app
+from tests.mockproc import MockProc, start_mock
+from tests.redisproc import RedisProc, running_server
+
+pytestmark = pytest.mark.redis
+
+KEY = "store-failure-key-0123456789abcdef"
+HEADERS = {"api-key": KEY}
+BODY = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}
+
+
+@pytest.fixture(scope="module")
+def mock() -> Iterator[MockProc]:
+    proc = start_mock(tokens=4)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def server() -> Iterator[RedisProc]:
+    with running_server() as proc:
+        yield proc
+
+
+def make_config(mock_url: str, store: str, mode: str) -> config_module.Config:
+    return config_module.loads(f"""
+gateway: {{store: "{store}", store-failure-mode: {mode}}}
+backends: [{{id: mock, url: "{mock_url}"}}]
+apis:
+  - id: chat
+    path: /openai
+    backend: mock
+    policies:
+      - llm-token-limit: {{counter-key: "{{subscription.id}}", tokens-per-minute: 100000}}
+subscriptions: [{{id: team-a, scope: all-apis, primary-key: {KEY}}}]
+""")
+
+
+async def post(client: httpx.AsyncClient) -> httpx.Response:
+    return await client.post("/openai/chat/completions", json=BODY, headers=HEADERS)
+
+
+def limiter_of(app: Gateway) -> FailoverLimiter:
+    limiter = app.limiter
+    assert isinstance(limiter, FailoverLimiter)
+    return limiter
+
+
+def test_open_mode_serves_on_local_counters_and_recovers(
+    mock: MockProc, server: RedisProc, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def scenario(client: httpx.AsyncClient, app: Gateway) -> None:
+        limiter = limiter_of(app)
+        limiter._retry_interval = 0.0  # try the store on every request: no sleeping in tests
+        assert (await post(client)).status_code == 200
+        shared, _ = await limiter.store.usage(Limit("team-a", 100000, None))
+        assert shared > 0  # counted in Redis
+
+        server.kill()
+        with caplog.at_level(logging.ERROR, logger="tollway"):
+            outage = [await post(client) for _ in range(3)]
+        assert [r.status_code for r in outage] == [200, 200, 200]  # nothing lost
+        assert limiter.degraded and limiter.fallback_admissions == 3
+        assert "token-limit store unavailable" in caplog.text
+        local, _ = await limiter.fallback.usage(Limit("team-a", 100000, None))
+        assert local > 0  # counted per process while Redis was away
+        ready = await client.get("/readyz")
+        assert (ready.status_code, ready.json()["status"]) == (200, "degraded")
+
+        server.start()  # back on the same port: no restart of the gateway
+        assert (await post(client)).status_code == 200
+        assert not limiter.degraded
+        assert (await client.get("/readyz")).json()["status"] == "ready"
+        after, _ = await limiter.store.usage(Limit("team-a", 100000, None))
+        assert after > 0  # shared counting resumed (the old counts were lost with the server)
+
+    run_app(make_config(mock.url, server.url, "open"), scenario)
+
+
+def test_closed_mode_refuses_with_503_and_recovers(mock: MockProc, server: RedisProc) -> None:
+    async def scenario(client: httpx.AsyncClient, app: Gateway) -> None:
+        limiter = limiter_of(app)
+        limiter._retry_interval = 0.0
+        assert (await post(client)).status_code == 200
+        server.kill()
+        seen = len(mock.requests())
+        refused = await post(client)
+        assert refused.status_code == 503
+        assert refused.json()["error"]["code"] == "StoreUnavailable"
+        assert len(mock.requests()) == seen  # refused before the backend was called
+        assert (await client.get("/readyz")).status_code == 503
+        server.start()
+        assert (await post(client)).status_code == 200
+        assert (await client.get("/readyz")).status_code == 200
+
+    run_app(make_config(mock.url, server.url, "closed"), scenario)
+
+
+def test_a_retry_interval_spares_a_dead_store(mock: MockProc, server: RedisProc) -> None:
+    """While degraded, the store is tried at most once per interval, not on every request."""
+
+    async def scenario(client: httpx.AsyncClient, app: Gateway) -> None:
+        limiter = limiter_of(app)
+        calls = 0
+        original = limiter.store.admit
+
+        async def counting(*args: object) -> object:
+            nonlocal calls
+            calls += 1
+            return await original(*args)  # type: ignore[arg-type]
+
+        limiter.store.admit = counting  # type: ignore[method-assign]
+        server.kill()
+        for _ in range(5):
+            assert (await post(client)).status_code == 200
+        assert calls == 1  # the first failure starts a 1-s quiet interval
+
+    run_app(make_config(mock.url, server.url, "open"), scenario)
+
+
+def test_settlements_missed_during_an_outage_are_replayed(server: RedisProc) -> None:
+    """A request admitted on Redis whose settlement meets a hung server: the settlement is
+    kept and applied once the server answers, so no reservation is left behind."""
+    import asyncio
+
+    from proxy.limits.base import Admitted
+    from proxy.limits.redis import RedisLimiter
+
+    async def main() -> None:
+        limiter = FailoverLimiter(RedisLimiter.connect(server.url), "open", retry_interval=0.0)
+        limit = Limit("team-a", 10_000, 50_000, "daily")
+        try:
+            admitted = await limiter.admit(limit, 500)
+            assert isinstance(admitted, Admitted)
+            server.pause()  # hung, not gone: the reservation stays in the server
+            try:
+                assert await limiter.settle(admitted.reservation, 120) == (None, None)
+            finally:
+                server.resume()
+            assert await limiter.store.usage(limit) == (500, 500)  # not yet replayed
+            again = await limiter.admit(limit, 1)  # the store answers: replay, then this
+            assert isinstance(again, Admitted)
+            assert await limiter.store.usage(limit) == (121, 121)
+        finally:
+            await limiter.close()
+
+    asyncio.run(main())
