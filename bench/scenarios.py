@@ -34,6 +34,8 @@ class Ctx:
     guard: Guard
     auth_script: Path
     open_script: Path
+    store: str = "memory"  # the token-limit store profiles in stack.NEEDS_REDIS use
+    helpers: tuple[int, ...] = ()  # process groups of the run besides backend and gateway
 
     def log(self, text: str) -> None:
         print(text, file=sys.stderr, flush=True)
@@ -55,7 +57,7 @@ def _serving(ctx: Ctx, profile: str | None, upstream: stack.Service) -> Iterator
         with stack.floor_app(ctx.tmp) as floor:
             yield floor
         return
-    with stack.gateway(ctx.tmp, profile, upstream.url) as gw:
+    with stack.gateway(ctx.tmp, profile, upstream.url, store=ctx.store) as gw:
         headers = stack.AUTH_HEADERS if profile != "open" else stack.JSON_HEADERS
         stack.check_chat(gw.url, headers)
         yield gw
@@ -74,7 +76,7 @@ def _wrk_once(ctx: Ctx, service: stack.Service, profile: str | None, c: int, s: 
             lambda: loadgen.wrk(url, c, s, script, stack.LOAD_CPU),
         )
 
-    pgids = {ctx.nginx.pgid, service.pgid}
+    pgids = {ctx.nginx.pgid, service.pgid, *ctx.helpers}
     row = ctx.guard.run(once, tuple(pgids))
     ctx.log(
         f"  {_target(profile):16} c={c:<4} {row['req_s']:>9.1f} req/s  "
@@ -147,8 +149,14 @@ def sweep(ctx: Ctx) -> list[Row]:
 
 
 def policy(ctx: Ctx) -> list[Row]:
-    """Policy cost: each profile at concurrency 1 and 64 (see stack.PROFILES)."""
-    return closed_loop(ctx, "policy", [None, *stack.PROFILES], [1, 64])
+    """Policy cost: each profile at concurrency 1 and 64 (see stack.PROFILES); the Redis
+    store for the profiles that need one runs on the load core."""
+    with stack.redis_server(ctx.tmp) as redis:
+        ctx.store, ctx.helpers = redis.url, (redis.pgid,)
+        try:
+            return closed_loop(ctx, "policy", [None, *stack.PROFILES], [1, 64])
+        finally:
+            ctx.store, ctx.helpers = "memory", ()
 
 
 def rate(ctx: Ctx) -> list[Row]:

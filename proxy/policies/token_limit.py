@@ -99,18 +99,25 @@ class Ledger:
                 continue
             self._held.append((policy, _after(admitted, remaining)))
 
-    def headers(self) -> Headers:
+    def headers(self, used: int | None = None) -> Headers:
         """The headers the policies name: remaining tokens and quota (the smallest where two
-        policies use one name) and the tokens consumed."""
+        policies use one name) and the tokens consumed. With `used` (a reply whose usage is
+        known but not yet settled), the figures are projected from the admission as if it
+        were: the settlement itself then happens after the reply has gone out."""
         values: dict[str, int] = {}
+        consumed = self.consumed if used is None else used
         for policy, admitted in self._held:
-            spec = policy.spec
+            spec, back = policy.spec, 0
+            if used is not None and not self._settled:
+                back = admitted.reservation.tokens - used  # < 0: usage beyond the reservation
             for name, value in (
                 (spec.remaining_tokens_header_name, admitted.remaining_tokens),
                 (spec.remaining_quota_tokens_header_name, admitted.remaining_quota),
-                (spec.tokens_consumed_header_name, self.consumed),
+                (spec.tokens_consumed_header_name, consumed),
             ):
                 if name and value is not None:
+                    if name != spec.tokens_consumed_header_name:
+                        value = max(0, value + back)
                     values[name] = min(values.get(name, value), value)
         return [(k.lower().encode("latin-1"), b"%d" % v) for k, v in values.items()]
 
@@ -215,7 +222,8 @@ class Metering:
         else:
             self.prompt = await asyncio.to_thread(prompt_tokens, view, count, exchange.model)
         self.reserve = completion_reserve(view)
-        self.counter = CompletionCounter(count)
+        if exchange.stream:  # only streams are counted from their deltas
+            self.counter = CompletionCounter(count)
         keys = [p.limit(exchange, scope, subscription_name) for p in policies]
         await self.ledger.admit(policies, keys, self.prompt, self.reserve)
 
@@ -233,9 +241,18 @@ class Metering:
             return self.prompt + self.reserve  # a whole reply without usage: the reservation
         return self.prompt + produced  # timeouts, disconnects, a stream cut short
 
+    def reply_headers(self, exchange: Exchange) -> Headers:
+        """Headers for a whole reply, projected from what it will be charged."""
+        return self.ledger.headers(self.charge(exchange, None))
+
     async def settle(self, exchange: Exchange, error: BaseException | None) -> None:
-        """Settle once, shielded so a second cancellation cannot leave a reservation."""
-        await asyncio.shield(self.ledger.settle(self.charge(exchange, error)))
+        """Settle once. A cancelled request (the client left) settles shielded, so a second
+        cancellation cannot leave a reservation; others skip the shield's extra task."""
+        settling = self.ledger.settle(self.charge(exchange, error))
+        if isinstance(error, asyncio.CancelledError):
+            await asyncio.shield(settling)
+        else:
+            await settling
 
 
 def token_limits(
