@@ -103,6 +103,38 @@ def load_tokenizer(spec: str) -> Tokenizer:
     raise TokenizerError(f"{spec!r} is not tiktoken:<encoding> or hf:<path>")
 
 
+class CountCache:
+    """A tokenizer with its counts of recent texts remembered.
+
+    Chat clients resend the whole conversation every turn and most apps one system prompt on
+    every call, so most text a gateway estimates it has counted before; a dict lookup also
+    spares the GIL hand-off tiktoken and HF tokenizers make on every encode. Texts up to
+    `MAX_TEXT` characters, at most `SIZE` of them (cleared when full: texts come from clients).
+    """
+
+    MAX_TEXT = 16 * 1024
+    SIZE = 8192
+
+    __slots__ = ("_counts", "_tokenizer", "name")
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self._counts: dict[str, int] = {}
+        self.name = tokenizer.name
+
+    def count(self, text: str) -> int:
+        counts = self._counts
+        found = counts.get(text)
+        if found is not None:
+            return found
+        n = self._tokenizer.count(text)
+        if len(text) <= self.MAX_TEXT:
+            if len(counts) >= self.SIZE:
+                counts.clear()
+            counts[text] = n
+        return n
+
+
 class TokenizerRegistry:
     """Model name → tokenizer, by the first matching glob of the config's ordered mapping.
 
@@ -130,7 +162,7 @@ class TokenizerRegistry:
 def _load_once(glob: str, spec: str, loaded: dict[str, Tokenizer]) -> Tokenizer:
     if spec not in loaded:
         try:
-            loaded[spec] = load_tokenizer(spec)
+            loaded[spec] = CountCache(load_tokenizer(spec))
         except TokenizerError as exc:
             raise TokenizerError(f"tokenizers[{glob!r}]: {exc}") from exc
     return loaded[spec]

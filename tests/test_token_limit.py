@@ -283,3 +283,41 @@ def test_client_disconnect_mid_stream_charges_prompt_plus_tokens_produced(mock: 
         assert PROMPT + len(sent) - 1 <= window <= PROMPT + len(sent) + 2
 
     asyncio.run(main())
+
+
+def test_backend_reset_mid_stream_charges_prompt_plus_tokens_produced(mock: MockProc) -> None:
+    async def scenario(client: httpx.AsyncClient, app: Gateway) -> None:
+        reply = await client.post("/openai/chat/completions", json=chat(stream=True, max_tokens=100),
+                                  headers={**HEADERS, "x-mock-close-after": "5"})  # fmt: skip
+        assert reply.status_code == 200
+        assert '"error"' in reply.text  # the stream ended with an error event
+        window, _ = await used(app, "team-a", 10_000)
+        # role chunk + 4 deltas of one token each arrived before the reset
+        assert PROMPT + 3 <= window <= PROMPT + 5
+
+    run_app(make_config(mock.url, RATE % 10_000), scenario)
+
+
+def test_large_prompts_are_estimated_off_the_event_loop(mock: MockProc, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from proxy.policies import token_limit
+
+    threads: list[str] = []
+    real = token_limit.prompt_tokens
+
+    def spy(*args: Any) -> int:
+        threads.append(threading.current_thread().name)
+        return real(*args)
+
+    monkeypatch.setattr(token_limit, "prompt_tokens", spy)
+
+    async def scenario(client: httpx.AsyncClient, app: Gateway) -> None:
+        loop_thread = threading.current_thread().name
+        small = await client.post("/openai/chat/completions", json=chat(), headers=HEADERS)
+        large = await client.post("/openai/chat/completions", json=chat("word " * 8000), headers=HEADERS)
+        assert (small.status_code, large.status_code) == (200, 200)
+        assert threads[0] == loop_thread  # a small prompt is counted inline
+        assert threads[1] != loop_thread  # a 40 KB one on a worker thread
+
+    run_app(make_config(mock.url, RATE % 1_000_000), scenario)

@@ -18,7 +18,7 @@ from tokenizers import models, pre_tokenizers, processors
 
 from proxy import tokens
 from proxy.config import DEFAULT_TOKENIZERS
-from proxy.tokens import TokenizerError, TokenizerRegistry, load_tokenizer
+from proxy.tokens import CountCache, TokenizerError, TokenizerRegistry, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 ENCODINGS = ("cl100k_base", "o200k_base")
@@ -340,3 +340,41 @@ def test_model_cache_is_bounded() -> None:
         assert registry.for_model(f"gpt-4-{i}").name == "tiktoken:cl100k_base"
         assert len(registry._by_model) <= tokens._MODEL_CACHE_SIZE
     assert registry.for_model("gpt-4o").name == "tiktoken:o200k_base"
+
+
+class _Words:
+    """A tokenizer that counts words and how often it was asked."""
+
+    name = "words"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def count(self, text: str) -> int:
+        self.calls += 1
+        return len(text.split())
+
+
+def test_count_cache_remembers_recent_texts() -> None:
+    inner = _Words()
+    cache = CountCache(inner)
+    assert cache.name == "words"
+    assert [cache.count(t) for t in ("a b", "a b", "c", "a b")] == [2, 2, 1, 2]
+    assert inner.calls == 2  # "a b" once, "c" once
+
+
+def test_count_cache_is_bounded_and_skips_long_texts() -> None:
+    inner = _Words()
+    cache = CountCache(inner)
+    long = "w " * (CountCache.MAX_TEXT // 2 + 1)
+    assert cache.count(long) == cache.count(long) == CountCache.MAX_TEXT // 2 + 1
+    assert inner.calls == 2  # too long to keep
+    for i in range(CountCache.SIZE + 10):
+        cache.count(f"text {i}")
+    assert len(cache._counts) <= CountCache.SIZE
+
+
+def test_registry_tokenizers_are_cached_counters() -> None:
+    tokenizer = TokenizerRegistry({"*": "tiktoken:cl100k_base"}).for_model("gpt-4")
+    assert isinstance(tokenizer, CountCache)
+    assert tokenizer.count("hello world") == 2
