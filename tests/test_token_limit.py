@@ -298,7 +298,9 @@ def test_backend_reset_mid_stream_charges_prompt_plus_tokens_produced(mock: Mock
     run_app(make_config(mock.url, RATE % 10_000), scenario)
 
 
-def test_large_prompts_are_estimated_off_the_event_loop(mock: MockProc, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_large_prompts_are_estimated_off_the_event_loop(
+    mock: MockProc, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import threading
 
     from proxy.policies import token_limit
@@ -315,7 +317,9 @@ def test_large_prompts_are_estimated_off_the_event_loop(mock: MockProc, monkeypa
     async def scenario(client: httpx.AsyncClient, app: Gateway) -> None:
         loop_thread = threading.current_thread().name
         small = await client.post("/openai/chat/completions", json=chat(), headers=HEADERS)
-        large = await client.post("/openai/chat/completions", json=chat("word " * 8000), headers=HEADERS)
+        large = await client.post(
+            "/openai/chat/completions", json=chat("word " * 8000), headers=HEADERS
+        )
         assert (small.status_code, large.status_code) == (200, 200)
         assert threads[0] == loop_thread  # a small prompt is counted inline
         assert threads[1] != loop_thread  # a 40 KB one on a worker thread
