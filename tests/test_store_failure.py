@@ -163,3 +163,44 @@ def test_settlements_missed_during_an_outage_are_replayed(server: RedisProc) -> 
             await limiter.close()
 
     asyncio.run(main())
+
+
+def test_an_outage_mid_load_loses_no_request_and_no_settlement(
+    mock: MockProc, server: RedisProc
+) -> None:
+    """Requests in flight while Redis hangs and comes back: every one is answered, and every
+    reservation ends as exactly its usage, in Redis or in the per-process fallback."""
+    import asyncio
+
+    async def scenario(client: httpx.AsyncClient, app: Gateway) -> None:
+        limiter = limiter_of(app)
+        limiter._retry_interval = 0.2
+        slow = {**HEADERS, "x-mock-delay-ms": "400"}
+
+        async def one(delay: float) -> httpx.Response:
+            await asyncio.sleep(delay)
+            return await client.post("/openai/chat/completions", json=BODY, headers=slow)
+
+        first = [asyncio.ensure_future(one(0)) for _ in range(30)]  # admitted on Redis
+        await asyncio.sleep(0.15)
+        server.pause()  # their settlements (at ~0.4 s) meet a hung store
+        second = [asyncio.ensure_future(one(0.05 * i)) for i in range(20)]  # admitted meanwhile
+        await asyncio.sleep(1.2)
+        server.resume()
+        replies = await asyncio.gather(*first, *second)
+        assert [r.status_code for r in replies] == [200] * 50  # nothing lost
+        last = await post(client)  # the store answers again: missed settlements are replayed
+        assert last.status_code == 200
+        charged = sum(r.json()["usage"]["total_tokens"] for r in [*replies, last])
+        limit = Limit("team-a", 100000, None)
+        in_redis, _ = await limiter.store.usage(limit)
+        in_process, _ = await limiter.fallback.usage(limit)
+        assert not limiter._pending  # every settlement the hung store missed was replayed
+        # Nothing is under-counted. An admission that timed out may have run when the server
+        # resumed (it was in the server's socket buffer): at most one reservation each.
+        reservation = 18  # the estimated prompt (8) + max_tokens (10)
+        surplus = in_redis + in_process - charged
+        assert 0 <= surplus <= limiter.failed_admissions * reservation
+        assert surplus % reservation == 0  # whole reservations, never a partial settlement
+
+    run_app(make_config(mock.url, server.url, "open"), scenario)
