@@ -39,7 +39,8 @@ class MemoryLimiter:
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
-        self._windows: dict[str, dict[int, int]] = {}
+        self._windows: dict[str, dict[int, int]] = {}  # buckets in the order they were made
+        self._totals: dict[str, int] = {}  # each window's sum, kept as buckets change
         self._counts: dict[tuple[str, str], _Count] = {}
         self._next_sweep = 0.0
 
@@ -49,7 +50,7 @@ class MemoryLimiter:
         second = math.floor(now)
         tpm, quota = limit.tokens_per_minute, limit.token_quota
         window = self._window(limit.key, second)
-        used = sum(window.values())
+        used = self._totals.get(limit.key, 0) if window else 0
         period, _, end = period_bounds(limit.quota_period, now) if quota is not None else ("", 0, 0)
         count = self._counts.get((limit.key, period))
         quota_used = count.used if count else 0
@@ -80,23 +81,31 @@ class MemoryLimiter:
 
     async def close(self) -> None:
         self._windows.clear()
+        self._totals.clear()
         self._counts.clear()
 
     def _window(self, key: str, second: int) -> dict[int, int]:
-        """The key's live buckets at `second` (stale ones dropped); empty when it has none."""
+        """The key's live buckets at `second` (stale ones dropped); empty when it has none.
+
+        Buckets are made in time order, so the stale ones are at the front: trimming looks
+        at the oldest only (a clock stepping back can leave one stale bucket a little
+        longer: an over-count, never an under-count)."""
         window = self._windows.get(key)
         if window is None:
             return {}
         horizon = second - LEAVES
-        for stale in [b for b in window if b <= horizon]:
-            del window[stale]
+        while window:
+            oldest = next(iter(window))
+            if oldest > horizon:
+                break
+            self._totals[key] -= window.pop(oldest)
         return window
 
     def _used(self, limit: Limit, now: float) -> tuple[int, int]:
         """Tokens in the window and the current period, where the limit counts them."""
         in_window, in_period = 0, 0
-        if limit.tokens_per_minute is not None:
-            in_window = sum(self._window(limit.key, math.floor(now)).values())
+        if limit.tokens_per_minute is not None and self._window(limit.key, math.floor(now)):
+            in_window = self._totals[limit.key]
         if limit.token_quota is not None:
             count = self._counts.get((limit.key, period_bounds(limit.quota_period, now)[0]))
             in_period = count.used if count else 0
@@ -105,8 +114,10 @@ class MemoryLimiter:
     def _charge(self, limit: Limit, tokens: int, second: int, now: float) -> None:
         """Add tokens to `bucket[second]` and the current period, where the limit counts them."""
         if limit.tokens_per_minute is not None:
-            window = self._windows.setdefault(limit.key, {})
+            key = limit.key
+            window = self._windows.setdefault(key, {})
             window[second] = window.get(second, 0) + tokens
+            self._totals[key] = self._totals.get(key, 0) + tokens
         if limit.token_quota is not None:
             period, _, end = period_bounds(limit.quota_period, now)
             self._counts.setdefault((limit.key, period), _Count(0, end)).used += tokens
@@ -116,7 +127,9 @@ class MemoryLimiter:
         key = reservation.limit.key
         window = self._windows.get(key)
         if window and reservation.second in window and reservation.second > second - LEAVES:
-            window[reservation.second] = max(0, window[reservation.second] - tokens)
+            back = min(tokens, window[reservation.second])
+            window[reservation.second] -= back
+            self._totals[key] -= back
         count = self._counts.get((key, reservation.period)) if reservation.period else None
         if count:
             count.used = max(0, count.used - tokens)
@@ -129,5 +142,6 @@ class MemoryLimiter:
         horizon = math.floor(now) - LEAVES
         for key in [k for k, w in self._windows.items() if all(b <= horizon for b in w)]:
             del self._windows[key]
+            self._totals.pop(key, None)
         for ck in [ck for ck, c in self._counts.items() if c.end + KEEP_PERIOD < now]:
             del self._counts[ck]
