@@ -242,6 +242,14 @@ def _check_config(args: argparse.Namespace) -> int:
         for error in exc.errors:
             print(f"{args.file}: {error}", file=sys.stderr)
         return 1
+    missing = [
+        f"{args.file}: tokenizers[{glob!r}]: {spec[3:]}: no such tokenizer.json file"
+        for glob, spec in config.tokenizers.items()
+        if spec.startswith("hf:") and not os.path.isfile(spec[3:])
+    ]
+    if missing:  # a file the config names, checked here: config itself reads no files
+        print("\n".join(missing), file=sys.stderr)
+        return 1
     print(
         f"{args.file}: ok ({len(config.apis)} APIs, {len(config.backends)} backends, "
         f"{len(config.products)} products, {len(config.subscriptions)} subscriptions)"

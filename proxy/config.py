@@ -47,6 +47,7 @@ from proxy.units import Duration, Size
 
 __all__ = [
     "DEFAULT_DIMENSIONS", "DEFAULT_TOKENIZERS", "RESERVED_PATHS", "TEMPLATE_NAMES",
+    "TIKTOKEN_ENCODINGS",
     "Api", "Backend", "CacheLookup", "CacheStore", "Categories", "CircuitBreaker", "Config",
     "ConfigError", "ContentSafety", "Credentials", "Dimension", "Duration", "FailureCondition",
     "Gateway", "KeyNames", "Policy", "PolicyEntry", "PoolService", "Product", "Retry", "Size",
@@ -62,6 +63,8 @@ DEFAULT_TOKENIZERS = {
 DEFAULT_DIMENSIONS = (
     "API ID", "Operation ID", "Product ID", "Subscription ID", "Backend ID", "Gateway ID"
 )  # fmt: skip
+# The OpenAI encodings whose rank files ship offline (proxy/tokens.py loads them).
+TIKTOKEN_ENCODINGS = ("cl100k_base", "o200k_base")
 TEMPLATE_NAMES = (
     "subscription.id", "subscription.name", "product.id", "api.id", "operation.id",
     "backend.id", "request.ip", "request.model", "request.header.<Name>",
@@ -598,6 +601,9 @@ class Config(_Schema, kw_only=True, frozen=True, dict=True):
             kind, _, arg = spec.partition(":")
             if kind not in ("tiktoken", "hf") or not arg:
                 yield f"tokenizers[{glob!r}]: {spec!r} is not tiktoken:<encoding> or hf:<path>"
+            elif kind == "tiktoken" and arg not in TIKTOKEN_ENCODINGS:
+                offline = ", ".join(TIKTOKEN_ENCODINGS)
+                yield f"tokenizers[{glob!r}]: {arg!r} is not shipped offline ({offline})"
 
     def _duplicate_errors(self) -> Iterator[str]:
         for kind in ("backends", "apis", "products", "subscriptions"):

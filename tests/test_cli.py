@@ -145,3 +145,18 @@ def _until(check: object, timeout: float = 10) -> None:
             return
         time.sleep(0.1)
     raise AssertionError("condition not met in time")
+
+
+def test_check_config_refuses_a_missing_tokenizer_file(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "backends: [{id: b, url: 'http://127.0.0.1:9/v1'}]\n"
+        "apis: [{id: a, path: /a, backend: b, subscription-required: false}]\n"
+        f"tokenizers: {{'llama*': 'hf:{tmp_path}/nope/tokenizer.json'}}\n"
+    )
+    result = tollway("check-config", str(config))
+    assert result.returncode == 1
+    assert (
+        f"tokenizers['llama*']: {tmp_path}/nope/tokenizer.json: no such tokenizer.json file"
+        in result.stderr
+    )

@@ -653,6 +653,11 @@ INVALID: list[tuple[str, str, str]] = [
         "tokenizers: {'gpt*': 'sentencepiece:/x'}\n",
         "tokenizers['gpt*']: 'sentencepiece:/x' is not tiktoken:<encoding> or hf:<path>",
     ),
+    (
+        "tiktoken encoding not shipped offline",
+        "tokenizers: {'davinci*': 'tiktoken:p50k_base'}\n",
+        "tokenizers['davinci*']: 'p50k_base' is not shipped offline (cl100k_base, o200k_base)",
+    ),
     ("yaml syntax error", "gateway: {store: memory\n", "line 11, column 1: expected ',' or '}'"),
     (
         "duplicate yaml key",

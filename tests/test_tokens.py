@@ -378,3 +378,9 @@ def test_registry_tokenizers_are_cached_counters() -> None:
     tokenizer = TokenizerRegistry({"*": "tiktoken:cl100k_base"}).for_model("gpt-4")
     assert isinstance(tokenizer, CountCache)
     assert tokenizer.count("hello world") == 2
+
+
+def test_config_offers_exactly_the_encodings_shipped() -> None:
+    from proxy.config import TIKTOKEN_ENCODINGS
+
+    assert set(tokens._SHA256) == set(TIKTOKEN_ENCODINGS)
