@@ -43,12 +43,15 @@ class Guard:
 
 
 def with_cpu(pgid: int, requests_of: Callable[[Row], int], once: Callable[[], Row]) -> Row:
-    """Run `once` and add the CPU microseconds per request that process group `pgid` used."""
-    cpu0 = procs.group_cpu_seconds(pgid)
+    """Run `once` and add the CPU microseconds and the context switches (all threads) per
+    request that process group `pgid` used."""
+    cpu0, switches0 = procs.group_cpu_seconds(pgid), procs.group_context_switches(pgid)
     row = once()
     cpu = procs.group_cpu_seconds(pgid) - cpu0
+    switches = procs.group_context_switches(pgid) - switches0
     count = requests_of(row)
     row["server_cpu_us_per_req"] = round(cpu / count * 1e6, 1) if count else None
+    row["server_switches_per_req"] = round(switches / count, 2) if count else None
     return row
 
 

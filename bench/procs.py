@@ -127,6 +127,25 @@ def group_cpu_seconds(pgid: int) -> float:
     return total / _CLK_TCK
 
 
+def group_context_switches(pgid: int) -> int:
+    """Context switches (voluntary + involuntary) of every thread in process group ``pgid``."""
+    total = 0
+    for entry, _ in group_members(pgid):
+        try:
+            tasks = list((entry / "task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                status = (task / "status").read_text()
+            except OSError:
+                continue
+            total += sum(
+                int(line.split()[1]) for line in status.splitlines() if "ctxt_switches" in line
+            )
+    return total
+
+
 def machine_busy_seconds() -> float:
     """CPU seconds spent busy by the whole machine since boot (all cores, from /proc/stat)."""
     fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]

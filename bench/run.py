@@ -113,10 +113,10 @@ def main(argv: list[str]) -> int:
 
 _COLUMNS: dict[str, tuple[str, ...]] = {
     "floor": ("concurrency", "streams", "req_s", "p50_ms", "p99_ms", "added_p50_ms",
-              "server_cpu_us_per_req", "gap_p99_ms", "max_stall_ms", "server_cores",
-              "server_cpu_us_per_event"),
+              "server_cpu_us_per_req", "server_switches_per_req", "gap_p99_ms",
+              "max_stall_ms", "server_cores", "server_cpu_us_per_event"),
     "wrk": ("concurrency", "req_s", "p50_ms", "p99_ms", "p999_ms", "added_p50_ms",
-            "added_p99_ms", "server_cpu_us_per_req", "errors"),
+            "added_p99_ms", "server_cpu_us_per_req", "server_switches_per_req", "errors"),
     "rate": ("offered_req_s", "req_s", "p50_ms", "p99_ms", "p999_ms", "added_p50_ms",
              "added_p99_ms", "errors"),
     "streaming": ("streams", "ttft_p50_ms", "ttft_p99_ms", "gap_p50_ms", "gap_p99_ms",

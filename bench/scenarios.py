@@ -21,7 +21,10 @@ from typing import Any
 from bench import loadgen, procs, stack
 from bench.measure import Guard, Row, added, merge_rounds, with_cpu
 
-_WRK_FIELDS = ("req_s", "p50_ms", "p90_ms", "p99_ms", "p999_ms", "server_cpu_us_per_req")
+_WRK_FIELDS = (
+    "req_s", "p50_ms", "p90_ms", "p99_ms", "p999_ms", "server_cpu_us_per_req",
+    "server_switches_per_req",
+)  # fmt: skip
 
 
 @dataclass
