@@ -186,12 +186,6 @@ class OpenAIHandler(ApiHandler):
         headers = self.request_headers(scope, identity, upstream, exchange)
         headers.append(b"accept-encoding: identity\r\n")
         target = upstream.target(match.subpath, self.query(scope, identity))
-        if metering is None:
-            await self._forward(
-                exchange, upstream, target, b"".join(headers), body, stream_filter, None, send,
-                receive,
-            )  # fmt: skip
-            return
         error: BaseException | None = None
         try:
             await self._forward(
@@ -202,7 +196,8 @@ class OpenAIHandler(ApiHandler):
             error = exc
             raise
         finally:
-            await metering.settle(exchange, error)
+            if metering is not None:
+                await metering.settle(exchange, error)
 
     async def _forward(
         self,
