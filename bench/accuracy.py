@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd = [sys.executable, "-m", "proxy", "serve", "--config", str(config)]
             cmd += ["--host", "127.0.0.1", "--port", str(port), "--workers", str(args.workers)]
             log = tmp / "gateway.log"
-            with procs.running(cmd, "0-1", log, stack._env()) as proc:
+            with procs.running(cmd, "0-1", log, stack.child_env()) as proc:
                 base = f"http://127.0.0.1:{port}"
                 procs.wait_ready(proc, base + "/readyz", None, "", log, timeout=60)
                 result = asyncio.run(_load(args, base, keys, store.url))

