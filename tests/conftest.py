@@ -1,4 +1,5 @@
-"""Shared fixtures: a real mock backend and a real gateway in front of it."""
+"""Shared fixtures: a real mock backend, a real gateway in front of it, and real
+Redis-protocol servers (valkey-server, tests/redisproc.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 
 from tests.gatewayproc import GatewayProc, start_gateway
 from tests.mockproc import MockProc, free_port, start_mock
+from tests.redisproc import Cluster, RedisProc, running_cluster, running_server
 
 KEY = "team-a-key-0123456789abcdef"
 KEY_B = "team-b-key-0123456789abcdef"
@@ -91,3 +93,24 @@ def paced_gateway(paced_mock: MockProc) -> Iterator[GatewayProc]:
     proc = start_gateway(gateway_config(paced_mock.url))
     yield proc
     proc.stop()
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[RedisProc]:
+    """A Redis-protocol server shared by one test module."""
+    with running_server() as proc:
+        yield proc
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    """A 3-node cluster shared by one test module."""
+    with running_cluster() as proc:
+        yield proc
+
+
+@pytest.fixture
+def own_server() -> Iterator[RedisProc]:
+    """A server for one test alone, to kill, pause or lock."""
+    with running_server() as proc:
+        yield proc

@@ -15,6 +15,7 @@ formed with redis-py alone (`CLUSTER ADDSLOTSRANGE` + `CLUSTER MEET`), so no cli
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib.resources
 import platform
@@ -24,15 +25,21 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import redis
 from redis.crc import key_slot
 
 START_TIMEOUT = 10.0
 SLOTS = 16384
+GUARD = 20.0  # seconds; pytest-timeout cannot interrupt a blocked event loop
+
+
+def run(main: Coroutine[Any, Any, None]) -> None:
+    """Run a store test's coroutine, failing it after GUARD seconds instead of hanging."""
+    asyncio.run(asyncio.wait_for(main, GUARD))
 
 
 def free_ports(count: int) -> list[int]:

@@ -12,16 +12,14 @@ import asyncio
 import contextlib
 import datetime as dt
 import time
-from collections.abc import AsyncIterator, Coroutine, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
 from proxy.limits import Admitted, Limit, Limiter, MemoryLimiter, Refused, period_bounds
 from proxy.limits.redis import RedisLimiter, hash_tag
-from tests.redisproc import Cluster, RedisProc, running_cluster, running_server
-
-GUARD = 20.0  # seconds; pytest-timeout cannot interrupt a blocked event loop
+from tests.redisproc import Cluster, RedisProc, run
 
 
 def at(text: str) -> float:
@@ -66,22 +64,6 @@ class Store:
             await limiter.close()
 
 
-def run(main: Coroutine[Any, Any, None]) -> None:
-    asyncio.run(asyncio.wait_for(main, GUARD))
-
-
-@pytest.fixture(scope="session")
-def redis_server() -> Iterator[RedisProc]:
-    with running_server() as server:
-        yield server
-
-
-@pytest.fixture(scope="session")
-def redis_cluster() -> Iterator[Cluster]:
-    with running_cluster() as cluster:
-        yield cluster
-
-
 @pytest.fixture(
     params=[
         "memory",
@@ -92,12 +74,12 @@ def redis_cluster() -> Iterator[Cluster]:
 def store(request: pytest.FixtureRequest) -> Store:
     """Each store in turn, empty."""
     if request.param == "redis":
-        server: RedisProc = request.getfixturevalue("redis_server")
+        server: RedisProc = request.getfixturevalue("server")
         with server.client() as client:
             client.flushall()
         return Store("redis", server.url)
     if request.param == "cluster":
-        cluster: Cluster = request.getfixturevalue("redis_cluster")
+        cluster: Cluster = request.getfixturevalue("cluster")
         cluster.flush()
         return Store("cluster", cluster.url)
     return Store("memory", None)

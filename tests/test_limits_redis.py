@@ -12,7 +12,7 @@ import hashlib
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Coroutine, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -20,36 +20,12 @@ from redis.crc import key_slot
 
 from proxy.limits import Admitted, Limit, StoreUnavailableError
 from proxy.limits.redis import TIMEOUT, RedisLimiter, hash_tag, quota_key, rate_key
-from tests.redisproc import Cluster, RedisProc, free_ports, running_cluster, running_server
+from tests.redisproc import Cluster, RedisProc, free_ports, run
 from tests.test_limits import KEYS, at
 
 pytestmark = pytest.mark.redis
 
-GUARD = 20.0
 PROMPT = 2 * TIMEOUT + 0.25  # the longest an outage may take to surface: two tries, timed out
-
-
-def run(main: Coroutine[Any, Any, None]) -> None:
-    asyncio.run(asyncio.wait_for(main, GUARD))
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[RedisProc]:
-    with running_server() as proc:
-        yield proc
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[Cluster]:
-    with running_cluster() as proc:
-        yield proc
-
-
-@pytest.fixture
-def own_server() -> Iterator[RedisProc]:
-    """A server for one test to kill or pause."""
-    with running_server() as proc:
-        yield proc
 
 
 @contextlib.asynccontextmanager

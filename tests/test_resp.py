@@ -18,30 +18,12 @@ import uvloop
 from proxy.limits import Limit, StoreUnavailableError
 from proxy.limits.redis import RedisLimiter
 from proxy.limits.resp import TIMEOUT, ReplyError, RespClient
-from tests.redisproc import RedisProc, free_ports, running_server
+from tests.redisproc import GUARD, RedisProc, free_ports, run
 
 pytestmark = pytest.mark.redis
 
-GUARD = 20.0
 SCRIPT = "return {ARGV[1], #KEYS}"
 PASSWORD = "s3cret"
-
-
-def run(main: Coroutine[Any, Any, None]) -> None:
-    asyncio.run(asyncio.wait_for(main, GUARD))
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[RedisProc]:
-    with running_server() as proc:
-        yield proc
-
-
-@pytest.fixture
-def own_server() -> Iterator[RedisProc]:
-    """A server for one test to kill, pause or lock."""
-    with running_server() as proc:
-        yield proc
 
 
 def _sha(script: str) -> str:

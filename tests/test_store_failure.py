@@ -6,6 +6,7 @@ gateway running in-process in front of the real mock backend.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterator
 
@@ -14,11 +15,12 @@ import pytest
 
 from proxy import config as config_module
 from proxy.app import Gateway
-from proxy.limits.base import Limit
+from proxy.limits.base import Admitted, Limit
 from proxy.limits.failover import FailoverLimiter
+from proxy.limits.redis import RedisLimiter
 from tests.inprocess import run_app
 from tests.mockproc import MockProc, start_mock
-from tests.redisproc import RedisProc, running_server
+from tests.redisproc import RedisProc
 
 pytestmark = pytest.mark.redis
 
@@ -32,12 +34,6 @@ def mock() -> Iterator[MockProc]:
     proc = start_mock(tokens=4)
     yield proc
     proc.stop()
-
-
-@pytest.fixture
-def server() -> Iterator[RedisProc]:
-    with running_server() as proc:
-        yield proc
 
 
 def make_config(mock_url: str, store: str, mode: str) -> config_module.Config:
@@ -65,7 +61,7 @@ def limiter_of(app: Gateway) -> FailoverLimiter:
 
 
 def test_open_mode_serves_on_local_counters_and_recovers(
-    mock: MockProc, server: RedisProc, caplog: pytest.LogCaptureFixture
+    mock: MockProc, own_server: RedisProc, caplog: pytest.LogCaptureFixture
 ) -> None:
     async def scenario(client: httpx.AsyncClient, app: Gateway) -> None:
         limiter = limiter_of(app)
@@ -74,7 +70,7 @@ def test_open_mode_serves_on_local_counters_and_recovers(
         shared, _ = await limiter.store.usage(Limit("team-a", 100000, None))
         assert shared > 0  # counted in Redis
 
-        server.kill()
+        own_server.kill()
         with caplog.at_level(logging.ERROR, logger="tollway"):
             outage = [await post(client) for _ in range(3)]
         assert [r.status_code for r in outage] == [200, 200, 200]  # nothing lost
@@ -85,36 +81,36 @@ def test_open_mode_serves_on_local_counters_and_recovers(
         ready = await client.get("/readyz")
         assert (ready.status_code, ready.json()["status"]) == (200, "degraded")
 
-        server.start()  # back on the same port: no restart of the gateway
+        own_server.start()  # back on the same port: no restart of the gateway
         assert (await post(client)).status_code == 200
         assert not limiter.degraded
         assert (await client.get("/readyz")).json()["status"] == "ready"
         after, _ = await limiter.store.usage(Limit("team-a", 100000, None))
         assert after > 0  # shared counting resumed (the old counts were lost with the server)
 
-    run_app(make_config(mock.url, server.url, "open"), scenario)
+    run_app(make_config(mock.url, own_server.url, "open"), scenario)
 
 
-def test_closed_mode_refuses_with_503_and_recovers(mock: MockProc, server: RedisProc) -> None:
+def test_closed_mode_refuses_with_503_and_recovers(mock: MockProc, own_server: RedisProc) -> None:
     async def scenario(client: httpx.AsyncClient, app: Gateway) -> None:
         limiter = limiter_of(app)
         limiter._retry_interval = 0.0
         assert (await post(client)).status_code == 200
-        server.kill()
+        own_server.kill()
         seen = len(mock.requests())
         refused = await post(client)
         assert refused.status_code == 503
         assert refused.json()["error"]["code"] == "StoreUnavailable"
         assert len(mock.requests()) == seen  # refused before the backend was called
         assert (await client.get("/readyz")).status_code == 503
-        server.start()
+        own_server.start()
         assert (await post(client)).status_code == 200
         assert (await client.get("/readyz")).status_code == 200
 
-    run_app(make_config(mock.url, server.url, "closed"), scenario)
+    run_app(make_config(mock.url, own_server.url, "closed"), scenario)
 
 
-def test_a_retry_interval_spares_a_dead_store(mock: MockProc, server: RedisProc) -> None:
+def test_a_retry_interval_spares_a_dead_store(mock: MockProc, own_server: RedisProc) -> None:
     """While degraded, the store is tried at most once per interval, not on every request."""
 
     async def scenario(client: httpx.AsyncClient, app: Gateway) -> None:
@@ -128,33 +124,29 @@ def test_a_retry_interval_spares_a_dead_store(mock: MockProc, server: RedisProc)
             return await original(*args)  # type: ignore[arg-type]
 
         limiter.store.admit = counting  # type: ignore[method-assign]
-        server.kill()
+        own_server.kill()
         for _ in range(5):
             assert (await post(client)).status_code == 200
         assert calls == 1  # the first failure starts a 1-s quiet interval
 
-    run_app(make_config(mock.url, server.url, "open"), scenario)
+    run_app(make_config(mock.url, own_server.url, "open"), scenario)
 
 
-def test_settlements_missed_during_an_outage_are_replayed(server: RedisProc) -> None:
+def test_settlements_missed_during_an_outage_are_replayed(own_server: RedisProc) -> None:
     """A request admitted on Redis whose settlement meets a hung server: the settlement is
     kept and applied once the server answers, so no reservation is left behind."""
-    import asyncio
-
-    from proxy.limits.base import Admitted
-    from proxy.limits.redis import RedisLimiter
 
     async def main() -> None:
-        limiter = FailoverLimiter(RedisLimiter.connect(server.url), "open", retry_interval=0.0)
+        limiter = FailoverLimiter(RedisLimiter.connect(own_server.url), "open", retry_interval=0.0)
         limit = Limit("team-a", 10_000, 50_000, "daily")
         try:
             admitted = await limiter.admit(limit, 500)
             assert isinstance(admitted, Admitted)
-            server.pause()  # hung, not gone: the reservation stays in the server
+            own_server.pause()  # hung, not gone: the reservation stays in the server
             try:
                 assert await limiter.settle(admitted.reservation, 120) == (None, None)
             finally:
-                server.resume()
+                own_server.resume()
             assert await limiter.store.usage(limit) == (500, 500)  # not yet replayed
             again = await limiter.admit(limit, 1)  # the store answers: replay, then this
             assert isinstance(again, Admitted)
@@ -166,11 +158,10 @@ def test_settlements_missed_during_an_outage_are_replayed(server: RedisProc) -> 
 
 
 def test_an_outage_mid_load_loses_no_request_and_no_settlement(
-    mock: MockProc, server: RedisProc
+    mock: MockProc, own_server: RedisProc
 ) -> None:
     """Requests in flight while Redis hangs and comes back: every one is answered, and every
     reservation ends as exactly its usage, in Redis or in the per-process fallback."""
-    import asyncio
 
     async def scenario(client: httpx.AsyncClient, app: Gateway) -> None:
         limiter = limiter_of(app)
@@ -183,10 +174,10 @@ def test_an_outage_mid_load_loses_no_request_and_no_settlement(
 
         first = [asyncio.ensure_future(one(0)) for _ in range(30)]  # admitted on Redis
         await asyncio.sleep(0.15)
-        server.pause()  # their settlements (at ~0.4 s) meet a hung store
+        own_server.pause()  # their settlements (at ~0.4 s) meet a hung store
         second = [asyncio.ensure_future(one(0.05 * i)) for i in range(20)]  # admitted meanwhile
         await asyncio.sleep(1.2)
-        server.resume()
+        own_server.resume()
         replies = await asyncio.gather(*first, *second)
         assert [r.status_code for r in replies] == [200] * 50  # nothing lost
         last = await post(client)  # the store answers again: missed settlements are replayed
@@ -203,4 +194,4 @@ def test_an_outage_mid_load_loses_no_request_and_no_settlement(
         assert 0 <= surplus <= limiter.failed_admissions * reservation
         assert surplus % reservation == 0  # whole reservations, never a partial settlement
 
-    run_app(make_config(mock.url, server.url, "open"), scenario)
+    run_app(make_config(mock.url, own_server.url, "open"), scenario)
