@@ -36,6 +36,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from proxy.limits.base import (
+    LEAVES,
     Admitted,
     Limit,
     Refused,
@@ -83,7 +84,8 @@ class Script:
 
     @classmethod
     def load(cls, name: str) -> Script:
-        source = _lua(name)
+        """`name` behind the shared clock.lua, with the window's LEAVES from base.py."""
+        source = f"local LEAVES = {LEAVES}\n" + _lua("clock.lua") + _lua(name)
         return cls(source, hashlib.sha1(source.encode()).hexdigest())
 
 

@@ -7,8 +7,7 @@
 -- ARGV[2]  tokens-per-minute, or -1 when the limit has no rate
 -- ARGV[3]  token-quota, or -1 when the limit has no quota
 -- ARGV[4]  ms until the period counter may expire (the caller's period end + 1 day)
--- ARGV[5]  "" to take the time from the server's TIME (so every gateway agrees), or a unix
---          time in microseconds: a seam for tests only (RedisLimiter's `clock`)
+-- ARGV[5]  the time override, see clock.lua (prepended: now_us, second, horizon, LEAVES)
 --
 -- Returns {verdict, second, used, quota_used, retry_after_us}: verdict 1 admitted, 0 refused
 -- for the rate, -1 refused for the quota; second is the bucket charged; used and quota_used
@@ -18,15 +17,6 @@ local tokens = tonumber(ARGV[1])
 local tpm = tonumber(ARGV[2])
 local quota = tonumber(ARGV[3])
 local quota_ttl = tonumber(ARGV[4])
-local now_us
-if ARGV[5] == "" then
-  local t = redis.call("TIME")
-  now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
-else
-  now_us = tonumber(ARGV[5])
-end
-local second = math.floor(now_us / 1000000)
-local horizon = second - 61 -- buckets at or before this second have left the window
 
 -- The live buckets, oldest first; the stale ones are deleted on the way.
 local used, buckets = 0, {}
@@ -57,7 +47,7 @@ end
 
 if tpm >= 0 and used + tokens > tpm then
   -- Mirrors base.rate_retry_after: more than the limit never fits (60 s); otherwise wait
-  -- until the oldest buckets holding the excess have left, a bucket b at b + 61.
+  -- until the oldest buckets holding the excess have left, a bucket b at b + LEAVES.
   local retry_us = 60000000
   if tokens <= tpm then
     table.sort(buckets, function(x, y) return x[1] < y[1] end)
@@ -65,7 +55,7 @@ if tpm >= 0 and used + tokens > tpm then
     for _, bucket in ipairs(buckets) do
       freed = freed + bucket[2]
       if freed >= excess then
-        retry_us = math.max(0, (bucket[1] + 61) * 1000000 - now_us)
+        retry_us = math.max(0, (bucket[1] + LEAVES) * 1000000 - now_us)
         break
       end
     end
@@ -75,7 +65,7 @@ end
 
 if tpm >= 0 then
   redis.call("HINCRBY", KEYS[1], second, tokens)
-  redis.call("PEXPIRE", KEYS[1], 63000) -- the newest bucket leaves the window in 61 s
+  redis.call("PEXPIRE", KEYS[1], WINDOW_TTL_MS)
 end
 if quota >= 0 then
   redis.call("INCRBY", KEYS[2], tokens)

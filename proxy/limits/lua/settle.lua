@@ -8,7 +8,7 @@
 -- ARGV[2]  the bucket (unix second) the reservation was charged in
 -- ARGV[3]  1 when the limit has a rate, else 0
 -- ARGV[4]  ms until the current period counter may expire (its period end + 1 day)
--- ARGV[5]  "" for the server's TIME, or a unix time in microseconds (tests only)
+-- ARGV[5]  the time override, see clock.lua (prepended: now_us, second, horizon, LEAVES)
 --
 -- Returns {used, quota_used}: the window total and the current period's total after.
 
@@ -16,15 +16,6 @@ local delta = tonumber(ARGV[1])
 local reserved_second = tonumber(ARGV[2])
 local has_rate = ARGV[3] == "1"
 local quota_ttl = tonumber(ARGV[4])
-local now_us
-if ARGV[5] == "" then
-  local t = redis.call("TIME")
-  now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
-else
-  now_us = tonumber(ARGV[5])
-end
-local second = math.floor(now_us / 1000000)
-local horizon = second - 61
 local has_quota = #KEYS == 3
 
 if delta < 0 then
@@ -48,7 +39,7 @@ elseif delta > 0 then
   -- Usage beyond the reservation happened now.
   if has_rate then
     redis.call("HINCRBY", KEYS[1], second, delta)
-    redis.call("PEXPIRE", KEYS[1], 63000)
+    redis.call("PEXPIRE", KEYS[1], WINDOW_TTL_MS)
   end
   if has_quota then
     redis.call("INCRBY", KEYS[3], delta)
