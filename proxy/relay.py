@@ -91,15 +91,17 @@ def error_event(error: GatewayError) -> bytes:
 
 
 class ChatStreamFilter:
-    """Chat/completions chunks: reads usage, drops the usage-only chunk when the client did
-    not ask for it, and drops frames that are not JSON (a backend's garbage never reaches
-    an SDK that would choke on it)."""
+    """Chat/completions chunks: reads usage, model and finish reasons, drops the usage-only
+    chunk when the client did not ask for it, and drops frames that are not JSON (a
+    backend's garbage never reaches an SDK that would choke on it)."""
 
-    __slots__ = ("counter", "dropped", "strip_usage", "usage")
+    __slots__ = ("counter", "dropped", "finish_reasons", "model", "strip_usage", "usage")
 
     def __init__(self, strip_usage: bool):
         self.strip_usage = strip_usage
         self.usage: Usage | None = None
+        self.model = ""
+        self.finish_reasons: tuple[str, ...] = ()
         self.dropped = 0
         self.counter: CompletionCounter | None = None  # set when a token limit applies
 
@@ -113,7 +115,11 @@ class ChatStreamFilter:
         if chunk is None:
             self.dropped += 1
             return False
-        usage, usage_only = chunk
+        usage, usage_only, model, finished = chunk
+        if model and not self.model:
+            self.model = model
+        if finished:
+            self.finish_reasons += finished
         if usage is not None:
             self.usage = usage
             return not (usage_only and self.strip_usage)
@@ -123,10 +129,12 @@ class ChatStreamFilter:
 class ResponsesStreamFilter:
     """Responses API events: usage is read from `response.completed`, nothing is injected."""
 
-    __slots__ = ("counter", "dropped", "usage")
+    __slots__ = ("counter", "dropped", "finish_reasons", "model", "usage")
 
     def __init__(self) -> None:
         self.usage: Usage | None = None
+        self.model = ""
+        self.finish_reasons: tuple[str, ...] = ()
         self.dropped = 0
         self.counter: CompletionCounter | None = None
 
@@ -140,8 +148,9 @@ class ResponsesStreamFilter:
         if read is None:
             self.dropped += 1
             return False
-        if read[1] is not None:
-            self.usage = read[1]
+        reply = read[1]
+        if reply is not None:
+            self.usage, self.model = reply.usage, reply.model
         return True
 
 
@@ -149,23 +158,22 @@ StreamFilter = ChatStreamFilter | ResponsesStreamFilter
 
 
 async def relay_events(
-    response: Response,
-    send: Send,
-    keep: Callable[[bytes], bool],
-    on_backend_time: Callable[[float], None],
+    response: Response, send: Send, keep: Callable[[bytes], bool], exchange: Exchange
 ) -> None:
-    """Forward an SSE body event by event; a backend failure ends it with one error event."""
+    """Forward an SSE body event by event; a backend failure ends it with one error event.
+    The exchange learns the time spent waiting on the backend and when each chunk left."""
     splitter = EventSplitter()
     more = {"type": "http.response.body", "body": b"", "more_body": True}
     try:
         waited = time.perf_counter()
         async for chunk in response.chunks():
             now = time.perf_counter()
-            on_backend_time(now - waited)
+            exchange.backend_seconds += now - waited
             events = splitter.feed(chunk)
             kept = [e for e in events if keep(e)]
             if kept:
                 await send({**more, "body": kept[0] if len(kept) == 1 else b"".join(kept)})
+                exchange.chunk(now)
             waited = time.perf_counter()
     except GatewayError as error:
         await send({**more, "body": error_event(error)})

@@ -8,6 +8,7 @@ fields are ignored so new OpenAI parameters pass through untouched.
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
 import msgspec
 
@@ -121,18 +122,42 @@ def _detail(details: _TokensDetails | None, name: str) -> int:
     return (getattr(details, name) or 0) if details is not None else 0
 
 
-class _UsageHolder(msgspec.Struct):
-    usage: _WireUsage | None = None
+class _Choice(msgspec.Struct):
+    finish_reason: str | None = None
 
 
-class _ChunkView(msgspec.Struct):
-    choices: list[msgspec.Raw] | None = None
+class _ReplyView(msgspec.Struct):
+    """A whole reply (chat, completions, embeddings, responses) or a stream chunk."""
+
+    model: str | None = None
+    choices: list[_Choice] | None = None
     usage: _WireUsage | None = None
+
+    def finish_reasons(self) -> tuple[str, ...]:
+        return tuple(c.finish_reason for c in self.choices or () if c.finish_reason)
 
 
 class _ResponseEventView(msgspec.Struct):
     type: str = ""
-    response: _UsageHolder | None = None
+    response: _ReplyView | None = None
+
+
+class Reply(NamedTuple):
+    """What the telemetry and the token accounting read from a backend's reply."""
+
+    usage: Usage | None
+    model: str
+    finish_reasons: tuple[str, ...]
+
+
+class Chunk(NamedTuple):
+    """One streamed chat/completions chunk; `usage_only` marks the extra chunk (`"choices":
+    []` plus usage) that the gateway asks for and removes again for clients that did not."""
+
+    usage: Usage | None
+    usage_only: bool
+    model: str
+    finish_reasons: tuple[str, ...]
 
 
 _DECODERS: dict[str, msgspec.json.Decoder[RequestView]] = {
@@ -141,8 +166,7 @@ _DECODERS: dict[str, msgspec.json.Decoder[RequestView]] = {
     "embeddings": msgspec.json.Decoder(EmbeddingsRequest),
     "responses": msgspec.json.Decoder(ResponsesRequest),
 }
-_usage_decoder = msgspec.json.Decoder(_UsageHolder)
-_chunk_decoder = msgspec.json.Decoder(_ChunkView)
+_reply_decoder = msgspec.json.Decoder(_ReplyView)
 _response_event_decoder = msgspec.json.Decoder(_ResponseEventView)
 _raw_object_decoder = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _encoder = msgspec.json.Encoder()
@@ -201,38 +225,47 @@ def with_stream_usage(body: bytes) -> bytes:
     return _encoder.encode(fields)
 
 
-def usage_of_body(body: bytes) -> Usage | None:
-    """Read `usage` from a complete JSON response body (chat, completions, embeddings,
-    responses); `None` when it has none or is not JSON."""
+def max_tokens_of(view: RequestView) -> int | None:
+    """The completion bound the request sets (`gen_ai.request.max_tokens`), if any."""
+    if isinstance(view, ChatRequest):
+        return view.max_completion_tokens or view.max_tokens
+    if isinstance(view, CompletionRequest):
+        return view.max_tokens
+    if isinstance(view, ResponsesRequest):
+        return view.max_output_tokens
+    return None
+
+
+def read_reply(body: bytes) -> Reply | None:
+    """Usage, model and finish reasons of a complete JSON reply (chat, completions,
+    embeddings, responses); None when it is not a JSON object."""
     try:
-        holder = _usage_decoder.decode(body)
+        reply = _reply_decoder.decode(body)
     except msgspec.DecodeError:
         return None
-    return holder.usage.normalise() if holder.usage is not None else None
+    usage = reply.usage.normalise() if reply.usage is not None else None
+    return Reply(usage, reply.model or "", reply.finish_reasons())
 
 
-def read_chunk(data: bytes) -> tuple[Usage | None, bool] | None:
-    """Read a streamed chat/completions chunk: `(usage, is_usage_only)`, None if not JSON.
-
-    `is_usage_only` marks the extra chunk (`"choices": []` plus usage) that the gateway asks
-    for and removes again for clients that did not ask for it.
-    """
+def read_chunk(data: bytes) -> Chunk | None:
+    """Read a streamed chat/completions chunk (an event's data); None if not JSON."""
     try:
-        chunk = _chunk_decoder.decode(data)
+        chunk = _reply_decoder.decode(data)
     except msgspec.DecodeError:
         return None
     if chunk.usage is None:
-        return None, False
-    return chunk.usage.normalise(), not chunk.choices
+        return Chunk(None, False, chunk.model or "", chunk.finish_reasons())
+    return Chunk(chunk.usage.normalise(), not chunk.choices, chunk.model or "", ())
 
 
-def read_response_event(data: bytes) -> tuple[str, Usage | None] | None:
-    """Read a Responses API event: `(type, usage)`, None if not JSON. Usage comes with
-    `response.completed` (and `response.incomplete` / `response.failed`)."""
+def read_response_event(data: bytes) -> tuple[str, Reply | None] | None:
+    """Read a Responses API event: `(type, reply)`, None if not JSON. The reply (usage and
+    model) comes with `response.completed` (and `response.incomplete` / `.failed`)."""
     try:
         event = _response_event_decoder.decode(data)
     except msgspec.DecodeError:
         return None
-    if event.response is None or event.response.usage is None:
+    response = event.response
+    if response is None or response.usage is None:
         return event.type, None
-    return event.type, event.response.usage.normalise()
+    return event.type, Reply(response.usage.normalise(), response.model or "", ())

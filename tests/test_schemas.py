@@ -11,8 +11,8 @@ from proxy.schemas import (
     Usage,
     decode_request,
     read_chunk,
+    read_reply,
     read_response_event,
-    usage_of_body,
     with_stream_usage,
 )
 
@@ -61,29 +61,48 @@ def test_with_stream_usage_sets_only_that_flag(body: bytes) -> None:
     }
 
 
+def usage_of(body: bytes) -> Usage | None:
+    reply = read_reply(body)
+    return reply.usage if reply is not None else None
+
+
 def test_usage_shapes() -> None:
     chat = b'{"usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7, "prompt_tokens_details": {"cached_tokens": 2}, "completion_tokens_details": {"reasoning_tokens": 1}}}'
-    assert usage_of_body(chat) == Usage(3, 4, 7, 2, 1)
+    assert usage_of(chat) == Usage(3, 4, 7, 2, 1)
     responses = b'{"usage": {"input_tokens": 5, "output_tokens": 6, "total_tokens": 11}}'
-    assert usage_of_body(responses) == Usage(5, 6, 11)
+    assert usage_of(responses) == Usage(5, 6, 11)
     embeddings = b'{"usage": {"prompt_tokens": 8, "total_tokens": 8}}'
-    assert usage_of_body(embeddings) == Usage(8, 0, 8)
-    assert usage_of_body(b"not json") is None
-    assert usage_of_body(b'{"id": "x"}') is None
+    assert usage_of(embeddings) == Usage(8, 0, 8)
+    assert read_reply(b"not json") is None
+    assert usage_of(b'{"id": "x"}') is None
+
+
+def test_reply_model_and_finish_reasons() -> None:
+    body = (
+        b'{"model": "gpt-4o-2024-08-06", "choices": [{"index": 0, "finish_reason": "stop", '
+        b'"message": {"content": "hi"}}, {"index": 1, "finish_reason": "length"}], '
+        b'"usage": {"prompt_tokens": 1, "completion_tokens": 2}}'
+    )
+    assert read_reply(body) == (Usage(1, 2, 3), "gpt-4o-2024-08-06", ("stop", "length"))
+    assert read_reply(b'{"object": "list", "data": []}') == (None, "", ())
 
 
 def test_stream_chunks() -> None:
     assert read_chunk(
         b'{"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 2}}'
-    ) == (Usage(1, 2, 3), True)
-    assert read_chunk(b'{"choices": [{"delta": {}}], "usage": null}') == (None, False)
+    ) == (Usage(1, 2, 3), True, "", ())
+    assert read_chunk(b'{"choices": [{"delta": {}}], "usage": null}') == (None, False, "", ())
     assert read_chunk(b'{"choices": [{"delta": {}}], "usage": {"prompt_tokens": 1}}') == (
         Usage(1, 0, 1),
         False,
+        "",
+        (),
     )
+    last = b'{"model": "m-1", "choices": [{"delta": {}, "finish_reason": "tool_calls"}]}'
+    assert read_chunk(last) == (None, False, "m-1", ("tool_calls",))
     assert read_chunk(b"{broken") is None
-    completed = b'{"type": "response.completed", "response": {"id": "r", "usage": {"input_tokens": 2, "output_tokens": 3}}}'
-    assert read_response_event(completed) == ("response.completed", Usage(2, 3, 5))
+    completed = b'{"type": "response.completed", "response": {"id": "r", "model": "m-2", "usage": {"input_tokens": 2, "output_tokens": 3}}}'
+    assert read_response_event(completed) == ("response.completed", (Usage(2, 3, 5), "m-2", ()))
     assert read_response_event(b'{"type": "response.output_text.delta", "delta": "x"}') == (
         "response.output_text.delta",
         None,
