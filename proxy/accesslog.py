@@ -1,7 +1,8 @@
 """The access log: one line per request, JSON or text, never a secret.
 
-Logged: ids, method, path without the query string (it may carry a subscription key), status,
-timings, model and usage. Never logged: keys, headers, bodies.
+Logged: ids (request, subscription, trace), method, path without the query string (it may
+carry a subscription key), status, timings (duration, gateway overhead, time to the first
+streamed chunk), API, operation, model and usage. Never logged: keys, headers, bodies.
 """
 
 from __future__ import annotations
@@ -44,15 +45,23 @@ class AccessLog:
             "stream": ex.stream,
             "prompt_tokens": usage.prompt_tokens if usage else None,
             "completion_tokens": usage.completion_tokens if usage else None,
+            "ttft_ms": round((ex.t_first - ex.t0) * 1000, 3) if ex.t_first else None,
             "error": ex.error_code or None,
+            "trace_id": f"{ex.trace[0]:032x}" if ex.trace else None,
         }
         self._emit(_encoder.encode(record))
 
     def _text(self, ex: Exchange) -> None:
         duration = (time.perf_counter() - ex.t0) * 1000
+        usage = ex.usage
+        tokens = f"{usage.prompt_tokens}/{usage.completion_tokens}" if usage else "-"
+        ttft = f"{(ex.t_first - ex.t0) * 1000:.2f}ms" if ex.t_first else "-"
         line = (
             f'{ex.client_ip} "{ex.method} {ex.path}" {ex.status} {duration:.2f}ms '
-            f"sub={ex.subscription_id or '-'} api={ex.api_id or '-'} id={ex.request_id}"
+            f"overhead={ex.overhead_ms():.3f}ms ttft={ttft} tokens={tokens} "
+            f"sub={ex.subscription_id or '-'} api={ex.api_id or '-'} "
+            f"op={ex.operation or '-'} model={ex.model or '-'} "
+            f"error={ex.error_code or '-'} id={ex.request_id}"
         )
         self._emit(line.encode("utf-8", "replace"))
 

@@ -16,6 +16,8 @@ import os
 import re
 import signal
 import sys
+import time
+from collections.abc import Mapping
 from typing import IO
 
 import msgspec
@@ -34,8 +36,15 @@ from proxy.limits.failover import FailoverLimiter
 from proxy.limits.memory import MemoryLimiter
 from proxy.limits.redis import RedisLimiter
 from proxy.policies.token_limit import token_limits, uses_token_limits
+from proxy.policies.token_metric import token_metrics
 from proxy.relay import Truncated, error_event
 from proxy.routing import Router
+from proxy.telemetry import export, genai, otlp
+from proxy.telemetry.metrics import Gauge, Registry
+from proxy.telemetry.prometheus import CONTENT_TYPE as PROMETHEUS_TYPE
+from proxy.telemetry.recorder import NoTelemetry, Telemetry, gateway_id
+from proxy.telemetry.resource import resource_attributes, version
+from proxy.telemetry.tracecontext import Sampler
 from proxy.tokens import TokenizerRegistry
 from proxy.types import Receive, Scope, Send
 from proxy.upstream import Backends
@@ -48,7 +57,7 @@ _encoder = msgspec.json.Encoder()
 class Runtime:
     """Everything built from one config; replaced whole on reload."""
 
-    def __init__(self, config: Config, limiter: Limiter):
+    def __init__(self, config: Config, limiter: Limiter, registry: Registry | None = None):
         self.config = config
         self.backends = Backends(config)
         tokenizers = TokenizerRegistry(config.tokenizers) if uses_token_limits(config) else None
@@ -61,7 +70,8 @@ class Runtime:
             guard = ApiGuard(config, api, ring)
             if api.type == "openai":
                 limits = token_limits(config, api, limiter, tokenizers)
-                openai = OpenAIHandler(api, guard, self.backends, max_body, limits)
+                metrics = token_metrics(config, api, registry, gateway_id())
+                openai = OpenAIHandler(api, guard, self.backends, max_body, limits, metrics)
                 self.router.add_openai(api.path, openai)
             else:
                 handler = PassthroughHandler(api, guard, self.backends, max_body)
@@ -81,12 +91,16 @@ class Gateway:
         self, config: Config, *, config_path: str | None = None, log_stream: IO[bytes] | None = None
     ):
         self.limiter = make_limiter(config)
-        self.runtime = Runtime(config, self.limiter)
+        self.telemetry, self.exporter = make_telemetry(config, self.limiter)
+        self.runtime = Runtime(config, self.limiter, self.telemetry.registry)
+        self.telemetry.use_backends(backend_urls(config))
         self.config_path = config_path
         self.access_log = AccessLog(config.telemetry.access_log, log_stream)
         self.ready = False
         self._retired: set[asyncio.Task[bool]] = set()
         self._endpoints = {"/healthz": self._healthz, "/readyz": self._readyz}
+        if config.telemetry.prometheus:
+            self._endpoints["/metrics"] = self._metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -101,16 +115,18 @@ class Gateway:
         if endpoint is not None:
             await endpoint(scope, send)
             return
-        runtime = self.runtime
+        runtime, telemetry = self.runtime, self.telemetry
         runtime.active += 1
         exchange = Exchange(
             scope["method"], path, _request_id(scope), runtime.client_address.of(scope)
         )
+        telemetry.begin(exchange, scope)
         try:
             await self._serve(runtime, exchange, scope, receive, send)
         finally:
             runtime.active -= 1
             self.access_log.write(exchange)
+            telemetry.finish(exchange)
 
     async def _serve(
         self, runtime: Runtime, ex: Exchange, scope: Scope, receive: Receive, send: Send
@@ -156,6 +172,10 @@ class Gateway:
         body = {"status": state, "store": store}
         await send_response(send, status, [JSON_TYPE], _encoder.encode(body))
 
+    async def _metrics(self, scope: Scope, send: Send) -> None:
+        body = self.telemetry.metrics_text()
+        await send_response(send, 200, [(b"content-type", PROMETHEUS_TYPE)], body)
+
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         await receive()  # lifespan.startup
         try:
@@ -172,6 +192,8 @@ class Gateway:
 
     async def startup(self) -> None:
         await self.runtime.open()
+        if self.exporter is not None:
+            self.exporter.start()
         self.ready = True
         if self.config_path is not None:
             loop = asyncio.get_running_loop()
@@ -186,6 +208,8 @@ class Gateway:
             task.cancel()
         await self.runtime.close()
         await self.limiter.close()
+        if self.exporter is not None:  # a last export of what is queued, off the loop
+            await asyncio.to_thread(self.exporter.shutdown, EXPORT_SHUTDOWN_SECONDS)
 
     def _on_sighup(self) -> None:
         task = asyncio.ensure_future(self.reload())
@@ -197,12 +221,13 @@ class Gateway:
         assert self.config_path is not None
         try:
             config = config_module.load(self.config_path)
-            runtime = Runtime(config, self.limiter)
+            runtime = Runtime(config, self.limiter, self.telemetry.registry)
             await runtime.open()
         except Exception as exc:
             log.error("tollway: config reload failed, keeping the old config: %s", exc)
             return False
         old, self.runtime = self.runtime, runtime
+        self.telemetry.use_backends(backend_urls(config))
         self.access_log = AccessLog(config.telemetry.access_log, self.access_log.stream)
         log.warning("tollway: config reloaded from %s", self.config_path)
         await _drain(old)
@@ -246,6 +271,70 @@ def make_limiter(config: Config) -> FailoverLimiter | MemoryLimiter:
     if gateway.store == "memory":
         return MemoryLimiter()
     return FailoverLimiter(RedisLimiter.connect(gateway.store), gateway.store_failure_mode)
+
+
+EXPORT_SHUTDOWN_SECONDS = 5.0
+SCOPE = "tollway"
+
+
+def make_telemetry(
+    config: Config, limiter: Limiter, environ: Mapping[str, str] = os.environ
+) -> tuple[Telemetry | NoTelemetry, export.Exporter[otlp.SpanRecord] | None]:
+    """The telemetry for `config`: metrics when `/metrics` or OTLP export is on, spans when
+    OTLP traces are exported (the `otlp-endpoint` and the standard OTEL_* variables), and
+    NoTelemetry when neither. Made once per process and kept across reloads, so counters
+    stay cumulative; a changed endpoint takes effect on restart."""
+    settings = export.settings(config.telemetry.otlp_endpoint, environ)
+    if settings is None and not config.telemetry.prometheus:
+        return NoTelemetry(), None
+    registry = Registry()
+    exporter: export.Exporter[otlp.SpanRecord] | None = None
+    telemetry: Telemetry
+
+    def gauges() -> list[Gauge]:
+        return observed(registry, limiter, exporter)
+
+    if settings is None:
+        return Telemetry(registry, gauges=gauges), None
+    resource = resource_attributes(config.telemetry.service_name, environ)
+    scope_version = version()
+
+    def spans(records: list[otlp.SpanRecord]) -> bytes:
+        return otlp.encode_spans(records, resource, SCOPE, scope_version)
+
+    def metrics() -> bytes:
+        extra = gauges()
+        return otlp.encode_metrics(registry, resource, SCOPE, scope_version, time.time_ns(), extra)
+
+    exporter = export.Exporter(settings, spans, metrics if settings.metrics.url else None, log)
+    traced = exporter if settings.traces.url else None
+    telemetry = Telemetry(registry, spans=traced, sampler=Sampler.from_env(environ), gauges=gauges)
+    return telemetry, exporter
+
+
+def observed(
+    registry: Registry, limiter: Limiter, exporter: export.Exporter[otlp.SpanRecord] | None
+) -> list[Gauge]:
+    """Values read when metrics are exported or scraped: the shared store's health, spans
+    the export queue dropped, measurements folded into overflow series."""
+    out = []
+    if isinstance(limiter, FailoverLimiter):
+        out.append(Gauge(genai.STORE_UNAVAILABLE, "", "1 while the shared token store is down.",
+                         (((), int(limiter.degraded)),)))  # fmt: skip
+        out.append(Gauge(genai.STORE_FAILED_ADMISSIONS, "", "Admissions the store could not take.",
+                         (((), limiter.failed_admissions),), monotonic=True))  # fmt: skip
+    if exporter is not None:
+        out.append(Gauge(genai.SPANS_DROPPED, "", "Spans dropped: the export queue was full.",
+                         (((), exporter.dropped_spans),), monotonic=True))  # fmt: skip
+    folded = tuple(((("metric", name),), n) for name, n in registry.folded().items())
+    if folded:
+        out.append(Gauge(genai.METRIC_FOLDED, "", "Measurements folded into overflow series.",
+                         folded, monotonic=True))  # fmt: skip
+    return out
+
+
+def backend_urls(config: Config) -> dict[str, str]:
+    return {b.id: b.url for b in config.backends if b.type == "single"}
 
 
 def create_app(config: Config, *, config_path: str | None = None) -> Gateway:

@@ -22,6 +22,7 @@ from proxy.errors import RequestTooLargeError
 from proxy.exchange import Exchange
 from proxy.http1 import Body, Response
 from proxy.policies.token_limit import Metering, TokenLimits
+from proxy.policies.token_metric import TokenMetrics
 from proxy.relay import (
     ChatStreamFilter,
     DisconnectWatch,
@@ -38,10 +39,12 @@ from proxy.schemas import (
     RequestView,
     ResponsesRequest,
     decode_request,
-    usage_of_body,
+    max_tokens_of,
+    read_reply,
     wants_usage,
     with_stream_usage,
 )
+from proxy.telemetry.tracecontext import traceparent
 from proxy.types import Headers, Receive, Scope, Send
 from proxy.upstream import Backends, Upstream
 
@@ -78,6 +81,7 @@ class ApiHandler:
             api.subscription_key_names.header.lower().encode("latin-1"),
             b"x-request-id",
         }
+        self._drop_traced = self._drop | {b"traceparent"}
 
     async def __call__(
         self, exchange: Exchange, match: Match[Any], scope: Scope, receive: Receive, send: Send
@@ -97,13 +101,17 @@ class ApiHandler:
     ) -> list[bytes]:
         """The client's headers minus hop-by-hop and credentials, plus the backend's, as
         header lines (the ASGI server has already refused CR/LF in names and values)."""
-        consumed, own, drop = identity.consumed_header, upstream.credential_header, self._drop
+        consumed, own = identity.consumed_header, upstream.credential_header
+        trace = exchange.trace  # traced: the backend's parent is this request's span
+        drop = self._drop if trace is None else self._drop_traced
         out = [
             b"%b: %b\r\n" % pair
             for pair in scope["headers"]
             if pair[0] not in drop and pair[0] != consumed and pair[0] != own
         ]
         out.append(b"x-request-id: %b\r\n" % exchange.request_id.encode("ascii"))
+        if trace is not None:
+            out.append(b"traceparent: %b\r\n" % traceparent(trace[0], trace[1], trace[3]))
         out.append(upstream.credential_line)
         return out
 
@@ -148,11 +156,14 @@ class OpenAIHandler(ApiHandler):
         backends: Backends,
         max_body: int,
         limits: TokenLimits | None = None,
+        token_metrics: TokenMetrics | None = None,
     ):
         super().__init__(api, guard, backends, max_body)
         # The gateway reads every response for usage, so it asks for identity encoding.
         self._drop = self._drop | {b"accept-encoding"}
+        self._drop_traced = self._drop_traced | {b"accept-encoding"}
         self.limits = limits if limits else None
+        self.token_metrics = token_metrics
 
     async def __call__(
         self, exchange: Exchange, match: Match[Any], scope: Scope, receive: Receive, send: Send
@@ -165,6 +176,7 @@ class OpenAIHandler(ApiHandler):
         if operation != "models":
             view = decode_request(operation, body)
             exchange.model = view.model or ""
+            exchange.max_tokens = max_tokens_of(view)
             if isinstance(view, ChatRequest | CompletionRequest) and view.stream:
                 stream_filter = ChatStreamFilter(strip_usage=not wants_usage(view))
                 if stream_filter.strip_usage:
@@ -175,11 +187,11 @@ class OpenAIHandler(ApiHandler):
         upstream = self.backends.pick(self.api.backend)
         exchange.backend_id = upstream.id
         metering = None
+        name = identity.subscription.display_name if identity.subscription else ""
         if self.limits is not None and view is not None:
             policies = self.limits.for_product(exchange.product_id)
             if policies:
                 metering = Metering()
-                name = identity.subscription.display_name if identity.subscription else ""
                 await metering.admit(self.limits, policies, view, len(body), exchange, scope, name)
                 if stream_filter is not None:
                     stream_filter.counter = metering.counter
@@ -198,6 +210,8 @@ class OpenAIHandler(ApiHandler):
         finally:
             if metering is not None:
                 await metering.settle(exchange, error)
+            if self.token_metrics is not None:
+                self.token_metrics.record(exchange.usage, exchange, scope, name)
 
     async def _forward(
         self,
@@ -227,15 +241,15 @@ class OpenAIHandler(ApiHandler):
                     if metering is not None:
                         out += metering.ledger.headers()
                     await exchange.start(send, 200, sse_headers(out))
-                    await relay_events(
-                        response, send, stream_filter.keep, exchange.add_backend_time
-                    )
+                    await relay_events(response, send, stream_filter.keep, exchange)
                     exchange.usage = stream_filter.usage
+                    exchange.response_model = stream_filter.model
+                    exchange.finish_reasons = stream_filter.finish_reasons
                 else:
                     payload = await response.read()
                     exchange.backend_seconds += time.perf_counter() - t
-                    if response.status == 200:
-                        exchange.usage = usage_of_body(payload)
+                    if response.status == 200 and (reply := read_reply(payload)) is not None:
+                        exchange.usage, exchange.response_model, exchange.finish_reasons = reply
                     await self._send_whole(exchange, response, payload, metering, send)
             finally:
                 response.close()

@@ -225,7 +225,18 @@ class Metering:
         if exchange.stream:  # only streams are counted from their deltas
             self.counter = CompletionCounter(count)
         keys = [p.limit(exchange, scope, subscription_name) for p in policies]
-        await self.ledger.admit(policies, keys, self.prompt, self.reserve)
+        try:
+            await self.ledger.admit(policies, keys, self.prompt, self.reserve)
+        except (TokenLimitExceededError, TokenQuotaExceededError) as refusal:
+            exchange.event(
+                "tollway.token_limit.refused",
+                (
+                    ("tollway.token_limit.code", refusal.code),
+                    ("tollway.token_limit.retry_after", refusal.retry_after),
+                    ("tollway.token_limit.requested", self.prompt + self.reserve),
+                ),
+            )
+            raise
 
     def charge(self, exchange: Exchange, error: BaseException | None) -> int:
         """The tokens this request cost, however it ended (README "Token limits")."""

@@ -1,0 +1,290 @@
+"""The Telemetry object: what every request records (SPEC §6 telemetry; issue 5).
+
+`begin(exchange, scope)` continues the caller's W3C trace (or starts one) and decides
+sampling; `finish(exchange)` records the GenAI metrics (`gen_ai.client.*` with the
+conventions' attributes), Tollway's own (`tollway.gateway.overhead`, `tollway.requests`,
+`tollway.tokens`) and hands a sampled span to the exporter. Attribute tuples are prepared once
+per distinct (operation, backend, model, response model, status, error) and reused, so a
+request costs a few dict lookups and bisects, not allocations of attribute maps.
+
+`NoTelemetry` has the same methods and does nothing: the composition root picks one, and
+the hot path never asks whether telemetry is on.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import NamedTuple, Protocol
+from urllib.parse import urlsplit
+
+from proxy.exchange import Exchange
+from proxy.telemetry import genai as g
+from proxy.telemetry.metrics import Counter, Gauge, Registry
+from proxy.telemetry.otlp import SpanRecord
+from proxy.telemetry.prometheus import render
+from proxy.telemetry.tracecontext import (
+    SAMPLED,
+    Sampler,
+    new_span_id,
+    new_trace_id,
+    parse_traceparent,
+    traceparent,
+)
+from proxy.types import Scope
+
+SPAN_KIND_CLIENT = 3
+_GENAI = (
+    g.OPERATION_NAME, g.PROVIDER_NAME, g.REQUEST_MODEL, g.RESPONSE_MODEL,
+    g.SERVER_ADDRESS, g.SERVER_PORT, g.ERROR_TYPE,
+)  # fmt: skip
+_TOKEN_USAGE = (*_GENAI[:4], g.TOKEN_TYPE, *_GENAI[4:6])
+_PREPARED_MAX = 4096
+
+
+class Target(NamedTuple):
+    """Where a backend is, for `server.*` and `gen_ai.provider.name`."""
+
+    address: str
+    port: int
+    provider: str
+
+
+def targets(urls: Mapping[str, str]) -> dict[str, Target]:
+    """Backend id -> Target, from each single backend's URL."""
+    out = {}
+    for backend_id, url in urls.items():
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        out[backend_id] = Target(host, port, g.provider_of(host))
+    return out
+
+
+class _Keys(NamedTuple):
+    """One attribute set's prepared series keys and span attributes."""
+
+    genai: tuple[object, ...] | None  # None: not a GenAI operation
+    input: tuple[object, ...]
+    output: tuple[object, ...]
+    requests: tuple[object, ...]
+    overhead: tuple[object, ...]
+    span_name: str
+    span_constant: tuple[tuple[str, object], ...]
+    error: str
+
+
+class SpanSink(Protocol):
+    def submit(self, item: SpanRecord) -> None: ...
+
+
+class Telemetry:
+    """Records each request's metrics and (when sampled and exported) its span."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        *,
+        spans: SpanSink | None = None,
+        sampler: Sampler | None = None,
+        gauges: Callable[[], Sequence[Gauge]] = tuple,
+    ):
+        self.registry = registry
+        self._spans = spans
+        self._sampler = sampler if spans is not None else None
+        self._gauges = gauges
+        self._targets: dict[str, Target] = {}
+        self._prepared: dict[tuple[object, ...], _Keys] = {}
+        # perf_counter -> unix ns, for span times (one reading; drift over days is noise)
+        self._epoch_ns = time.time_ns() - round(time.perf_counter() * 1e9)
+        r = registry
+        self.token_usage = r.histogram(
+            g.TOKEN_USAGE, "{token}", "Number of input and output tokens used.",
+            _TOKEN_USAGE, g.TOKEN_BUCKETS,
+        )  # fmt: skip
+        self.duration = r.histogram(
+            g.OPERATION_DURATION, "s", "GenAI operation duration.", _GENAI, g.DURATION_BUCKETS
+        )
+        self.first_chunk = r.histogram(
+            g.TIME_TO_FIRST_CHUNK, "s", "Time to receive the first chunk of a streamed response.",
+            _GENAI, g.FIRST_CHUNK_BUCKETS,
+        )  # fmt: skip
+        self.per_chunk = r.histogram(
+            g.TIME_PER_OUTPUT_CHUNK, "s", "Time per output chunk after the first one.",
+            _GENAI, g.PER_CHUNK_BUCKETS,
+        )  # fmt: skip
+        self.overhead = r.histogram(
+            g.OVERHEAD, "s", "Gateway time per request, time waiting on the backend excluded.",
+            (g.API_ID, g.OPERATION_ID), g.OVERHEAD_BUCKETS,
+        )  # fmt: skip
+        self.requests: Counter = r.counter(
+            g.REQUESTS, "{request}", "Requests by API, operation, status code and error.",
+            (g.API_ID, g.OPERATION_ID, g.STATUS_CODE, g.ERROR_TYPE),
+        )  # fmt: skip
+        self.tokens: Counter = r.counter(
+            g.TOKENS, "{token}", "Tokens by subscription, model, API and token type.",
+            (g.SUBSCRIPTION_ID, g.REQUEST_MODEL, g.API_ID, g.TOKEN_TYPE),
+        )  # fmt: skip
+
+    def use_backends(self, urls: Mapping[str, str]) -> None:
+        """The backends of the config now serving (called on start and on every reload)."""
+        self._targets = targets(urls)
+        self._prepared = {}
+
+    # -- per request
+
+    def begin(self, exchange: Exchange, scope: Scope) -> None:
+        """Continue the caller's trace or start one; mark the request for chunk timing."""
+        exchange.time_chunks = True
+        sampler = self._sampler
+        if sampler is None:
+            return
+        parent = None
+        for name, value in scope["headers"]:
+            if name == b"traceparent":
+                parent = parse_traceparent(value)
+                break
+        trace_id = parent.trace_id if parent is not None else new_trace_id()
+        flags = SAMPLED if sampler.sampled(trace_id, parent) else 0
+        parent_id = parent.span_id if parent is not None else 0
+        exchange.trace = (trace_id, new_span_id(), parent_id, flags)
+
+    def finish(self, exchange: Exchange) -> None:
+        """Record what the request did, however it ended."""
+        now = time.perf_counter()
+        ex = exchange
+        key = (ex.operation, ex.backend_id, ex.model, ex.response_model, ex.status, ex.error_code)
+        keys = self._prepared.get(key)
+        if keys is None:
+            keys = self._prepare(ex, key)
+        self.requests.add(1, keys.requests)
+        self.overhead.record(now - ex.t0 - ex.backend_seconds, keys.overhead)
+        genai, usage = keys.genai, ex.usage
+        if genai is not None:
+            self.duration.record(now - ex.t0, genai)
+            if ex.t_first:
+                self.first_chunk.record(ex.t_first - ex.t0, genai)
+                if ex.gaps is not None:
+                    self.per_chunk.merge(ex.gaps, genai)
+            if usage is not None:
+                self.token_usage.record(usage.prompt_tokens, keys.input)
+                self.token_usage.record(usage.completion_tokens, keys.output)
+        if usage is not None:
+            sub = ex.subscription_id
+            self.tokens.add(usage.prompt_tokens, (sub, ex.model, ex.api_id, "input"))
+            self.tokens.add(usage.completion_tokens, (sub, ex.model, ex.api_id, "output"))
+        trace = ex.trace
+        if trace is not None and trace[3] & SAMPLED and self._spans is not None:
+            self._spans.submit(self._span(ex, keys, trace, now))
+
+    def traceparent(self, exchange: Exchange) -> bytes | None:
+        """The `traceparent` the backend gets: this request's span as the parent."""
+        trace = exchange.trace
+        return None if trace is None else traceparent(trace[0], trace[1], trace[3])
+
+    def metrics_text(self) -> bytes:
+        """`GET /metrics`: the Prometheus exposition of this process's metrics."""
+        return render(self.registry, self._gauges())
+
+    # -- internals
+
+    def _prepare(self, ex: Exchange, key: tuple[object, ...]) -> _Keys:
+        if len(self._prepared) >= _PREPARED_MAX:
+            self._prepared.clear()
+        target = self._targets.get(ex.backend_id) or Target("", 0, "openai")
+        op_name = g.OPERATION_NAMES.get(ex.operation)
+        port = target.port or None
+        error = error_type(ex.status, ex.error_code)
+        genai = None
+        if op_name is not None:
+            genai = (op_name, target.provider, ex.model, ex.response_model or ex.model,
+                     target.address, port, error)  # fmt: skip
+        head = genai[:4] if genai is not None else ()
+        tail = genai[4:6] if genai is not None else ()
+        constant: tuple[tuple[str, object], ...] = (
+            (g.API_ID, ex.api_id),
+            (g.OPERATION_ID, ex.operation),
+        )
+        if genai is not None:
+            constant += tuple(zip(_GENAI[:3], genai[:3], strict=True))
+            constant += ((g.SERVER_ADDRESS, target.address), (g.SERVER_PORT, port))
+        name = f"{op_name} {ex.model}".rstrip() if op_name else f"{ex.method} {ex.api_id}"
+        keys = _Keys(
+            genai,
+            (*head, "input", *tail),
+            (*head, "output", *tail),
+            (ex.api_id, ex.operation, ex.status, error),
+            (ex.api_id, ex.operation),
+            name,
+            constant,
+            error,
+        )
+        self._prepared[key] = keys
+        return keys
+
+    def _span(
+        self, ex: Exchange, keys: _Keys, trace: tuple[int, int, int, int], now: float
+    ) -> SpanRecord:
+        epoch, usage = self._epoch_ns, ex.usage
+        attributes: list[tuple[str, object]] = [(g.STATUS_CODE, ex.status)]
+        if keys.genai is not None:
+            attributes += (
+                (g.RESPONSE_MODEL, ex.response_model or None),
+                ("gen_ai.request.max_tokens", ex.max_tokens),
+                ("gen_ai.request.stream", ex.stream),
+                ("gen_ai.response.finish_reasons", ex.finish_reasons or None),
+            )
+            if ex.t_first:
+                attributes.append(("gen_ai.response.time_to_first_chunk", ex.t_first - ex.t0))
+        if usage is not None:
+            attributes += (
+                ("gen_ai.usage.input_tokens", usage.prompt_tokens),
+                ("gen_ai.usage.output_tokens", usage.completion_tokens),
+                ("gen_ai.usage.cache_read.input_tokens", usage.cached_tokens or None),
+                ("gen_ai.usage.reasoning.output_tokens", usage.reasoning_tokens or None),
+            )
+        if ex.subscription_id:
+            attributes.append((g.SUBSCRIPTION_ID, ex.subscription_id))
+        attributes.append(("tollway.overhead", now - ex.t0 - ex.backend_seconds))
+        if keys.error:
+            attributes.append((g.ERROR_TYPE, keys.error))
+        # W3C flags plus OTLP's "has is-remote" bit, and "is remote" when the parent came in
+        flags = trace[3] | 0x100 | (0x200 if trace[2] else 0)
+        return SpanRecord(
+            trace[0], trace[1], trace[2], keys.span_name, SPAN_KIND_CLIENT,
+            epoch + round(ex.t0 * 1e9), epoch + round(now * 1e9),
+            keys.span_constant, tuple(attributes), tuple(ex.events or ()),
+            keys.error, flags,
+        )  # fmt: skip
+
+
+class NoTelemetry:
+    """Telemetry switched off: the same calls, nothing recorded."""
+
+    registry = None
+
+    def use_backends(self, urls: Mapping[str, str]) -> None:
+        pass
+
+    def begin(self, exchange: Exchange, scope: Scope) -> None:
+        pass
+
+    def finish(self, exchange: Exchange) -> None:
+        pass
+
+    def traceparent(self, exchange: Exchange) -> bytes | None:
+        return None
+
+    def metrics_text(self) -> bytes:
+        return b""
+
+
+def error_type(status: int, error_code: str) -> str:
+    """`error.type`: the gateway's error code, else a failed status; "" for a success."""
+    return error_code or (str(status) if status >= 400 else "")
+
+
+def gateway_id() -> str:
+    """The `Gateway ID` dimension: this host's name."""
+    return socket.gethostname()
