@@ -38,6 +38,7 @@ class Ctx:
     auth_script: Path
     open_script: Path
     store: str = "memory"  # the token-limit store profiles in stack.NEEDS_REDIS use
+    otlp: str = ""  # the OTLP sink the auth-otlp profile exports to
     helpers: tuple[int, ...] = ()  # process groups of the run besides backend and gateway
 
     def log(self, text: str) -> None:
@@ -60,7 +61,7 @@ def _serving(ctx: Ctx, profile: str | None, upstream: stack.Service) -> Iterator
         with stack.floor_app(ctx.tmp) as floor:
             yield floor
         return
-    with stack.gateway(ctx.tmp, profile, upstream.url, store=ctx.store) as gw:
+    with stack.gateway(ctx.tmp, profile, upstream.url, store=ctx.store, otlp=ctx.otlp) as gw:
         headers = stack.AUTH_HEADERS if profile != "open" else stack.JSON_HEADERS
         stack.check_chat(gw.url, headers)
         yield gw
@@ -152,14 +153,25 @@ def sweep(ctx: Ctx) -> list[Row]:
 
 
 def policy(ctx: Ctx) -> list[Row]:
-    """Policy cost: each profile at concurrency 1 and 64 (see stack.PROFILES); the Redis
+    """Policy cost: each policy profile at concurrency 1 and 64 (stack.PROFILES); the Redis
     store for the profiles that need one runs on the load core."""
     with stack.redis_server(ctx.tmp) as redis:
         ctx.store, ctx.helpers = redis.url, (redis.pgid,)
         try:
-            return closed_loop(ctx, "policy", [None, *stack.PROFILES], [1, 64])
+            return closed_loop(ctx, "policy", [None, *stack.POLICY_PROFILES], [1, 64])
         finally:
             ctx.store, ctx.helpers = "memory", ()
+
+
+def telemetry(ctx: Ctx) -> list[Row]:
+    """Telemetry cost: none at all, the default (GenAI metrics for /metrics), and OTLP export
+    of every span and the metrics (to bench/otlpsink.py on the load core), at c=1 and 64."""
+    with stack.otlp_sink(ctx.tmp) as sink:
+        ctx.otlp, ctx.helpers = sink.url, (sink.pgid,)
+        try:
+            return closed_loop(ctx, "telemetry", [None, *stack.TELEMETRY_PROFILES], [1, 64])
+        finally:
+            ctx.otlp, ctx.helpers = "", ()
 
 
 def rate(ctx: Ctx) -> list[Row]:
@@ -390,6 +402,7 @@ SCENARIOS: dict[str, Callable[[Ctx], list[Row]]] = {
     "max_streams": max_streams,
     "soak": soak,
     "policy": policy,
+    "telemetry": telemetry,
     "rate": rate,
     "sweep": sweep,
     "floor": floor,

@@ -67,13 +67,25 @@ apis:
     "limit-redis": _TOKEN_LIMIT + _AUTH_SUBSCRIPTIONS,
 }
 NEEDS_REDIS = frozenset({"limit-redis"})
+# The telemetry each profile runs with: by default what a config that says nothing gets
+# (GenAI metrics recorded for /metrics, no export); the telemetry scenario's profiles add
+# "nothing at all" and "OTLP export of every span and the metrics" (to bench/otlpsink.py).
+TELEMETRY: dict[str, str] = {
+    "auth-notelemetry": 'telemetry: {access-log: "off", prometheus: false}',
+    "auth-otlp": 'telemetry: {access-log: "off", otlp-endpoint: "{otlp}"}',
+}
+TELEMETRY_PROFILES = ("auth-notelemetry", "auth", "auth-otlp")
+POLICY_PROFILES = ("open", "auth", "limit-memory", "limit-redis")
+PROFILES["auth-notelemetry"] = PROFILES["auth-otlp"] = PROFILES["auth"]
 
 
-def gateway_config(profile: str, upstream: str, store: str = "memory") -> str:
-    """The YAML config of `profile` forwarding to `upstream` (a base URL ending in /v1)."""
+def gateway_config(profile: str, upstream: str, store: str = "memory", otlp: str = "") -> str:
+    """The YAML config of `profile` forwarding to `upstream` (a base URL ending in /v1);
+    `otlp` is the sink the OTLP profile exports to."""
+    telemetry = TELEMETRY.get(profile, 'telemetry: {access-log: "off"}').replace("{otlp}", otlp)
     head = f"""
 gateway: {{store: "{store if profile in NEEDS_REDIS else "memory"}"}}
-telemetry: {{access-log: "off"}}
+{telemetry}
 backends:
   - {{id: up, url: "{upstream}", max-connections: 4096}}
 """
@@ -134,11 +146,12 @@ def gateway(
     workers: int = 1,
     cpu: str = GATEWAY_CPU,
     store: str = "memory",
+    otlp: str = "",
 ) -> Iterator[Service]:
     """`tollway serve` with `profile`'s config, pinned to `cpu` (a taskset list)."""
     port = procs.free_port()
     config = tmp / f"gateway-{profile}-{port}.yaml"
-    config.write_text(gateway_config(profile, upstream, store))
+    config.write_text(gateway_config(profile, upstream, store, otlp))
     log = tmp / f"gateway-{profile}-{port}.log"
     cmd = [sys.executable, "-m", "proxy", "serve", "--config", str(config)]
     cmd += ["--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]
@@ -157,6 +170,17 @@ def floor_app(tmp: Path, cpu: str = GATEWAY_CPU) -> Iterator[Service]:
         base = f"http://127.0.0.1:{port}{API_PATH}"
         procs.wait_ready(proc, base + "/chat/completions", CHAT_BODY, "application/json", log)
         yield Service(base, proc.pid, log)
+
+
+@contextlib.contextmanager
+def otlp_sink(tmp: Path) -> Iterator[Service]:
+    """bench/otlpsink.py on LOAD_CPU: where the OTLP profile's gateway exports."""
+    port = procs.free_port()
+    log = tmp / f"otlpsink-{port}.log"
+    cmd = [sys.executable, "-m", "bench.otlpsink", "--port", str(port)]
+    with procs.running(cmd, LOAD_CPU, log, child_env()) as proc:
+        procs.wait_ready(proc, f"http://127.0.0.1:{port}/count", None, "", log, timeout=30)
+        yield Service(f"http://127.0.0.1:{port}", proc.pid, log)
 
 
 @contextlib.contextmanager
