@@ -73,10 +73,20 @@ NEEDS_REDIS = frozenset({"limit-redis"})
 TELEMETRY: dict[str, str] = {
     "auth-notelemetry": 'telemetry: {access-log: "off", prometheus: false}',
     "auth-otlp": 'telemetry: {access-log: "off", otlp-endpoint: "{otlp}"}',
+    "auth-otlp-sampled": 'telemetry: {access-log: "off", otlp-endpoint: "{otlp}"}',
 }
-TELEMETRY_PROFILES = ("auth-notelemetry", "auth", "auth-otlp")
+# The environment a profile's gateway gets on top of child_env(): the sampled profile keeps
+# one trace in ten (the OTel SDK's standard ratio sampler, honoured by the gateway).
+PROFILE_ENV: dict[str, dict[str, str]] = {
+    "auth-otlp-sampled": {
+        "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+        "OTEL_TRACES_SAMPLER_ARG": "0.1",
+    },
+}
+TELEMETRY_PROFILES = ("auth-notelemetry", "auth", "auth-otlp-sampled", "auth-otlp")
 POLICY_PROFILES = ("open", "auth", "limit-memory", "limit-redis")
-PROFILES["auth-notelemetry"] = PROFILES["auth-otlp"] = PROFILES["auth"]
+for _name in TELEMETRY:
+    PROFILES[_name] = PROFILES["auth"]
 
 
 def gateway_config(profile: str, upstream: str, store: str = "memory", otlp: str = "") -> str:
@@ -155,7 +165,8 @@ def gateway(
     log = tmp / f"gateway-{profile}-{port}.log"
     cmd = [sys.executable, "-m", "proxy", "serve", "--config", str(config)]
     cmd += ["--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]
-    with procs.running(cmd, cpu, log, child_env()) as proc:
+    env = {**child_env(), **PROFILE_ENV.get(profile, {})}
+    with procs.running(cmd, cpu, log, env) as proc:
         procs.wait_ready(proc, f"http://127.0.0.1:{port}/readyz", None, "", log, timeout=30)
         yield Service(f"http://127.0.0.1:{port}{API_PATH}", proc.pid, log)
 

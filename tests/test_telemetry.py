@@ -19,7 +19,7 @@ from proxy.telemetry import genai
 from proxy.telemetry.metrics import OVERFLOW, Counter, Gauge, Histogram, Registry
 from proxy.telemetry.otlp import SpanRecord
 from proxy.telemetry.prometheus import render
-from proxy.telemetry.recorder import Telemetry, error_type
+from proxy.telemetry.recorder import SpanItem, Telemetry, error_type
 from proxy.telemetry.tracecontext import (
     Parent,
     Sampler,
@@ -181,11 +181,19 @@ def mock() -> Iterator[MockProc]:
 
 
 class Sink:
-    def __init__(self) -> None:
-        self.spans: list[SpanRecord] = []
+    """Where the app's span items go: turned into records as the export thread would."""
 
-    def submit(self, item: SpanRecord) -> None:
-        self.spans.append(item)
+    def __init__(self) -> None:
+        self.items: list[SpanItem] = []
+        self.telemetry: Telemetry | None = None
+
+    def submit(self, item: SpanItem) -> None:
+        self.items.append(item)
+
+    @property
+    def spans(self) -> list[SpanRecord]:
+        assert self.telemetry is not None
+        return [self.telemetry.span_record(item) for item in self.items]
 
 
 def make_config(mock_url: str, policies: str = "") -> config_module.Config:
@@ -207,7 +215,7 @@ def traced(app: Gateway) -> Sink:
     """Swap in a Telemetry whose spans go to a list, keeping the app's registry."""
     sink = Sink()
     assert isinstance(app.telemetry, Telemetry)
-    app.telemetry = Telemetry(app.telemetry.registry, spans=sink, sampler=Sampler())
+    app.telemetry = sink.telemetry = Telemetry(Registry(), spans=sink, sampler=Sampler())
     app.telemetry.use_backends({"mock": app.runtime.config.backends[0].url})
     return sink
 
@@ -219,6 +227,7 @@ def chat(stream: bool = False, **extra: Any) -> dict[str, Any]:
 
 def series(app: Gateway, name: str) -> dict[tuple[object, ...], Any]:
     assert isinstance(app.telemetry, Telemetry)
+    app.telemetry.collect()
     instrument = app.telemetry.registry.get(name)
     assert instrument is not None
     return instrument.series
@@ -417,5 +426,30 @@ def test_concurrent_requests_all_recorded(mock: MockProc) -> None:
         assert sum(series(app, genai.REQUESTS).values()) == 20
         (first,) = series(app, genai.TIME_TO_FIRST_CHUNK).values()
         assert first.count == 10
+
+    run_app(make_config(mock.url), scenario)
+
+
+def test_attribute_sets_beyond_the_cap_fold_into_overflow(
+    mock: MockProc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import proxy.telemetry.recorder as recorder
+
+    monkeypatch.setattr(recorder, "ACCUMULATORS", 2)
+
+    async def scenario(client: httpx.AsyncClient, app: Gateway) -> None:
+        for model in ("m-1", "m-2", "m-3", "m-4"):
+            body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+            r = await client.post("/openai/chat/completions", json=body, headers={"api-key": KEY})
+            assert r.status_code == 200
+        assert isinstance(app.telemetry, Telemetry)
+        assert app.telemetry.folded == 2
+        duration = series(app, genai.OPERATION_DURATION)
+        assert {k[2] for k in duration if k != OVERFLOW} == {"m-1", "m-2"}
+        assert duration[OVERFLOW].count == 2
+        assert series(app, genai.REQUESTS)[OVERFLOW] == 2
+        found = families((await client.get("/metrics")).content)
+        folded = found["tollway_telemetry_metric_folded"].samples[0]
+        assert folded.labels == {"metric": genai.REQUESTS} and folded.value == 2
 
     run_app(make_config(mock.url), scenario)

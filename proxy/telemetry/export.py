@@ -429,8 +429,8 @@ class Exporter(Generic[T]):
         """POST within the endpoint's timeout, retrying what the OTLP/HTTP spec calls
         retryable (429/502/503/504, no response) with backoff or the collector's Retry-After;
         False (and logged) when the data is dropped."""
-        if endpoint.gzip:
-            body = gzip.compress(body, compresslevel=6, mtime=0)
+        if endpoint.gzip:  # level 1: 1.3 us a span against 3.5 at 6, for 46 bytes against 43
+            body = gzip.compress(body, compresslevel=1, mtime=0)
         deadline = time.monotonic() + endpoint.timeout
         backoff, problem = BACKOFF, "no time left before shutdown"
         for attempt in range(1, ATTEMPTS + 1):

@@ -468,10 +468,11 @@ def _histogram_points(histogram: Histogram, times: bytes) -> bytes:
 
 
 def _histogram_point(point: HistogramPoint) -> bytes:
-    """count (4), sum (5), bucket_counts (6), and min (11) and max (12) once there is a value."""
+    """count (4), sum (5), bucket_counts (6), and min (11) and max (12) where they were kept
+    (the per-request accumulators skip them: they are optional in OTLP)."""
     body = _COUNT_SUM.pack(0x21, point.count, 0x29, point.sum)
     body += pb.packed_fixed64(_HISTOGRAM_BUCKETS, point.counts)
-    if point.count:
+    if point.count and point.min <= point.max:
         body += _MIN_MAX.pack(0x59, point.min, 0x61, point.max)
     return body
 

@@ -1,11 +1,17 @@
 """The Telemetry object: what every request records (SPEC §6 telemetry; issue 5).
 
 `begin(exchange, scope)` continues the caller's W3C trace (or starts one) and decides
-sampling; `finish(exchange)` records the GenAI metrics (`gen_ai.client.*` with the
-conventions' attributes), Tollway's own (`tollway.gateway.overhead`, `tollway.requests`,
-`tollway.tokens`) and hands a sampled span to the exporter. Attribute tuples are prepared once
-per distinct (operation, backend, model, response model, status, error) and reused, so a
-request costs a few dict lookups and bisects, not allocations of attribute maps.
+sampling; `finish(exchange)` adds the request to the accumulator of its attribute set and
+hands a sampled span to the exporter. An accumulator holds, for one (operation, backend,
+model, response model, status, error, subscription, API), the bucket counts and sums of
+every histogram and the token totals; `collect()` projects the accumulators onto the
+instruments (`gen_ai.client.*` with the conventions' attributes, `tollway.gateway.overhead`,
+`tollway.requests`, `tollway.tokens`) when metrics are scraped or exported. So a request
+costs one tuple, one dict lookup and a few bisects — no attribute maps, no per-instrument
+lookups — and the span record is built on the export thread from the finished exchange.
+
+Accumulators are capped (`ACCUMULATORS`); beyond that, new attribute sets fold into one
+overflow set (`otel.metric.overflow=true` on every instrument), counted.
 
 `NoTelemetry` has the same methods and does nothing: the composition root picks one, and
 the hot path never asks whether telemetry is on.
@@ -15,13 +21,14 @@ from __future__ import annotations
 
 import socket
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple, Protocol
 from urllib.parse import urlsplit
 
 from proxy.exchange import Exchange
 from proxy.telemetry import genai as g
-from proxy.telemetry.metrics import Counter, Gauge, Registry
+from proxy.telemetry.metrics import OVERFLOW, Counter, Gauge, HistogramPoint, Registry
 from proxy.telemetry.otlp import SpanRecord
 from proxy.telemetry.prometheus import render
 from proxy.telemetry.tracecontext import (
@@ -40,7 +47,6 @@ _GENAI = (
     g.SERVER_ADDRESS, g.SERVER_PORT, g.ERROR_TYPE,
 )  # fmt: skip
 _TOKEN_USAGE = (*_GENAI[:4], g.TOKEN_TYPE, *_GENAI[4:6])
-_PREPARED_MAX = 4096
 
 
 class Target(NamedTuple):
@@ -70,13 +76,39 @@ class _Keys(NamedTuple):
     output: tuple[object, ...]
     requests: tuple[object, ...]
     overhead: tuple[object, ...]
+    tokens_input: tuple[object, ...]
+    tokens_output: tuple[object, ...]
     span_name: str
     span_constant: tuple[tuple[str, object], ...]
     error: str
 
 
+ACCUMULATORS = 10_000  # distinct attribute sets per process before they fold
+
+
+class _Accumulator:
+    """What the requests of one attribute set added up, cumulative."""
+
+    __slots__ = ("count", "duration", "first", "gaps", "input", "input_total", "keys",
+                 "output", "output_total", "overhead")  # fmt: skip
+
+    def __init__(self, keys: _Keys):
+        self.keys = keys
+        self.count = 0
+        self.overhead = HistogramPoint(len(g.OVERHEAD_BUCKETS) + 1)
+        self.duration = HistogramPoint(len(g.DURATION_BUCKETS) + 1)
+        self.first = HistogramPoint(len(g.FIRST_CHUNK_BUCKETS) + 1)
+        self.gaps = HistogramPoint(len(g.PER_CHUNK_BUCKETS) + 1)
+        self.input = HistogramPoint(len(g.TOKEN_BUCKETS) + 1)
+        self.output = HistogramPoint(len(g.TOKEN_BUCKETS) + 1)
+        self.input_total = self.output_total = 0
+
+
+SpanItem = tuple[Exchange, _Keys, float]  # a finished, sampled request and its end time
+
+
 class SpanSink(Protocol):
-    def submit(self, item: SpanRecord) -> None: ...
+    def submit(self, item: SpanItem) -> None: ...
 
 
 class Telemetry:
@@ -95,7 +127,8 @@ class Telemetry:
         self._sampler = sampler if spans is not None else None
         self._gauges = gauges
         self._targets: dict[str, Target] = {}
-        self._prepared: dict[tuple[object, ...], _Keys] = {}
+        self._accumulators: dict[tuple[object, ...], _Accumulator] = {}
+        self.folded = 0  # requests whose attribute set went to the overflow accumulator
         # perf_counter -> unix ns, for span times (one reading; drift over days is noise)
         self._epoch_ns = time.time_ns() - round(time.perf_counter() * 1e9)
         r = registry
@@ -130,7 +163,6 @@ class Telemetry:
     def use_backends(self, urls: Mapping[str, str]) -> None:
         """The backends of the config now serving (called on start and on every reload)."""
         self._targets = targets(urls)
-        self._prepared = {}
 
     # -- per request
 
@@ -154,29 +186,72 @@ class Telemetry:
         """Record what the request did, however it ended."""
         now = time.perf_counter()
         ex = exchange
-        key = (ex.operation, ex.backend_id, ex.model, ex.response_model, ex.status, ex.error_code)
-        keys = self._prepared.get(key)
-        if keys is None:
-            keys = self._prepare(ex, key)
-        self.requests.add(1, keys.requests)
-        self.overhead.record(now - ex.t0 - ex.backend_seconds, keys.overhead)
-        genai, usage = keys.genai, ex.usage
-        if genai is not None:
-            self.duration.record(now - ex.t0, genai)
-            if ex.t_first:
-                self.first_chunk.record(ex.t_first - ex.t0, genai)
-                if ex.gaps is not None:
-                    self.per_chunk.merge(ex.gaps, genai)
-            if usage is not None:
-                self.token_usage.record(usage.prompt_tokens, keys.input)
-                self.token_usage.record(usage.completion_tokens, keys.output)
+        key = (ex.operation, ex.backend_id, ex.model, ex.response_model, ex.status,
+               ex.error_code, ex.subscription_id, ex.api_id)  # fmt: skip
+        acc = self._accumulators.get(key)
+        if acc is None:
+            acc = self._accumulator(ex, key)
+        acc.count += 1
+        elapsed = now - ex.t0
+        point = acc.overhead
+        overhead = elapsed - ex.backend_seconds
+        point.counts[bisect_left(g.OVERHEAD_BUCKETS, overhead)] += 1
+        point.count += 1
+        point.sum += overhead
+        point = acc.duration
+        point.counts[bisect_left(g.DURATION_BUCKETS, elapsed)] += 1
+        point.count += 1
+        point.sum += elapsed
+        if ex.t_first:
+            point, first = acc.first, ex.t_first - ex.t0
+            point.counts[bisect_left(g.FIRST_CHUNK_BUCKETS, first)] += 1
+            point.count += 1
+            point.sum += first
+            if ex.gaps is not None:
+                acc.gaps.merge(ex.gaps)
+        usage = ex.usage
         if usage is not None:
-            sub = ex.subscription_id
-            self.tokens.add(usage.prompt_tokens, (sub, ex.model, ex.api_id, "input"))
-            self.tokens.add(usage.completion_tokens, (sub, ex.model, ex.api_id, "output"))
+            tokens = usage.prompt_tokens
+            point = acc.input
+            point.counts[bisect_left(g.TOKEN_BUCKETS, tokens)] += 1
+            point.count += 1
+            point.sum += tokens
+            acc.input_total += tokens
+            tokens = usage.completion_tokens
+            point = acc.output
+            point.counts[bisect_left(g.TOKEN_BUCKETS, tokens)] += 1
+            point.count += 1
+            point.sum += tokens
+            acc.output_total += tokens
         trace = ex.trace
         if trace is not None and trace[3] & SAMPLED and self._spans is not None:
-            self._spans.submit(self._span(ex, keys, trace, now))
+            self._spans.submit((ex, acc.keys, now))
+
+    def collect(self) -> None:
+        """Project the accumulators onto the instruments (before a scrape or an export);
+        safe from the export thread while requests keep adding up."""
+        requests: dict[tuple[object, ...], float] = {}
+        tokens: dict[tuple[object, ...], float] = {}
+        overhead: dict[tuple[object, ...], HistogramPoint] = {}
+        genai: tuple[dict[tuple[object, ...], HistogramPoint], ...] = ({}, {}, {})
+        usage: dict[tuple[object, ...], HistogramPoint] = {}
+        for acc in list(self._accumulators.values()):
+            k = acc.keys
+            requests[k.requests] = requests.get(k.requests, 0) + acc.count
+            _add(overhead, k.overhead, acc.overhead)
+            if acc.input.count or acc.output.count:
+                tokens[k.tokens_input] = tokens.get(k.tokens_input, 0) + acc.input_total
+                tokens[k.tokens_output] = tokens.get(k.tokens_output, 0) + acc.output_total
+            if k.genai is None:
+                continue
+            for series, point in zip(genai, (acc.duration, acc.first, acc.gaps), strict=True):
+                _add(series, k.genai, point)
+            _add(usage, k.input, acc.input)
+            _add(usage, k.output, acc.output)
+        self.requests.series, self.tokens.series = requests, tokens
+        self.overhead.series, self.token_usage.series = overhead, usage
+        self.duration.series, self.first_chunk.series, self.per_chunk.series = genai[:3]
+        self.requests.folded = self.folded
 
     def traceparent(self, exchange: Exchange) -> bytes | None:
         """The `traceparent` the backend gets: this request's span as the parent."""
@@ -185,13 +260,23 @@ class Telemetry:
 
     def metrics_text(self) -> bytes:
         """`GET /metrics`: the Prometheus exposition of this process's metrics."""
+        self.collect()
         return render(self.registry, self._gauges())
 
     # -- internals
 
-    def _prepare(self, ex: Exchange, key: tuple[object, ...]) -> _Keys:
-        if len(self._prepared) >= _PREPARED_MAX:
-            self._prepared.clear()
+    def _accumulator(self, ex: Exchange, key: tuple[object, ...]) -> _Accumulator:
+        """The accumulator for a new attribute set (or the overflow one, once full)."""
+        if len(self._accumulators) >= ACCUMULATORS:
+            self.folded += 1
+            acc = self._accumulators.get(_OVERFLOW_KEY)
+            if acc is None:
+                acc = self._accumulators[_OVERFLOW_KEY] = _Accumulator(_OVERFLOW_KEYS)
+            return acc
+        acc = self._accumulators[key] = _Accumulator(self._keys(ex))
+        return acc
+
+    def _keys(self, ex: Exchange) -> _Keys:
         target = self._targets.get(ex.backend_id) or Target("", 0, "openai")
         op_name = g.OPERATION_NAMES.get(ex.operation)
         port = target.port or None
@@ -210,22 +295,24 @@ class Telemetry:
             constant += tuple(zip(_GENAI[:3], genai[:3], strict=True))
             constant += ((g.SERVER_ADDRESS, target.address), (g.SERVER_PORT, port))
         name = f"{op_name} {ex.model}".rstrip() if op_name else f"{ex.method} {ex.api_id}"
-        keys = _Keys(
+        return _Keys(
             genai,
             (*head, "input", *tail),
             (*head, "output", *tail),
             (ex.api_id, ex.operation, ex.status, error),
             (ex.api_id, ex.operation),
+            (ex.subscription_id, ex.model, ex.api_id, "input"),
+            (ex.subscription_id, ex.model, ex.api_id, "output"),
             name,
             constant,
             error,
         )
-        self._prepared[key] = keys
-        return keys
 
-    def _span(
-        self, ex: Exchange, keys: _Keys, trace: tuple[int, int, int, int], now: float
-    ) -> SpanRecord:
+    def span_record(self, item: SpanItem) -> SpanRecord:
+        """The span of a finished request, as `finish` queued it (on the export thread)."""
+        ex, keys, now = item
+        trace = ex.trace
+        assert trace is not None  # only traced requests are queued
         epoch, usage = self._epoch_ns, ex.usage
         attributes: list[tuple[str, object]] = [(g.STATUS_CODE, ex.status)]
         if keys.genai is not None:
@@ -278,6 +365,24 @@ class NoTelemetry:
 
     def metrics_text(self) -> bytes:
         return b""
+
+
+def _add(
+    series: dict[tuple[object, ...], HistogramPoint], key: tuple[object, ...], point: HistogramPoint
+) -> None:
+    """Sum `point` into `series[key]` (a fresh point: the accumulator's keeps counting)."""
+    if not point.count:
+        return
+    into = series.get(key)
+    if into is None:
+        into = series[key] = HistogramPoint(len(point.counts))
+    into.merge(point)
+
+
+_OVERFLOW_KEY = ("\x00overflow",)
+_OVERFLOW_KEYS = _Keys(
+    OVERFLOW, OVERFLOW, OVERFLOW, OVERFLOW, OVERFLOW, OVERFLOW, OVERFLOW, "overflow", (), ""
+)
 
 
 def error_type(status: int, error_code: str) -> str:
