@@ -5,15 +5,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, NoReturn
 
 from proxy import config as config_module
+from proxy.telemetry.shared import ENV as SHARED_METRICS_ENV
 
 DEFAULT_CONFIG = "config/tollway.yaml"
 # Long LLM streams hold a request each for minutes; one worker carries thousands of them.
@@ -113,14 +116,22 @@ def _serve(args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
-    _granian(
-        "proxy.app:app_factory",
-        args.host,
-        args.port,
-        args.workers,
-        args.max_concurrency,
-        args.http,
-    ).serve()
+    shared = None
+    if args.workers > 1:  # one /metrics for all workers (proxy/telemetry/shared.py)
+        shared = tempfile.mkdtemp(prefix="tollway-metrics-")
+        os.environ[SHARED_METRICS_ENV] = shared
+    try:
+        _granian(
+            "proxy.app:app_factory",
+            args.host,
+            args.port,
+            args.workers,
+            args.max_concurrency,
+            args.http,
+        ).serve()
+    finally:
+        if shared is not None:
+            shutil.rmtree(shared, ignore_errors=True)
     return 0
 
 

@@ -17,7 +17,7 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import IO
 
 import msgspec
@@ -44,6 +44,8 @@ from proxy.telemetry.metrics import Gauge, Registry
 from proxy.telemetry.prometheus import CONTENT_TYPE as PROMETHEUS_TYPE
 from proxy.telemetry.recorder import NoTelemetry, SpanItem, Telemetry, gateway_id
 from proxy.telemetry.resource import resource_attributes, version
+from proxy.telemetry.shared import ENV as SHARED_ENV
+from proxy.telemetry.shared import Snapshots
 from proxy.telemetry.tracecontext import Sampler
 from proxy.tokens import TokenizerRegistry
 from proxy.types import Receive, Scope, Send
@@ -173,7 +175,7 @@ class Gateway:
         await send_response(send, status, [JSON_TYPE], _encoder.encode(body))
 
     async def _metrics(self, scope: Scope, send: Send) -> None:
-        body = self.telemetry.metrics_text()
+        body = await asyncio.to_thread(self.telemetry.metrics_text)
         await send_response(send, 200, [(b"content-type", PROMETHEUS_TYPE)], body)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
@@ -194,6 +196,8 @@ class Gateway:
         await self.runtime.open()
         if self.exporter is not None:
             self.exporter.start()
+        if (shared := getattr(self.telemetry, "shared", None)) is not None:
+            shared.start()
         self.ready = True
         if self.config_path is not None:
             loop = asyncio.get_running_loop()
@@ -210,6 +214,8 @@ class Gateway:
         await self.limiter.close()
         if self.exporter is not None:  # a last export of what is queued, off the loop
             await asyncio.to_thread(self.exporter.shutdown, EXPORT_SHUTDOWN_SECONDS)
+        if (shared := getattr(self.telemetry, "shared", None)) is not None:
+            await asyncio.to_thread(shared.stop)
 
     def _on_sighup(self) -> None:
         task = asyncio.ensure_future(self.reload())
@@ -295,8 +301,16 @@ def make_telemetry(
     def gauges() -> list[Gauge]:
         return observed(registry, limiter, exporter)
 
+    shared = None
+    if directory := environ.get(SHARED_ENV, ""):  # tollway serve --workers N sets it
+
+        def read() -> tuple[Registry, Sequence[Gauge]]:
+            return telemetry.snapshot()
+
+        shared = Snapshots(directory, read, log)
     if settings is None:
-        return Telemetry(registry, gauges=gauges), None
+        telemetry = Telemetry(registry, gauges=gauges, shared=shared)
+        return telemetry, None
     resource = resource_attributes(config.telemetry.service_name, environ)
     scope_version = version()
 
@@ -318,7 +332,8 @@ def make_telemetry(
 
     exporter = export.Exporter(settings, spans, metrics if settings.metrics.url else None, log)
     traced = exporter if settings.traces.url else None
-    telemetry = Telemetry(registry, spans=traced, sampler=Sampler.from_env(environ), gauges=gauges)
+    sampler = Sampler.from_env(environ)
+    telemetry = Telemetry(registry, spans=traced, sampler=sampler, gauges=gauges, shared=shared)
     return telemetry, exporter
 
 

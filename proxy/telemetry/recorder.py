@@ -31,6 +31,7 @@ from proxy.telemetry import genai as g
 from proxy.telemetry.metrics import OVERFLOW, Counter, Gauge, HistogramPoint, Registry
 from proxy.telemetry.otlp import SpanRecord
 from proxy.telemetry.prometheus import render
+from proxy.telemetry.shared import Snapshots, merge
 from proxy.telemetry.tracecontext import (
     SAMPLED,
     Sampler,
@@ -121,8 +122,10 @@ class Telemetry:
         spans: SpanSink | None = None,
         sampler: Sampler | None = None,
         gauges: Callable[[], Sequence[Gauge]] = tuple,
+        shared: Snapshots | None = None,
     ):
         self.registry = registry
+        self.shared = shared
         self._spans = spans
         self._sampler = sampler if spans is not None else None
         self._gauges = gauges
@@ -259,9 +262,17 @@ class Telemetry:
         return None if trace is None else traceparent(trace[0], trace[1], trace[3])
 
     def metrics_text(self) -> bytes:
-        """`GET /metrics`: the Prometheus exposition of this process's metrics."""
+        """`GET /metrics`: the Prometheus exposition of this process's metrics, plus the
+        other workers' when the server runs several (reads files: call off the loop)."""
         self.collect()
-        return render(self.registry, self._gauges())
+        if self.shared is None:
+            return render(self.registry, self._gauges())
+        return render(*merge(self.registry, self._gauges(), self.shared.others()))
+
+    def snapshot(self) -> tuple[Registry, Sequence[Gauge]]:
+        """Collected instruments and gauges, for this worker's shared snapshot."""
+        self.collect()
+        return self.registry, self._gauges()
 
     # -- internals
 
