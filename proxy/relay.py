@@ -150,7 +150,7 @@ class ResponsesStreamFilter:
             return False
         reply = read[1]
         if reply is not None:
-            self.usage, self.model = reply.usage, reply.model
+            self.usage, self.model, _ = reply
         return True
 
 

@@ -8,7 +8,6 @@ fields are ignored so new OpenAI parameters pass through untouched.
 from __future__ import annotations
 
 import re
-from typing import NamedTuple
 
 import msgspec
 
@@ -134,7 +133,13 @@ class _ReplyView(msgspec.Struct):
     usage: _WireUsage | None = None
 
     def finish_reasons(self) -> tuple[str, ...]:
-        return tuple(c.finish_reason for c in self.choices or () if c.finish_reason)
+        choices = self.choices
+        if not choices:
+            return ()
+        if len(choices) == 1:  # the common case, without a generator (~0.5 us)
+            reason = choices[0].finish_reason
+            return (reason,) if reason else ()
+        return tuple(c.finish_reason for c in choices if c.finish_reason)
 
 
 class _ResponseEventView(msgspec.Struct):
@@ -142,22 +147,14 @@ class _ResponseEventView(msgspec.Struct):
     response: _ReplyView | None = None
 
 
-class Reply(NamedTuple):
-    """What the telemetry and the token accounting read from a backend's reply."""
-
-    usage: Usage | None
-    model: str
-    finish_reasons: tuple[str, ...]
-
-
-class Chunk(NamedTuple):
-    """One streamed chat/completions chunk; `usage_only` marks the extra chunk (`"choices":
-    []` plus usage) that the gateway asks for and removes again for clients that did not."""
-
-    usage: Usage | None
-    usage_only: bool
-    model: str
-    finish_reasons: tuple[str, ...]
+# What the telemetry and the token accounting read from a backend's reply: (usage, model,
+# finish reasons). Plain tuples, not NamedTuples: one is made per reply and per streamed
+# chunk, and a NamedTuple's Python-level __new__ costs ~0.25 us each.
+Reply = tuple[Usage | None, str, tuple[str, ...]]
+# A streamed chat/completions chunk: (usage, usage_only, model, finish reasons); usage_only
+# marks the extra chunk (`"choices": []` plus usage) that the gateway asks for and removes
+# again for clients that did not.
+Chunk = tuple[Usage | None, bool, str, tuple[str, ...]]
 
 
 _DECODERS: dict[str, msgspec.json.Decoder[RequestView]] = {
@@ -244,7 +241,7 @@ def read_reply(body: bytes) -> Reply | None:
     except msgspec.DecodeError:
         return None
     usage = reply.usage.normalise() if reply.usage is not None else None
-    return Reply(usage, reply.model or "", reply.finish_reasons())
+    return usage, reply.model or "", reply.finish_reasons()
 
 
 def read_chunk(data: bytes) -> Chunk | None:
@@ -254,8 +251,8 @@ def read_chunk(data: bytes) -> Chunk | None:
     except msgspec.DecodeError:
         return None
     if chunk.usage is None:
-        return Chunk(None, False, chunk.model or "", chunk.finish_reasons())
-    return Chunk(chunk.usage.normalise(), not chunk.choices, chunk.model or "", ())
+        return None, False, chunk.model or "", chunk.finish_reasons()
+    return chunk.usage.normalise(), not chunk.choices, chunk.model or "", ()
 
 
 def read_response_event(data: bytes) -> tuple[str, Reply | None] | None:
@@ -268,4 +265,4 @@ def read_response_event(data: bytes) -> tuple[str, Reply | None] | None:
     response = event.response
     if response is None or response.usage is None:
         return event.type, None
-    return event.type, Reply(response.usage.normalise(), response.model or "", ())
+    return event.type, (response.usage.normalise(), response.model or "", ())

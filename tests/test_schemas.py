@@ -63,7 +63,7 @@ def test_with_stream_usage_sets_only_that_flag(body: bytes) -> None:
 
 def usage_of(body: bytes) -> Usage | None:
     reply = read_reply(body)
-    return reply.usage if reply is not None else None
+    return reply[0] if reply is not None else None
 
 
 def test_usage_shapes() -> None:
