@@ -1,0 +1,96 @@
+"""A/B checkouts: the same closed-loop load on gateways built from different commits.
+
+    python -m bench.ab HEAD~3:auth .:auth-notelemetry .:auth [--rounds 6] [--duration 5]
+
+Each argument is `REV:PROFILE` (`.` is the working tree; a profile of bench/stack.py as the
+working tree defines it). A REV other than `.` is checked out into a temporary git worktree.
+nginx serves the fixed chat reply on the load core; every variant's gateway runs on the
+gateway core in turn, the order reversed every other round; wrk at concurrency 1 and 64.
+Prints each run and the medians: req/s, the gateway's CPU per request, p50 and p99.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from bench import loadgen, procs, stack
+
+
+@contextlib.contextmanager
+def checkout(rev: str) -> Iterator[Path]:
+    """The repository at `rev`: the working tree for `.`, else a temporary worktree."""
+    if rev == ".":
+        yield stack.REPO
+        return
+    path = Path(tempfile.mkdtemp(prefix="tollway-ab-"))
+    git = ["git", "-C", str(stack.REPO)]
+    subprocess.run([*git, "worktree", "add", "--detach", str(path), rev], check=True,
+                   capture_output=True)  # fmt: skip
+    try:
+        yield path
+    finally:
+        subprocess.run([*git, "worktree", "remove", "--force", str(path)], check=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.ab", description=__doc__)
+    p.add_argument("variants", nargs="+", help="REV:PROFILE")
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--duration", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    args = p.parse_args(argv)
+    variants = [tuple(v.rsplit(":", 1)) for v in args.variants]
+    home = stack.REPO
+    results: dict[tuple[str, int], list[tuple[float, float, float, float]]] = {}
+    with contextlib.ExitStack() as stack_, tempfile.TemporaryDirectory() as t:
+        repos = {rev: stack_.enter_context(checkout(rev)) for rev, _ in variants}
+        tmp = Path(t)
+        script = loadgen.write_wrk_script(tmp / "a.lua", "POST", stack.CHAT_BODY,
+                                          stack.AUTH_HEADERS)  # fmt: skip
+        with stack.nginx_backend(tmp) as nginx:
+            for rnd in range(args.rounds):
+                for rev, profile in variants if rnd % 2 == 0 else variants[::-1]:
+                    # the gateway child imports from its cwd and PYTHONPATH: the checkout's
+                    stack.REPO = repos[rev]
+                    os.chdir(repos[rev])
+                    try:
+                        with stack.gateway(tmp, profile, nginx.url) as gw:
+                            _measure(f"{rev}:{profile}", gw, script, args, results)
+                    finally:
+                        stack.REPO = home
+                        os.chdir(home)
+    for (name, c), rows in results.items():
+        med = [statistics.median(r[i] for r in rows) for i in range(4)]
+        print(f"MEDIAN {name:32} c={c:<3} {med[0]:9.0f} req/s {med[1]:6.1f} us/req "
+              f"p50 {med[2]:.3f} ms p99 {med[3]:.3f} ms")  # fmt: skip
+    return 0
+
+
+def _measure(
+    name: str,
+    gw: stack.Service,
+    script: Path,
+    args: argparse.Namespace,
+    results: dict[tuple[str, int], list[tuple[float, float, float, float]]],
+) -> None:
+    url = gw.url + "/chat/completions"
+    for c in (1, 64):
+        loadgen.wrk(url, c, args.warmup, script, stack.LOAD_CPU)
+        cpu = procs.group_cpu_seconds(gw.pgid)
+        row = loadgen.wrk(url, c, args.duration, script, stack.LOAD_CPU)
+        us = (procs.group_cpu_seconds(gw.pgid) - cpu) / float(row["requests"]) * 1e6
+        p50, p99 = float(row["p50_ms"]), float(row["p99_ms"])
+        results.setdefault((name, c), []).append((float(row["req_s"]), us, p50, p99))
+        print(f"{name:32} c={c:<3} {row['req_s']:9.0f} req/s {us:6.1f} us/req "
+              f"p50 {p50:.3f} ms p99 {p99:.3f} ms", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
