@@ -64,6 +64,12 @@ def test_usage_chunk_is_injected_and_stripped(
     assert json.loads(_record(mock, rid)["body"])["stream_options"] == {"include_usage": True}
     log = next(line for line in gateway.access_log() if line["request_id"] == rid)
     assert log["completion_tokens"] == 16  # billed from the usage chunk either way
+    assert 0 < log["ttft_ms"] <= log["duration_ms"]
+    assert log["overhead_ms"] < log["duration_ms"]
+    assert (log["subscription"], log["api"], log["operation"], log["model"]) == (
+        "team-a", "chat", "chat-completions", CHAT["model"],
+    )  # fmt: skip
+    assert log["trace_id"] is None  # no spans are exported by this config
 
 
 def test_client_disconnect_mid_stream_cancels_backend_within_100ms(

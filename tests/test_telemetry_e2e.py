@@ -175,6 +175,10 @@ def test_streamed_and_whole_chat_arrive_as_spans_with_genai_attributes(
     duration = (int(span["endTimeUnixNano"]) - int(span["startTimeUnixNano"])) / 1e9
     assert 0 < a["gen_ai.response.time_to_first_chunk"] < duration
 
+    (logged,) = [line for line in gateway.access_log() if line["trace_id"] == CLIENT_TRACE]
+    assert logged["prompt_tokens"] == whole.usage.prompt_tokens
+    assert KEY not in gateway.log()
+
     entry = receiver.received("/v1/traces")[0]
     assert entry["content_type"] == "application/x-protobuf"
     assert entry["headers"]["x-tenant"] == "team a"
