@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from proxy import config as config_module
 from proxy.app import Gateway
@@ -54,6 +55,17 @@ async def post(client: httpx.AsyncClient) -> httpx.Response:
     return await client.post("/openai/chat/completions", json=BODY, headers=HEADERS)
 
 
+async def store_metrics(client: httpx.AsyncClient) -> dict[str, float]:
+    """The store's health as /metrics shows it (the metric a dashboard alerts on)."""
+    text = (await client.get("/metrics")).text
+    return {
+        s.name: s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name.startswith("tollway_limits_store_")
+    }
+
+
 def limiter_of(app: Gateway) -> FailoverLimiter:
     limiter = app.limiter
     assert isinstance(limiter, FailoverLimiter)
@@ -80,11 +92,15 @@ def test_open_mode_serves_on_local_counters_and_recovers(
         assert local > 0  # counted per process while Redis was away
         ready = await client.get("/readyz")
         assert (ready.status_code, ready.json()["status"]) == (200, "degraded")
+        metrics = await store_metrics(client)
+        assert metrics["tollway_limits_store_unavailable"] == 1
+        assert metrics["tollway_limits_store_failed_admissions_total"] == 3
 
         own_server.start()  # back on the same port: no restart of the gateway
         assert (await post(client)).status_code == 200
         assert not limiter.degraded
         assert (await client.get("/readyz")).json()["status"] == "ready"
+        assert (await store_metrics(client))["tollway_limits_store_unavailable"] == 0
         after, _ = await limiter.store.usage(Limit("team-a", 100000, None))
         assert after > 0  # shared counting resumed (the old counts were lost with the server)
 
