@@ -42,7 +42,7 @@ from proxy.routing import Router
 from proxy.telemetry import export, genai, otlp
 from proxy.telemetry.metrics import Gauge, Registry
 from proxy.telemetry.prometheus import CONTENT_TYPE as PROMETHEUS_TYPE
-from proxy.telemetry.recorder import NoTelemetry, SpanItem, Telemetry, gateway_id
+from proxy.telemetry.recorder import NoTelemetry, Telemetry, gateway_id
 from proxy.telemetry.resource import resource_attributes, version
 from proxy.telemetry.shared import ENV as SHARED_ENV
 from proxy.telemetry.shared import Snapshots
@@ -280,13 +280,12 @@ def make_limiter(config: Config) -> FailoverLimiter | MemoryLimiter:
 
 
 EXPORT_SHUTDOWN_SECONDS = 5.0
-EXPORT_SLICE = 16  # spans encoded between GIL releases on the export thread (~0.15 ms)
 SCOPE = "tollway"
 
 
 def make_telemetry(
     config: Config, limiter: Limiter, environ: Mapping[str, str] = os.environ
-) -> tuple[Telemetry | NoTelemetry, export.Exporter[SpanItem] | None]:
+) -> tuple[Telemetry | NoTelemetry, export.Exporter[bytes] | None]:
     """The telemetry for `config`: metrics when `/metrics` or OTLP export is on, spans when
     OTLP traces are exported (the `otlp-endpoint` and the standard OTEL_* variables), and
     NoTelemetry when neither. Made once per process and kept across reloads, so counters
@@ -295,7 +294,7 @@ def make_telemetry(
     if settings is None and not config.telemetry.prometheus:
         return NoTelemetry(), None
     registry = Registry()
-    exporter: export.Exporter[SpanItem] | None = None
+    exporter: export.Exporter[bytes] | None = None
     telemetry: Telemetry
 
     def gauges() -> list[Gauge]:
@@ -314,16 +313,8 @@ def make_telemetry(
     resource = resource_attributes(config.telemetry.service_name, environ)
     scope_version = version()
 
-    def spans(items: list[SpanItem]) -> bytes:
-        """On the export thread: records built and encoded a slice at a time, the GIL let go
-        between slices so the event loop never waits a whole batch (concatenated requests
-        are one request: protobuf appends repeated fields)."""
-        out = []
-        for at in range(0, len(items), EXPORT_SLICE):
-            records = [telemetry.span_record(i) for i in items[at : at + EXPORT_SLICE]]
-            out.append(otlp.encode_spans(records, resource, SCOPE, scope_version))
-            time.sleep(0)
-        return b"".join(out)
+    def spans(encoded: list[bytes]) -> bytes:
+        return otlp.encode_span_request(encoded, resource, SCOPE, scope_version)
 
     def metrics() -> bytes:
         telemetry.collect()
@@ -338,7 +329,7 @@ def make_telemetry(
 
 
 def observed(
-    registry: Registry, limiter: Limiter, exporter: export.Exporter[SpanItem] | None
+    registry: Registry, limiter: Limiter, exporter: export.Exporter[bytes] | None
 ) -> list[Gauge]:
     """Values read when metrics are exported or scraped: the shared store's health, spans
     the export queue dropped, measurements folded into overflow series."""

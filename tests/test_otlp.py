@@ -24,7 +24,13 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 from proxy.telemetry import otlp, protobuf
 from proxy.telemetry.metrics import OVERFLOW_ATTRIBUTE, Gauge, Registry
-from proxy.telemetry.otlp import SpanRecord, encode_metrics, encode_spans
+from proxy.telemetry.otlp import (
+    SpanRecord,
+    encode_metrics,
+    encode_span,
+    encode_span_request,
+    encode_spans,
+)
 
 RESOURCE = (("service.name", "tollway"), ("service.instance.id", "abc"), ("process.pid", 42))
 SCOPE, VERSION = "tollway", "0.1.0"
@@ -605,3 +611,13 @@ def test_monotonic_gauge_is_a_cumulative_sum_since_the_registry_start() -> None:
     assert number_points(m.sum.data_points) == [([], (int, 7))]
     (point,) = m.sum.data_points
     assert (point.start_time_unix_nano, point.time_unix_nano) == (registry.start_ns, now)
+
+
+def test_spans_encoded_one_by_one_make_the_same_request() -> None:
+    records = [span(attributes=EVERY_TYPE, error="e" if i % 2 else "") for i in range(5)]
+    whole = encode_spans(records, RESOURCE, SCOPE, VERSION)
+    one_by_one = encode_span_request([encode_span(r) for r in records], RESOURCE, SCOPE, VERSION)
+    assert one_by_one == whole
+    _, got = decode_spans(one_by_one)
+    assert [s.status.message for s in got] == ["", "e", "", "e", ""]
+    assert encode_span_request([], RESOURCE, SCOPE, VERSION) == b""

@@ -19,7 +19,7 @@ from proxy.telemetry import genai
 from proxy.telemetry.metrics import OVERFLOW, Counter, Gauge, Histogram, Registry
 from proxy.telemetry.otlp import SpanRecord
 from proxy.telemetry.prometheus import render
-from proxy.telemetry.recorder import SpanItem, Telemetry, error_type
+from proxy.telemetry.recorder import Telemetry, error_type
 from proxy.telemetry.tracecontext import (
     Parent,
     Sampler,
@@ -181,19 +181,15 @@ def mock() -> Iterator[MockProc]:
 
 
 class Sink:
-    """Where the app's span items go: turned into records as the export thread would."""
+    """Where the app's spans go: the records themselves (the telemetry made with
+    `encode=` the identity; tests/test_otlp.py checks their encoding)."""
 
     def __init__(self) -> None:
-        self.items: list[SpanItem] = []
+        self.spans: list[SpanRecord] = []
         self.telemetry: Telemetry | None = None
 
-    def submit(self, item: SpanItem) -> None:
-        self.items.append(item)
-
-    @property
-    def spans(self) -> list[SpanRecord]:
-        assert self.telemetry is not None
-        return [self.telemetry.span_record(item) for item in self.items]
+    def submit(self, item: SpanRecord) -> None:
+        self.spans.append(item)
 
 
 def make_config(mock_url: str, policies: str = "") -> config_module.Config:
@@ -215,7 +211,9 @@ def traced(app: Gateway) -> Sink:
     """Swap in a Telemetry whose spans go to a list, keeping the app's registry."""
     sink = Sink()
     assert isinstance(app.telemetry, Telemetry)
-    app.telemetry = sink.telemetry = Telemetry(Registry(), spans=sink, sampler=Sampler())
+    app.telemetry = sink.telemetry = Telemetry(
+        Registry(), spans=sink, sampler=Sampler(), encode=lambda record: record
+    )
     app.telemetry.use_backends({"mock": app.runtime.config.backends[0].url})
     return sink
 
@@ -451,5 +449,29 @@ def test_attribute_sets_beyond_the_cap_fold_into_overflow(
         found = families((await client.get("/metrics")).content)
         folded = found["tollway_telemetry_metric_folded"].samples[0]
         assert folded.labels == {"metric": genai.REQUESTS} and folded.value == 2
+
+    run_app(make_config(mock.url), scenario)
+
+
+def test_a_root_the_sampler_drops_starts_no_trace(mock: MockProc) -> None:
+    async def scenario(client: httpx.AsyncClient, app: Gateway) -> None:
+        sink = Sink()
+        assert isinstance(app.telemetry, Telemetry)
+        app.telemetry = sink.telemetry = Telemetry(
+            Registry(), spans=sink, sampler=Sampler("parentbased_traceidratio", "0"),
+            encode=lambda record: record,
+        )  # fmt: skip
+        mock.clear()
+        r = await client.post("/openai/chat/completions", json=chat(), headers={"api-key": KEY})
+        assert r.status_code == 200
+        assert sink.spans == []
+        (seen,) = mock.requests()
+        assert "traceparent" not in {k.lower() for k, _ in seen["headers"]}
+        # a sampled parent is still followed under the same sampler
+        r = await client.post("/openai/chat/completions", json=chat(),
+                              headers={"api-key": KEY, "traceparent": VALID.decode()})  # fmt: skip
+        assert r.status_code == 200
+        (span,) = sink.spans
+        assert span.trace_id == CLIENT_TRACE
 
     run_app(make_config(mock.url), scenario)

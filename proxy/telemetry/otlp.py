@@ -148,6 +148,26 @@ def encode_spans(
     return _envelope(resource, scope_name, scope_version, spans)
 
 
+def encode_span(record: SpanRecord) -> bytes:
+    """One Span message, to be sent later with others by `encode_span_request`: the request
+    path encodes as it finishes, so what waits for export is bytes, which the garbage
+    collector does not track (a queued record kept a whole exchange alive into the older
+    generations). Not thread-safe: call from one thread (the constant-attribute cache)."""
+    return _span(record, _constant(record.constant))
+
+
+def encode_span_request(
+    spans: list[bytes],
+    resource: Sequence[tuple[str, object]],
+    scope_name: str,
+    scope_version: str,
+) -> bytes:
+    """An ExportTraceServiceRequest of spans made by `encode_span` (b"" when none)."""
+    if not spans:
+        return b""
+    return _envelope(resource, scope_name, scope_version, list(spans))
+
+
 def encode_metrics(
     registry: Registry,
     resource: Sequence[tuple[str, object]],

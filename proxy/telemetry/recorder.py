@@ -8,7 +8,8 @@ every histogram and the token totals; `collect()` projects the accumulators onto
 instruments (`gen_ai.client.*` with the conventions' attributes, `tollway.gateway.overhead`,
 `tollway.requests`, `tollway.tokens`) when metrics are scraped or exported. So a request
 costs one tuple, one dict lookup and a few bisects — no attribute maps, no per-instrument
-lookups — and the span record is built on the export thread from the finished exchange.
+lookups. A sampled span is encoded to OTLP bytes as the request finishes (after its
+response went out) and queued as bytes for the export thread.
 
 Accumulators are capped (`ACCUMULATORS`); beyond that, new attribute sets fold into one
 overflow set (`otel.metric.overflow=true` on every instrument), counted.
@@ -23,13 +24,13 @@ import socket
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Mapping, Sequence
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 from urllib.parse import urlsplit
 
 from proxy.exchange import Exchange
 from proxy.telemetry import genai as g
 from proxy.telemetry.metrics import OVERFLOW, Counter, Gauge, HistogramPoint, Registry
-from proxy.telemetry.otlp import SpanRecord
+from proxy.telemetry.otlp import SpanRecord, encode_span
 from proxy.telemetry.prometheus import render
 from proxy.telemetry.shared import Snapshots, merge
 from proxy.telemetry.tracecontext import (
@@ -105,11 +106,8 @@ class _Accumulator:
         self.input_total = self.output_total = 0
 
 
-SpanItem = tuple[Exchange, _Keys, float]  # a finished, sampled request and its end time
-
-
 class SpanSink(Protocol):
-    def submit(self, item: SpanItem) -> None: ...
+    def submit(self, item: Any) -> None: ...  # what `encode` made of a span record
 
 
 class Telemetry:
@@ -123,9 +121,11 @@ class Telemetry:
         sampler: Sampler | None = None,
         gauges: Callable[[], Sequence[Gauge]] = tuple,
         shared: Snapshots | None = None,
+        encode: Callable[[SpanRecord], Any] = encode_span,
     ):
         self.registry = registry
         self.shared = shared
+        self._encode = encode
         self._spans = spans
         self._sampler = sampler if spans is not None else None
         self._gauges = gauges
@@ -180,10 +180,13 @@ class Telemetry:
             if name == b"traceparent":
                 parent = parse_traceparent(value)
                 break
-        trace_id = parent.trace_id if parent is not None else new_trace_id()
-        flags = SAMPLED if sampler.sampled(trace_id, parent) else 0
-        parent_id = parent.span_id if parent is not None else 0
-        exchange.trace = (trace_id, new_span_id(), parent_id, flags)
+        if parent is None:  # a root: a trace the sampler drops is not started at all
+            trace_id = new_trace_id()
+            if sampler.sampled(trace_id, None):
+                exchange.trace = (trace_id, new_span_id(), 0, SAMPLED)
+            return
+        flags = SAMPLED if sampler.sampled(parent.trace_id, parent) else 0
+        exchange.trace = (parent.trace_id, new_span_id(), parent.span_id, flags)
 
     def finish(self, exchange: Exchange) -> None:
         """Record what the request did, however it ended."""
@@ -228,7 +231,7 @@ class Telemetry:
             acc.output_total += tokens
         trace = ex.trace
         if trace is not None and trace[3] & SAMPLED and self._spans is not None:
-            self._spans.submit((ex, acc.keys, now))
+            self._spans.submit(self._encode(self.span_record(ex, acc.keys, trace, now)))
 
     def collect(self) -> None:
         """Project the accumulators onto the instruments (before a scrape or an export);
@@ -305,6 +308,11 @@ class Telemetry:
         if genai is not None:
             constant += tuple(zip(_GENAI[:3], genai[:3], strict=True))
             constant += ((g.SERVER_ADDRESS, target.address), (g.SERVER_PORT, port))
+            constant += ((g.RESPONSE_MODEL, ex.response_model or None),)
+        # the rest of the accumulator's key: the same for every request that shares it
+        constant += ((g.STATUS_CODE, ex.status), (g.SUBSCRIPTION_ID, ex.subscription_id or None))
+        if error:
+            constant += ((g.ERROR_TYPE, error),)
         name = f"{op_name} {ex.model}".rstrip() if op_name else f"{ex.method} {ex.api_id}"
         return _Keys(
             genai,
@@ -319,16 +327,14 @@ class Telemetry:
             error,
         )
 
-    def span_record(self, item: SpanItem) -> SpanRecord:
-        """The span of a finished request, as `finish` queued it (on the export thread)."""
-        ex, keys, now = item
-        trace = ex.trace
-        assert trace is not None  # only traced requests are queued
+    def span_record(
+        self, ex: Exchange, keys: _Keys, trace: tuple[int, int, int, int], now: float
+    ) -> SpanRecord:
+        """The span of a finished request."""
         epoch, usage = self._epoch_ns, ex.usage
-        attributes: list[tuple[str, object]] = [(g.STATUS_CODE, ex.status)]
+        attributes: list[tuple[str, object]] = []
         if keys.genai is not None:
             attributes += (
-                (g.RESPONSE_MODEL, ex.response_model or None),
                 ("gen_ai.request.max_tokens", ex.max_tokens),
                 ("gen_ai.request.stream", ex.stream),
                 ("gen_ai.response.finish_reasons", ex.finish_reasons or None),
@@ -342,11 +348,7 @@ class Telemetry:
                 ("gen_ai.usage.cache_read.input_tokens", usage.cached_tokens or None),
                 ("gen_ai.usage.reasoning.output_tokens", usage.reasoning_tokens or None),
             )
-        if ex.subscription_id:
-            attributes.append((g.SUBSCRIPTION_ID, ex.subscription_id))
         attributes.append(("tollway.overhead", now - ex.t0 - ex.backend_seconds))
-        if keys.error:
-            attributes.append((g.ERROR_TYPE, keys.error))
         # W3C flags plus OTLP's "has is-remote" bit, and "is remote" when the parent came in
         flags = trace[3] | 0x100 | (0x200 if trace[2] else 0)
         return SpanRecord(
