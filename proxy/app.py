@@ -39,7 +39,7 @@ from proxy.policies.token_limit import token_limits, uses_token_limits
 from proxy.policies.token_metric import token_metrics
 from proxy.relay import Truncated, error_event
 from proxy.routing import Router
-from proxy.telemetry import export, genai, otlp
+from proxy.telemetry import export, genai, otlp, otlpenv
 from proxy.telemetry.metrics import Gauge, Registry
 from proxy.telemetry.prometheus import CONTENT_TYPE as PROMETHEUS_TYPE
 from proxy.telemetry.recorder import NoTelemetry, Telemetry, gateway_id
@@ -290,7 +290,7 @@ def make_telemetry(
     OTLP traces are exported (the `otlp-endpoint` and the standard OTEL_* variables), and
     NoTelemetry when neither. Made once per process and kept across reloads, so counters
     stay cumulative; a changed endpoint takes effect on restart."""
-    settings = export.settings(config.telemetry.otlp_endpoint, environ)
+    settings = otlpenv.settings(config.telemetry.otlp_endpoint, environ)
     if settings is None and not config.telemetry.prometheus:
         return NoTelemetry(), None
     registry = Registry()

@@ -16,7 +16,8 @@ from typing import Any, NamedTuple
 
 import pytest
 
-from proxy.telemetry.export import Exporter, ExportSettings, Target, _retry_after, settings
+from proxy.telemetry.export import Exporter, _retry_after
+from proxy.telemetry.otlpenv import ExportSettings, Target, settings
 from tests.mockproc import free_port
 
 LOG = logging.getLogger("tests.export")
