@@ -97,7 +97,7 @@ def _preflight(config: config_module.Config) -> None:
 
     async def check() -> None:
         app = create_app(config)
-        await app.startup()
+        await app.startup(telemetry=False)
         await app.shutdown()
 
     try:

@@ -192,8 +192,13 @@ class Gateway:
         await self.shutdown()
         await send({"type": "lifespan.shutdown.complete"})
 
-    async def startup(self) -> None:
+    async def startup(self, *, telemetry: bool = True) -> None:
+        """Open the backends and start the telemetry's threads (not for the CLI's preflight
+        run, which would otherwise export an empty process's metrics)."""
         await self.runtime.open()
+        if not telemetry:
+            self.exporter = None
+            self.telemetry = NoTelemetry()
         if self.exporter is not None:
             self.exporter.start()
         if (shared := getattr(self.telemetry, "shared", None)) is not None:
