@@ -96,3 +96,23 @@ def test_every_scrape_sees_both_workers(served: tuple[MockProc, GatewayProc]) ->
         with httpx.Client() as client:
             seen.append(total_requests(gateway, client))
     assert seen == [n] * len(seen)
+
+
+def test_totals_survive_a_config_reload(served: tuple[MockProc, GatewayProc]) -> None:
+    _, gateway = served
+    with httpx.Client() as client:
+        before = total_requests(gateway, client)
+    assert before > 0
+    gateway.reload(gateway.config.read_text())  # SIGHUP: each worker swaps its runtime
+    deadline = time.monotonic() + 10
+    while gateway.log().count("config reloaded") < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert gateway.log().count("config reloaded") == 2  # both workers
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    with httpx.Client() as client:
+        r = client.post(gateway.base + "/openai/chat/completions", json=body,
+                        headers={"api-key": KEY})  # fmt: skip
+        assert r.status_code == 200
+    time.sleep(1.5)  # a snapshot interval
+    with httpx.Client() as client:
+        assert total_requests(gateway, client) == before + 1
