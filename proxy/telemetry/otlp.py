@@ -135,17 +135,8 @@ def encode_spans(
     scope_version: str,
 ) -> bytes:
     """An ExportTraceServiceRequest: one ResourceSpans, one ScopeSpans, all `records`."""
-    if not records:
-        return b""
-    spans = []
-    last: Attributes | None = None
-    shared = b""
-    for record in records:
-        if record.constant is not last:  # runs of spans share one tuple: skip even the hash
-            last = record.constant
-            shared = _constant(last)
-        spans.append(_span(record, shared))
-    return _envelope(resource, scope_name, scope_version, spans)
+    spans = [encode_span(r) for r in records]
+    return encode_span_request(spans, resource, scope_name, scope_version)
 
 
 def encode_span(record: SpanRecord) -> bytes:

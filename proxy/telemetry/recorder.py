@@ -216,7 +216,7 @@ class Telemetry:
             if ex.gaps is not None:
                 acc.gaps.merge(ex.gaps)
         usage = ex.usage
-        if usage is not None:
+        if usage is not None:  # spelled out, not a helper per histogram: ~0.1 us a call here
             tokens = usage.prompt_tokens
             point = acc.input
             point.counts[bisect_left(g.TOKEN_BUCKETS, tokens)] += 1
