@@ -21,6 +21,7 @@ from tests.gatewayproc import GatewayProc, start_gateway
 from tests.mockproc import ROOT, MockProc, free_port, start_mock
 
 KEY = "otel-e2e-key-0123456789abcdef"
+BACKEND_SECRET = "Bearer otel-backend-secret-0123456789"
 TOKENS = 12
 CLIENT_TRACE = "0af7651916cd43dd8448eb211c80319c"
 CLIENT_SPAN = "b7ad6b7169203331"
@@ -60,7 +61,7 @@ def stack() -> Iterator[tuple[Receiver, MockProc, GatewayProc]]:
     config = f"""
 telemetry: {{service-name: tollway-e2e, otlp-endpoint: "{receiver.url}"}}
 backends:
-  - {{id: mock, url: "{mock.url}"}}
+  - {{id: mock, url: "{mock.url}", credentials: {{header: Authorization, value: "{BACKEND_SECRET}"}}}}
 apis:
   - id: chat
     path: /openai
@@ -235,3 +236,20 @@ def test_metrics_agree_with_the_backends_usage(
     duration = metric_points(receiver, "gen_ai.client.operation.duration")
     assert sum(int(p["count"]) for p in duration) >= 3
     assert metric_points(receiver, "gen_ai.client.operation.time_to_first_chunk")
+
+
+def test_no_key_or_backend_secret_leaves_in_telemetry(
+    stack: tuple[Receiver, MockProc, GatewayProc],
+) -> None:
+    receiver, _, gateway = stack
+    client = openai.OpenAI(base_url=gateway.base + "/openai", api_key=KEY, max_retries=0)
+    client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.AuthenticationError):  # a wrong key is not exported either
+        openai.OpenAI(base_url=gateway.base + "/openai", api_key=KEY[::-1], max_retries=0
+                      ).chat.completions.create(model="m", messages=[])  # fmt: skip
+    wait_for(lambda: receiver.received("/v1/metrics") and len(spans(receiver)) >= 1)
+    exported = httpx.get(receiver.url + "/received", timeout=5).text
+    scraped = httpx.get(gateway.base + "/metrics").text
+    for text in (exported, scraped, gateway.log()):
+        for secret in (KEY, KEY[::-1], BACKEND_SECRET, BACKEND_SECRET.split()[1]):
+            assert secret not in text
