@@ -475,3 +475,16 @@ def test_a_root_the_sampler_drops_starts_no_trace(mock: MockProc) -> None:
         assert span.trace_id == CLIENT_TRACE
 
     run_app(make_config(mock.url), scenario)
+
+
+def test_without_span_export_a_clients_traceparent_passes_unchanged(mock: MockProc) -> None:
+    async def scenario(client: httpx.AsyncClient, app: Gateway) -> None:
+        mock.clear()
+        headers = {"api-key": KEY, "traceparent": VALID.decode()}
+        r = await client.post("/openai/chat/completions", json=chat(), headers=headers)
+        assert r.status_code == 200
+        (seen,) = mock.requests()
+        sent = [v for k, v in seen["headers"] if k.lower() == "traceparent"]
+        assert sent == [VALID.decode()]
+
+    run_app(make_config(mock.url), scenario)
