@@ -488,3 +488,24 @@ def test_without_span_export_a_clients_traceparent_passes_unchanged(mock: MockPr
         assert sent == [VALID.decode()]
 
     run_app(make_config(mock.url), scenario)
+
+
+def test_spans_keep_their_attributes_when_metrics_fold(
+    mock: MockProc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import proxy.telemetry.recorder as recorder
+
+    monkeypatch.setattr(recorder, "ACCUMULATORS", 2)
+
+    async def scenario(client: httpx.AsyncClient, app: Gateway) -> None:
+        sink = traced(app)
+        for model in ("m-1", "m-2", "m-3", "m-4"):
+            body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+            r = await client.post("/openai/chat/completions", json=body, headers={"api-key": KEY})
+            assert r.status_code == 200
+        assert [s.name for s in sink.spans] == [f"chat m-{i}" for i in range(1, 5)]
+        folded = attrs(sink.spans[3])
+        assert folded["gen_ai.request.model"] == "m-4"
+        assert folded["tollway.subscription.id"] == "team-a"
+
+    run_app(make_config(mock.url), scenario)

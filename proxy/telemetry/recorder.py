@@ -231,7 +231,8 @@ class Telemetry:
             acc.output_total += tokens
         trace = ex.trace
         if trace is not None and trace[3] & SAMPLED and self._spans is not None:
-            self._spans.submit(self._encode(self.span_record(ex, acc.keys, trace, now)))
+            keys = acc.keys if acc.keys is not _OVERFLOW_KEYS else self._keys(ex)  # its own
+            self._spans.submit(self._encode(self.span_record(ex, keys, trace, now)))
 
     def collect(self) -> None:
         """Project the accumulators onto the instruments (before a scrape or an export);
