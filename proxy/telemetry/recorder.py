@@ -39,7 +39,6 @@ from proxy.telemetry.tracecontext import (
     new_span_id,
     new_trace_id,
     parse_traceparent,
-    traceparent,
 )
 from proxy.types import Scope
 
@@ -260,11 +259,6 @@ class Telemetry:
         self.duration.series, self.first_chunk.series, self.per_chunk.series = genai[:3]
         self.requests.folded = self.folded
 
-    def traceparent(self, exchange: Exchange) -> bytes | None:
-        """The `traceparent` the backend gets: this request's span as the parent."""
-        trace = exchange.trace
-        return None if trace is None else traceparent(trace[0], trace[1], trace[3])
-
     def metrics_text(self) -> bytes:
         """`GET /metrics`: the Prometheus exposition of this process's metrics, plus the
         other workers' when the server runs several (reads files: call off the loop)."""
@@ -373,9 +367,6 @@ class NoTelemetry:
 
     def finish(self, exchange: Exchange) -> None:
         pass
-
-    def traceparent(self, exchange: Exchange) -> bytes | None:
-        return None
 
     def metrics_text(self) -> bytes:
         return b""
