@@ -201,7 +201,7 @@ class Gateway:
             self.telemetry = NoTelemetry()
         if self.exporter is not None:
             self.exporter.start()
-        if (shared := getattr(self.telemetry, "shared", None)) is not None:
+        if (shared := self.telemetry.shared) is not None:
             shared.start()
         self.ready = True
         if self.config_path is not None:
@@ -219,7 +219,7 @@ class Gateway:
         await self.limiter.close()
         if self.exporter is not None:  # a last export of what is queued, off the loop
             await asyncio.to_thread(self.exporter.shutdown, EXPORT_SHUTDOWN_SECONDS)
-        if (shared := getattr(self.telemetry, "shared", None)) is not None:
+        if (shared := self.telemetry.shared) is not None:
             await asyncio.to_thread(shared.stop)
 
     def _on_sighup(self) -> None:

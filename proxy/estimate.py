@@ -34,6 +34,7 @@ from proxy.schemas import (
     Message,
     RequestView,
     ResponsesRequest,
+    max_tokens_of,
 )
 
 Count = Callable[[str], int]
@@ -67,14 +68,10 @@ def prompt_tokens(view: RequestView, count: Count, model: str = "") -> int:
 def completion_reserve(view: RequestView) -> int:
     """The completion tokens a request asks for at most (`max_tokens` and kin, times `n`);
     0 when it sets no bound (then nothing beyond the prompt can be reserved)."""
-    if isinstance(view, ChatRequest):
-        bound = view.max_completion_tokens or view.max_tokens or 0
+    bound = max_tokens_of(view) or 0
+    if isinstance(view, ChatRequest | CompletionRequest):
         return bound * (view.n or 1)
-    if isinstance(view, CompletionRequest):
-        return (view.max_tokens or 0) * (view.n or 1)
-    if isinstance(view, ResponsesRequest):
-        return view.max_output_tokens or 0
-    return 0
+    return bound
 
 
 # -- chat ------------------------------------------------------------------------------

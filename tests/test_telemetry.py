@@ -428,18 +428,25 @@ def test_concurrent_requests_all_recorded(mock: MockProc) -> None:
     run_app(make_config(mock.url), scenario)
 
 
-def test_attribute_sets_beyond_the_cap_fold_into_overflow(
-    mock: MockProc, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def two_sets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cap the attribute sets at two, so a third model folds."""
     import proxy.telemetry.recorder as recorder
 
     monkeypatch.setattr(recorder, "ACCUMULATORS", 2)
 
+
+async def post_four_models(client: httpx.AsyncClient) -> None:
+    for model in ("m-1", "m-2", "m-3", "m-4"):
+        r = await client.post("/openai/chat/completions", json=chat(model=model),
+                              headers={"api-key": KEY})  # fmt: skip
+        assert r.status_code == 200
+
+
+@pytest.mark.usefixtures("two_sets")
+def test_attribute_sets_beyond_the_cap_fold_into_overflow(mock: MockProc) -> None:
     async def scenario(client: httpx.AsyncClient, app: Gateway) -> None:
-        for model in ("m-1", "m-2", "m-3", "m-4"):
-            body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
-            r = await client.post("/openai/chat/completions", json=body, headers={"api-key": KEY})
-            assert r.status_code == 200
+        await post_four_models(client)
         assert isinstance(app.telemetry, Telemetry)
         assert app.telemetry.folded == 2
         duration = series(app, genai.OPERATION_DURATION)
@@ -490,19 +497,11 @@ def test_without_span_export_a_clients_traceparent_passes_unchanged(mock: MockPr
     run_app(make_config(mock.url), scenario)
 
 
-def test_spans_keep_their_attributes_when_metrics_fold(
-    mock: MockProc, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import proxy.telemetry.recorder as recorder
-
-    monkeypatch.setattr(recorder, "ACCUMULATORS", 2)
-
+@pytest.mark.usefixtures("two_sets")
+def test_spans_keep_their_attributes_when_metrics_fold(mock: MockProc) -> None:
     async def scenario(client: httpx.AsyncClient, app: Gateway) -> None:
         sink = traced(app)
-        for model in ("m-1", "m-2", "m-3", "m-4"):
-            body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
-            r = await client.post("/openai/chat/completions", json=body, headers={"api-key": KEY})
-            assert r.status_code == 200
+        await post_four_models(client)
         assert [s.name for s in sink.spans] == [f"chat m-{i}" for i in range(1, 5)]
         folded = attrs(sink.spans[3])
         assert folded["gen_ai.request.model"] == "m-4"

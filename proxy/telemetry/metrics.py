@@ -30,8 +30,6 @@ class Instrument:
 
     __slots__ = ("attributes", "description", "folded", "limit", "name", "series", "unit")
 
-    kind = ""
-
     def __init__(
         self,
         name: str,
@@ -60,7 +58,6 @@ class Counter(Instrument):
     """A monotonic sum per attribute set."""
 
     __slots__ = ()
-    kind = "counter"
     series: dict[tuple[object, ...], float]  # type: ignore[assignment]
 
     def add(self, value: float, key: tuple[object, ...]) -> None:
@@ -104,7 +101,6 @@ class Histogram(Instrument):
     """Explicit-bucket histogram; bucket i counts values in (bounds[i-1], bounds[i]]."""
 
     __slots__ = ("bounds",)
-    kind = "histogram"
     series: dict[tuple[object, ...], HistogramPoint]  # type: ignore[assignment]
 
     def __init__(
@@ -124,19 +120,6 @@ class Histogram(Instrument):
         if point is None:
             point = self._point(key)
         point.add(value, bisect_left(self.bounds, value))
-
-    def merge(self, point: HistogramPoint, key: tuple[object, ...]) -> None:
-        """Add a point aggregated elsewhere (a stream's chunk gaps) to `key`'s series."""
-        if point.count:
-            mine = self.series.get(key)
-            (mine if mine is not None else self._point(key)).merge(point)
-
-    def point(self) -> HistogramPoint:
-        """An empty point with this histogram's buckets, to aggregate into locally."""
-        return HistogramPoint(len(self.bounds) + 1)
-
-    def index(self, value: float) -> int:
-        return bisect_left(self.bounds, value)
 
     def _point(self, key: tuple[object, ...]) -> HistogramPoint:
         key = self._admit(key)

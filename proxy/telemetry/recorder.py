@@ -278,9 +278,9 @@ class Telemetry:
         """The accumulator for a new attribute set (or the overflow one, once full)."""
         if len(self._accumulators) >= ACCUMULATORS:
             self.folded += 1
-            acc = self._accumulators.get(_OVERFLOW_KEY)
+            acc = self._accumulators.get(OVERFLOW)
             if acc is None:
-                acc = self._accumulators[_OVERFLOW_KEY] = _Accumulator(_OVERFLOW_KEYS)
+                acc = self._accumulators[OVERFLOW] = _Accumulator(_OVERFLOW_KEYS)
             return acc
         acc = self._accumulators[key] = _Accumulator(self._keys(ex))
         return acc
@@ -358,6 +358,7 @@ class NoTelemetry:
     """Telemetry switched off: the same calls, nothing recorded."""
 
     registry = None
+    shared = None
 
     def use_backends(self, urls: Mapping[str, str]) -> None:
         pass
@@ -384,7 +385,6 @@ def _add(
     into.merge(point)
 
 
-_OVERFLOW_KEY = ("\x00overflow",)
 _OVERFLOW_KEYS = _Keys(
     OVERFLOW, OVERFLOW, OVERFLOW, OVERFLOW, OVERFLOW, OVERFLOW, OVERFLOW, "overflow", (), ""
 )

@@ -10,7 +10,6 @@ from collections.abc import Mapping
 from typing import NamedTuple
 
 SAMPLED = 0x01
-_MAX_TRACE_ID = (1 << 128) - 1
 _HEX = frozenset(b"0123456789abcdef")
 
 
