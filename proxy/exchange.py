@@ -82,7 +82,8 @@ class Exchange:
             gaps = self.gaps
             if gaps is None:
                 gaps = self.gaps = HistogramPoint(len(PER_CHUNK_BUCKETS) + 1)
-            gaps.add(now - last, bisect_left(PER_CHUNK_BUCKETS, now - last))
+            gap = now - last
+            gaps.add(gap, bisect_left(PER_CHUNK_BUCKETS, gap))
 
     def event(self, name: str, attributes: tuple[tuple[str, object], ...] = ()) -> None:
         """Something for the request's span to show (a limit refusal, a cache hit, a block)."""

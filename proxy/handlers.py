@@ -72,15 +72,28 @@ _RESPONSE_DROP = HOP_BY_HOP | {b"x-request-id", b"x-tollway-overhead-ms"}
 class ApiHandler:
     """What both API types share: identification, header and query hygiene."""
 
-    def __init__(self, api: Api, guard: ApiGuard, backends: Backends, max_body: int):
+    def __init__(
+        self,
+        api: Api,
+        guard: ApiGuard,
+        backends: Backends,
+        max_body: int,
+        drop: frozenset[bytes] = frozenset(),
+    ):
         self.api = api
         self.guard = guard
         self.backends = backends
         self.max_body = max_body
-        self._drop = HOP_BY_HOP | {
-            api.subscription_key_names.header.lower().encode("latin-1"),
-            b"x-request-id",
-        }
+        # Request headers never forwarded: `drop` is what a subclass adds; when the request
+        # is traced, the client's traceparent gives way to the gateway's.
+        self._drop = (
+            HOP_BY_HOP
+            | drop
+            | {
+                api.subscription_key_names.header.lower().encode("latin-1"),
+                b"x-request-id",
+            }
+        )
         self._drop_traced = self._drop | {b"traceparent"}
 
     async def __call__(
@@ -158,10 +171,8 @@ class OpenAIHandler(ApiHandler):
         limits: TokenLimits | None = None,
         token_metrics: TokenMetrics | None = None,
     ):
-        super().__init__(api, guard, backends, max_body)
         # The gateway reads every response for usage, so it asks for identity encoding.
-        self._drop = self._drop | {b"accept-encoding"}
-        self._drop_traced = self._drop_traced | {b"accept-encoding"}
+        super().__init__(api, guard, backends, max_body, frozenset({b"accept-encoding"}))
         self.limits = limits if limits else None
         self.token_metrics = token_metrics
 
