@@ -322,9 +322,8 @@ def make_telemetry(
         return otlp.encode_span_request(encoded, resource, SCOPE, scope_version)
 
     def metrics() -> bytes:
-        telemetry.collect()
-        extra = gauges()
-        return otlp.encode_metrics(registry, resource, SCOPE, scope_version, time.time_ns(), extra)
+        collected, extra = telemetry.snapshot()
+        return otlp.encode_metrics(collected, resource, SCOPE, scope_version, time.time_ns(), extra)
 
     exporter = export.Exporter(settings, spans, metrics if settings.metrics.url else None, log)
     traced = exporter if settings.traces.url else None

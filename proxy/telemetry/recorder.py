@@ -268,7 +268,7 @@ class Telemetry:
         return render(*merge(self.registry, self._gauges(), self.shared.others()))
 
     def snapshot(self) -> tuple[Registry, Sequence[Gauge]]:
-        """Collected instruments and gauges, for this worker's shared snapshot."""
+        """Collected instruments and gauges, as an OTLP export or a shared snapshot reads them."""
         self.collect()
         return self.registry, self._gauges()
 
