@@ -262,10 +262,10 @@ class Telemetry:
     def metrics_text(self) -> bytes:
         """`GET /metrics`: the Prometheus exposition of this process's metrics, plus the
         other workers' when the server runs several (reads files: call off the loop)."""
-        self.collect()
+        registry, gauges = self.snapshot()
         if self.shared is None:
-            return render(self.registry, self._gauges())
-        return render(*merge(self.registry, self._gauges(), self.shared.others()))
+            return render(registry, gauges)
+        return render(*merge(registry, gauges, self.shared.others()))
 
     def snapshot(self) -> tuple[Registry, Sequence[Gauge]]:
         """Collected instruments and gauges, as an OTLP export or a shared snapshot reads them."""
