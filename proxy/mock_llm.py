@@ -17,6 +17,12 @@ Fault injection by request header:
   x-mock-close-after: N  send N SSE events (none for JSON) then abort the connection
   x-mock-garbage: 1      mix comments, junk lines and invalid JSON events into a stream
 
+Sticky faults, for one process to play several failing backends: `PUT /_mock/faults` with a
+JSON list of rules `{"faults": {"status": "503", "retry-after": "2"}, "when": {"x-member":
+"a"}, "times": 3}` applies `faults` (the x-mock-* names without the prefix) to the requests
+whose headers match every `when` pair (all requests without `when`), `times` times (for
+ever without it); the first matching rule wins. `GET` lists the rules left, `DELETE` clears.
+
 Observability: `GET /_mock/requests` lists the last 200 requests (newest last), each with
 method, path, query, headers, body (first 64 KiB), status and monotonic timestamps
 `started`, `finished` (the whole response was sent), `disconnected` (the client went away
@@ -189,6 +195,39 @@ class _Faults:
         except ValueError:
             raise _BadRequestError(f"invalid x-mock-{name.decode()} header") from None
 
+    def set_all(self, faults: dict[bytes, bytes]) -> None:
+        for name, value in faults.items():
+            self.set(name, value)
+
+
+class _Rule:
+    """A sticky fault rule (`PUT /_mock/faults`)."""
+
+    __slots__ = ("faults", "times", "when")
+
+    def __init__(self, spec: Any) -> None:
+        if not isinstance(spec, dict) or not isinstance(spec.get("faults"), dict):
+            raise _BadRequestError("a rule is an object with a faults object")
+        self.faults = {str(k).encode(): str(v).encode() for k, v in spec["faults"].items()}
+        _Faults().set_all(self.faults)  # refuse bad values now, not on every request
+        when = spec.get("when") or {}
+        self.when = {str(k).lower().encode(): str(v).encode() for k, v in when.items()}
+        times = spec.get("times")
+        self.times: int | None = None if times is None else int(times)
+
+    def matches(self, headers: Headers) -> bool:
+        if self.times is not None and self.times <= 0:
+            return False
+        found = dict(headers) if self.when else {}
+        return all(found.get(name) == value for name, value in self.when.items())
+
+    def to_builtins(self) -> dict[str, Any]:
+        return {
+            "faults": {k.decode(): v.decode() for k, v in self.faults.items()},
+            "when": {k.decode(): v.decode() for k, v in self.when.items()},
+            "times": self.times,
+        }
+
 
 def _parse_faults(headers: Headers) -> _Faults | None:
     faults = None
@@ -332,6 +371,7 @@ class MockLLM:
         self._id_prefix = secrets.token_hex(4).encode()
         self._ids = itertools.count(1)
         self._records: deque[_Record] = deque(maxlen=RECORD_LIMIT)
+        self._rules: list[_Rule] = []
         self._routes = self._build_routes()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -353,6 +393,9 @@ class MockLLM:
             handler = partial(self._serve, op=op)
             routes["/v1/" + path] = routes["/" + path] = {method: handler}
         routes["/_mock/requests"] = {"GET": self._list_records, "DELETE": self._clear_records}
+        routes["/_mock/faults"] = {
+            "GET": self._list_rules, "PUT": self._set_rules, "DELETE": self._set_rules,
+        }  # fmt: skip
         return routes
 
     async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -372,6 +415,32 @@ class MockLLM:
         self._records.clear()
         await _send_json(send, _Json(200, b"{}"))
 
+    async def _list_rules(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await _read_body(scope, receive)
+        await _send_json(send, _Json(200, _encode([r.to_builtins() for r in self._rules])))
+
+    async def _set_rules(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raw = await _read_body(scope, receive)
+        try:
+            specs = msgspec.json.decode(raw) if scope["method"] == "PUT" else []
+            if not isinstance(specs, list):
+                raise _BadRequestError("expected a JSON list of rules")
+            self._rules = [_Rule(spec) for spec in specs]
+        except (msgspec.DecodeError, _BadRequestError, TypeError, ValueError) as exc:
+            await _send_json(send, _error_json(400, str(exc)))
+            return
+        await _send_json(send, _Json(200, b"{}"))
+
+    def _sticky_faults(self, headers: Headers, faults: _Faults | None) -> _Faults | None:
+        for rule in self._rules:
+            if rule.matches(headers):
+                if rule.times is not None:
+                    rule.times -= 1
+                faults = faults or _Faults()
+                faults.set_all(rule.faults)
+                return faults
+        return faults
+
     # -- serving: fast path, faults, pacing, disconnect watch ----------------------------------
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send, *, op: _Op) -> None:
@@ -380,6 +449,8 @@ class MockLLM:
         self._records.append(record)
         try:
             faults = _parse_faults(scope["headers"])
+            if self._rules:
+                faults = self._sticky_faults(scope["headers"], faults)
             reply = _injected_error(faults) if faults and faults.status else op(raw)
         except _BadRequestError as exc:
             faults, reply = None, _error_json(400, str(exc))

@@ -4,14 +4,18 @@
 Both are plain numbers underneath so the runtime can use them without unwrapping:
 ``Duration`` is a ``float`` of seconds, ``Size`` an ``int`` of bytes. Each accepts its text
 form in the constructor (``Duration("5m") == 300.0``) and prints back in it (``str``).
+``retry_after_delay`` reads the wait an HTTP ``Retry-After`` header asks for.
 Imports only the standard library.
 """
 
 from __future__ import annotations
 
 import re
+import time
+from datetime import UTC
+from email.utils import parsedate_to_datetime
 
-__all__ = ["Duration", "Size"]
+__all__ = ["Duration", "Size", "retry_after_delay"]
 
 _DURATION_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -90,3 +94,19 @@ class Size(int):
 
     def __repr__(self) -> str:
         return f"Size({str(self)!r})"
+
+
+def retry_after_delay(value: str | None) -> float | None:
+    """A Retry-After header's delay in seconds (delay-seconds or an HTTP-date), else None."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        moment = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if moment.tzinfo is None:  # "-0000": UTC, RFC 5322 section 3.3
+        moment = moment.replace(tzinfo=UTC)
+    return max(0.0, moment.timestamp() - time.time())

@@ -54,6 +54,10 @@ class MockProc:
         """Forget the recorded requests."""
         httpx.delete(self.base + "/_mock/requests").raise_for_status()
 
+    def faults(self, *rules: dict[str, Any]) -> None:
+        """Set the mock's sticky fault rules (see proxy/mock_llm.py); none clears them."""
+        httpx.put(self.base + "/_mock/faults", json=list(rules)).raise_for_status()
+
     def log(self) -> str:
         """What the process printed so far."""
         self._log.seek(0)

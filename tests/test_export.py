@@ -16,8 +16,9 @@ from typing import Any, NamedTuple
 
 import pytest
 
-from proxy.telemetry.export import Exporter, _retry_after
+from proxy.telemetry.export import Exporter
 from proxy.telemetry.otlpenv import ExportSettings, Target, settings
+from proxy.units import retry_after_delay
 from tests.mockproc import free_port
 
 LOG = logging.getLogger("tests.export")
@@ -669,7 +670,7 @@ def test_missing_ca_file_fails_at_construction(make: Make) -> None:
     ],
 )
 def test_retry_after_values(value: str | None, low: float | None, high: float | None) -> None:
-    delay = _retry_after(value)
+    delay = retry_after_delay(value)
     if low is None:
         assert delay is None
     else:
@@ -677,5 +678,5 @@ def test_retry_after_values(value: str | None, low: float | None, high: float | 
 
 
 def test_retry_after_http_date_in_the_future() -> None:
-    delay = _retry_after(formatdate(time.time() + 30, usegmt=True))
+    delay = retry_after_delay(formatdate(time.time() + 30, usegmt=True))
     assert delay is not None and 28 <= delay <= 31

@@ -7,6 +7,7 @@ import json
 import math
 import time
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 import httpx
@@ -303,6 +304,26 @@ def test_injected_status_and_retry_after(backend: MockProc) -> None:
     plain = httpx.post(backend.url + "/embeddings", json={}, headers={"x-mock-status": "429"})
     assert plain.status_code == 429 and "retry-after" not in plain.headers
     assert plain.json()["error"]["message"]
+
+
+def test_sticky_faults_match_headers_and_count_down(backend: MockProc) -> None:
+    rule = {"faults": {"status": "500"}, "when": {"x-member": "a"}, "times": 2}
+    backend.faults(
+        rule, {"faults": {"status": "429", "retry-after": "3"}, "when": {"x-member": "b"}}
+    )
+    try:
+        post = partial(httpx.post, backend.url + "/embeddings", json={"input": "x"})
+        assert [post(headers={"x-member": "a"}).status_code for _ in range(3)] == [500, 500, 200]
+        b = post(headers={"x-member": "b"})
+        assert b.status_code == 429 and b.headers["retry-after"] == "3"
+        assert post(headers={"x-member": "c"}).status_code == 200
+        left = httpx.get(backend.base + "/_mock/faults").json()
+        assert [r["times"] for r in left] == [0, None]
+        bad = httpx.put(backend.base + "/_mock/faults", json=[{"faults": {"status": "x"}}])
+        assert bad.status_code == 400
+    finally:
+        backend.faults()
+    assert httpx.get(backend.base + "/_mock/faults").json() == []
 
 
 @pytest.mark.parametrize("stream", [False, True])

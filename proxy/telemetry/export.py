@@ -28,13 +28,12 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from datetime import UTC
-from email.utils import parsedate_to_datetime
 from http.client import HTTPConnection, HTTPException, HTTPSConnection
 from typing import Generic, TypeVar
 from urllib.parse import urlsplit
 
 from proxy.telemetry.otlpenv import ExportSettings, Target
+from proxy.units import retry_after_delay
 
 T = TypeVar("T")
 
@@ -276,7 +275,7 @@ class Exporter(Generic[T]):
                 problem = f"HTTP {status} {reason}"
                 if status not in RETRYABLE:
                     break
-                wait = _retry_after(retry_after)
+                wait = retry_after_delay(retry_after)
             if attempt == ATTEMPTS:
                 break
             if wait is None:
@@ -310,18 +309,3 @@ class Exporter(Generic[T]):
         quieted = f" ({self._quieted} more since the last report)" if self._quieted else ""
         self._log.warning("OTLP export: %s%s", problem, quieted, exc_info=exc)
         self._quiet_until, self._quieted = now + LOG_INTERVAL, 0
-
-
-def _retry_after(value: str | None) -> float | None:
-    """A Retry-After header's delay in seconds (delay-seconds or an HTTP-date), else None."""
-    if not value:
-        return None
-    if value.strip().isdigit():
-        return float(value)
-    try:
-        moment = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if moment.tzinfo is None:  # "-0000": UTC, RFC 5322 section 3.3
-        moment = moment.replace(tzinfo=UTC)
-    return max(0.0, moment.timestamp() - time.time())
