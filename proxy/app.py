@@ -17,7 +17,7 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import IO
 
 import msgspec
@@ -28,6 +28,7 @@ from proxy.asgi import JSON_TYPE, ClientDisconnected, error_body, error_headers,
 from proxy.auth import ApiGuard, KeyRing
 from proxy.clients import ClientAddress
 from proxy.config import Config
+from proxy.dispatch import BackendHealth, Backends
 from proxy.errors import GatewayError
 from proxy.exchange import Exchange
 from proxy.handlers import ApiHandler, OpenAIHandler, PassthroughHandler
@@ -39,6 +40,7 @@ from proxy.policies.token_limit import token_limits, uses_token_limits
 from proxy.policies.token_metric import token_metrics
 from proxy.relay import Truncated, error_event
 from proxy.routing import Router
+from proxy.sharedbreakers import SharedBreakers
 from proxy.telemetry import export, genai, otlp, otlpenv
 from proxy.telemetry.metrics import Gauge, Registry
 from proxy.telemetry.prometheus import CONTENT_TYPE as PROMETHEUS_TYPE
@@ -49,7 +51,6 @@ from proxy.telemetry.shared import Snapshots
 from proxy.telemetry.tracecontext import Sampler
 from proxy.tokens import TokenizerRegistry
 from proxy.types import Receive, Scope, Send
-from proxy.upstream import Backends
 
 log = logging.getLogger("tollway")
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
@@ -59,9 +60,15 @@ _encoder = msgspec.json.Encoder()
 class Runtime:
     """Everything built from one config; replaced whole on reload."""
 
-    def __init__(self, config: Config, limiter: Limiter, registry: Registry | None = None):
+    def __init__(
+        self,
+        config: Config,
+        limiter: Limiter,
+        registry: Registry | None = None,
+        health: BackendHealth | None = None,
+    ):
         self.config = config
-        self.backends = Backends(config)
+        self.backends = Backends(config, health)
         tokenizers = TokenizerRegistry(config.tokenizers) if uses_token_limits(config) else None
         self.router: Router[ApiHandler] = Router()
         self.client_address = ClientAddress(config.gateway.trusted_proxies)
@@ -93,8 +100,10 @@ class Gateway:
         self, config: Config, *, config_path: str | None = None, log_stream: IO[bytes] | None = None
     ):
         self.limiter = make_limiter(config)
-        self.telemetry, self.exporter = make_telemetry(config, self.limiter)
-        self.runtime = Runtime(config, self.limiter, self.telemetry.registry)
+        self.health = BackendHealth(make_shared_breakers(self.limiter))
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.telemetry, self.exporter = make_telemetry(config, self.limiter, self._gauges)
+        self.runtime = Runtime(config, self.limiter, self.telemetry.registry, self.health)
         self.telemetry.use_backends(backend_urls(config))
         self.config_path = config_path
         self.access_log = AccessLog(config.telemetry.access_log, log_stream)
@@ -178,6 +187,22 @@ class Gateway:
         body = await asyncio.to_thread(self.telemetry.metrics_text)
         await send_response(send, 200, [(b"content-type", PROMETHEUS_TYPE)], body)
 
+    def _gauges(self) -> list[Gauge]:
+        """The backends' breakers, retries and open connections, and the event loop's tasks
+        (read from the metrics thread: a leak shows as a number that only grows)."""
+        out = self.health.gauges()
+        connections = tuple(
+            ((("tollway.backend.id", id),), n) for id, n in self.runtime.backends.connections()
+        )
+        if connections:
+            out.append(Gauge(genai.BACKEND_CONNECTIONS, "", "Open connections to the backend.",
+                             connections))  # fmt: skip
+        if self._loop is not None:
+            tasks = len(asyncio.all_tasks(self._loop))
+            out.append(Gauge(genai.TASKS, "", "asyncio tasks in the worker's event loop.",
+                             (((), tasks),)))  # fmt: skip
+        return out
+
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         await receive()  # lifespan.startup
         try:
@@ -196,6 +221,9 @@ class Gateway:
         """Open the backends and start the telemetry's threads (not for the CLI's preflight
         run, which would otherwise export an empty process's metrics)."""
         await self.runtime.open()
+        self._loop = asyncio.get_running_loop()
+        if self.health.shared is not None:
+            self.health.shared.start()
         if not telemetry:
             self.exporter = None
             self.telemetry = NoTelemetry()
@@ -216,6 +244,8 @@ class Gateway:
         for task in list(self._retired):
             task.cancel()
         await self.runtime.close()
+        if self.health.shared is not None:
+            await self.health.shared.close()
         await self.limiter.close()
         if self.exporter is not None:  # a last export of what is queued, off the loop
             await asyncio.to_thread(self.exporter.shutdown, EXPORT_SHUTDOWN_SECONDS)
@@ -232,7 +262,7 @@ class Gateway:
         assert self.config_path is not None
         try:
             config = config_module.load(self.config_path)
-            runtime = Runtime(config, self.limiter, self.telemetry.registry)
+            runtime = Runtime(config, self.limiter, self.telemetry.registry, self.health)
             await runtime.open()
         except Exception as exc:
             log.error("tollway: config reload failed, keeping the old config: %s", exc)
@@ -274,6 +304,13 @@ def _request_id(scope: Scope) -> str:
     return os.urandom(16).hex()
 
 
+def make_shared_breakers(limiter: Limiter) -> SharedBreakers | None:
+    """Circuit-breaker trips shared through the Redis store, when the store is Redis."""
+    if isinstance(limiter, FailoverLimiter) and isinstance(limiter.store, RedisLimiter):
+        return SharedBreakers(limiter.store)
+    return None
+
+
 def make_limiter(config: Config) -> FailoverLimiter | MemoryLimiter:
     """The token-limit store: per process (`memory`), or a shared Redis with the configured
     failure mode. Kept across reloads, so counters survive a SIGHUP (a changed `store`
@@ -289,7 +326,10 @@ SCOPE = "tollway"
 
 
 def make_telemetry(
-    config: Config, limiter: Limiter, environ: Mapping[str, str] = os.environ
+    config: Config,
+    limiter: Limiter,
+    extra: Callable[[], list[Gauge]] | None = None,
+    environ: Mapping[str, str] = os.environ,
 ) -> tuple[Telemetry | NoTelemetry, export.Exporter[bytes] | None]:
     """The telemetry for `config`: metrics when `/metrics` or OTLP export is on, spans when
     OTLP traces are exported (the `otlp-endpoint` and the standard OTEL_* variables), and
@@ -303,7 +343,7 @@ def make_telemetry(
     telemetry: Telemetry
 
     def gauges() -> list[Gauge]:
-        return observed(registry, limiter, exporter)
+        return observed(registry, limiter, exporter, extra() if extra is not None else [])
 
     shared = None
     if directory := environ.get(SHARED_ENV, ""):  # tollway serve --workers N sets it
@@ -333,11 +373,14 @@ def make_telemetry(
 
 
 def observed(
-    registry: Registry, limiter: Limiter, exporter: export.Exporter[bytes] | None
+    registry: Registry,
+    limiter: Limiter,
+    exporter: export.Exporter[bytes] | None,
+    extra: Sequence[Gauge] = (),
 ) -> list[Gauge]:
     """Values read when metrics are exported or scraped: the shared store's health, spans
-    the export queue dropped, measurements folded into overflow series."""
-    out = []
+    the export queue dropped, measurements folded into overflow series, and `extra`."""
+    out = list(extra)
     if isinstance(limiter, FailoverLimiter):
         out.append(Gauge(genai.STORE_UNAVAILABLE, "", "1 while the shared token store is down.",
                          (((), int(limiter.degraded)),)))  # fmt: skip

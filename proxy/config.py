@@ -268,12 +268,19 @@ class StatusRange(_Schema, kw_only=True, frozen=True):
 
 
 class FailureCondition(_Schema, kw_only=True, frozen=True):
-    count: Annotated[int, msgspec.Meta(ge=1)]
+    """Trip on `count` failures, or on `percentage` % of at least `min-requests` requests,
+    within `interval` (proxy/breaker.py)."""
+
+    count: Annotated[int, msgspec.Meta(ge=1, le=10_000)] | None = None
+    percentage: Annotated[int, msgspec.Meta(ge=1, le=100)] | None = None
+    min_requests: Annotated[int, msgspec.Meta(ge=1)] = 10
     interval: Duration
     status_code_ranges: tuple[StatusRange, ...] = ()
     error_reasons: tuple[Literal["timeout", "connection"], ...] = ()
 
     def __post_init__(self) -> None:
+        if (self.count is None) == (self.percentage is None):
+            raise ValueError("give either count or percentage")
         if not self.status_code_ranges and not self.error_reasons:
             raise ValueError("give status-code-ranges or error-reasons or both")
 
@@ -291,8 +298,17 @@ class PoolService(_Schema, kw_only=True, frozen=True):
 
 
 class Retry(_Schema, kw_only=True, frozen=True):
+    """Further attempts after a retryable status or a connection error (proxy/dispatch.py).
+
+    `interval`: the wait before trying the same backend again (none by default; another
+    pool member is tried at once). A backend's Retry-After is honoured up to
+    `max-retry-after`; a longer one ends the retries with the backend's own response.
+    """
+
     count: Annotated[int, msgspec.Meta(ge=0, le=50)] = 0
     on_status: tuple[Annotated[int, msgspec.Meta(ge=100, le=599)], ...] = (429, 500, 502, 503, 504)
+    interval: Duration | None = None
+    max_retry_after: Duration = Duration(10)
 
 
 class Backend(_Schema, kw_only=True, frozen=True):
@@ -305,7 +321,7 @@ class Backend(_Schema, kw_only=True, frozen=True):
     timeout: Timeout = Timeout()
     max_connections: Annotated[int, msgspec.Meta(ge=1)] = 1000
     circuit_breaker: CircuitBreaker | None = None
-    services: tuple[PoolService, ...] = ()
+    services: Annotated[tuple[PoolService, ...], msgspec.Meta(max_length=30)] = ()
     retry: Retry | None = None
 
     def __post_init__(self) -> None:

@@ -15,6 +15,7 @@
         ├── BackendConnectionError    502 BackendConnectionFailure
         ├── BackendUnavailableError   503 BackendUnavailable (+ Retry-After)
         └── BackendTimeoutError       504 BackendTimeout
+            └── BackendConnectTimeoutError  (connecting timed out: nothing was sent)
 
 Messages are safe to show to clients: they never carry backend addresses, credentials or
 stack traces. `errors` imports nothing from proxy.
@@ -166,3 +167,7 @@ class BackendTimeoutError(BackendError):
     status = 504
     code = "BackendTimeout"
     default_message = "The backend did not answer in time."
+
+
+class BackendConnectTimeoutError(BackendTimeoutError):
+    """The connection was not made in time, so the backend never saw the request."""

@@ -18,6 +18,7 @@ from urllib.parse import unquote_plus
 from proxy.asgi import ClientDisconnected, header, read_body
 from proxy.auth import ApiGuard, Identity
 from proxy.config import Api
+from proxy.dispatch import Backends
 from proxy.errors import RequestTooLargeError
 from proxy.exchange import Exchange
 from proxy.http1 import Body, Response
@@ -46,7 +47,6 @@ from proxy.schemas import (
 )
 from proxy.telemetry.tracecontext import traceparent
 from proxy.types import Headers, Receive, Scope, Send
-from proxy.upstream import Backends, Upstream
 
 # Never forwarded in either direction (RFC 9110 §7.6.1), plus what the gateway sets itself.
 HOP_BY_HOP = frozenset(
@@ -82,13 +82,14 @@ class ApiHandler:
     ):
         self.api = api
         self.guard = guard
-        self.backends = backends
+        self.route = backends.route(api.backend)
         self.max_body = max_body
         # Request headers never forwarded: `drop` is what a subclass adds; when the request
         # is traced, the client's traceparent gives way to the gateway's.
         self._drop = (
             HOP_BY_HOP
             | drop
+            | self.route.credential_headers
             | {
                 api.subscription_key_names.header.lower().encode("latin-1"),
                 b"x-request-id",
@@ -109,23 +110,20 @@ class ApiHandler:
             exchange.product_id = identity.product.id
         return identity
 
-    def request_headers(
-        self, scope: Scope, identity: Identity, upstream: Upstream, exchange: Exchange
-    ) -> list[bytes]:
-        """The client's headers minus hop-by-hop and credentials, plus the backend's, as
-        header lines (the ASGI server has already refused CR/LF in names and values)."""
-        consumed, own = identity.consumed_header, upstream.credential_header
+    def request_headers(self, scope: Scope, identity: Identity, exchange: Exchange) -> list[bytes]:
+        """The client's headers minus hop-by-hop and credentials, as header lines (the ASGI
+        server has already refused CR/LF in names and values); `prepare` adds the backend's."""
+        consumed = identity.consumed_header
         trace = exchange.trace  # traced: the backend's parent is this request's span
         drop = self._drop if trace is None else self._drop_traced
         out = [
             b"%b: %b\r\n" % pair
             for pair in scope["headers"]
-            if pair[0] not in drop and pair[0] != consumed and pair[0] != own
+            if pair[0] not in drop and pair[0] != consumed
         ]
         out.append(b"x-request-id: %b\r\n" % exchange.request_id.encode("ascii"))
         if trace is not None:
             out.append(b"traceparent: %b\r\n" % traceparent(trace[0], trace[1], trace[3]))
-        out.append(upstream.credential_line)
         return out
 
     @staticmethod
@@ -195,8 +193,7 @@ class OpenAIHandler(ApiHandler):
             elif isinstance(view, ResponsesRequest) and view.stream:
                 stream_filter = ResponsesStreamFilter()
         exchange.stream = stream_filter is not None
-        upstream = self.backends.pick(self.api.backend)
-        exchange.backend_id = upstream.id
+        exchange.backend_id = self.api.backend  # the member once one is chosen
         metering = None
         name = identity.subscription.display_name if identity.subscription else ""
         if self.limits is not None and view is not None:
@@ -206,14 +203,13 @@ class OpenAIHandler(ApiHandler):
                 await metering.admit(self.limits, policies, view, len(body), exchange, scope, name)
                 if stream_filter is not None:
                     stream_filter.counter = metering.counter
-        headers = self.request_headers(scope, identity, upstream, exchange)
+        headers = self.request_headers(scope, identity, exchange)
         headers.append(b"accept-encoding: identity\r\n")
-        target = upstream.target(match.subpath, self.query(scope, identity))
         error: BaseException | None = None
         try:
             await self._forward(
-                exchange, upstream, target, b"".join(headers), body, stream_filter, metering,
-                send, receive,
+                exchange, match.subpath, self.query(scope, identity), b"".join(headers), body,
+                stream_filter, metering, send, receive,
             )  # fmt: skip
         except BaseException as exc:
             error = exc
@@ -227,8 +223,8 @@ class OpenAIHandler(ApiHandler):
     async def _forward(
         self,
         exchange: Exchange,
-        upstream: Upstream,
-        target: bytes,
+        subpath: str,
+        query: str,
         headers: bytes,
         body: bytes,
         stream_filter: StreamFilter | None,
@@ -240,7 +236,7 @@ class OpenAIHandler(ApiHandler):
         watch = DisconnectWatch(receive, exchange)
         try:
             t = time.perf_counter()
-            response = await upstream.send(method, target, headers, body)
+            response = await self.route.send(exchange, method, subpath, query, headers, body)
             try:
                 if (
                     stream_filter is not None
@@ -292,15 +288,16 @@ class PassthroughHandler(ApiHandler):
     ) -> None:
         identity = self.identify(exchange, scope)
         subpath = confine(match.subpath)
-        upstream = self.backends.pick(self.api.backend)
-        exchange.backend_id = upstream.id
-        headers = b"".join(self.request_headers(scope, identity, upstream, exchange))
-        target = upstream.target(subpath, self.query(scope, identity))
+        exchange.backend_id = self.api.backend  # the member once one is chosen
+        headers = b"".join(self.request_headers(scope, identity, exchange))
+        query = self.query(scope, identity)
         watch: list[DisconnectWatch] = []
         body, length = self._body(scope, receive, watch, exchange)
         try:
             t = time.perf_counter()
-            response = await upstream.send(exchange.method, target, headers, body, length)
+            response = await self.route.send(
+                exchange, exchange.method, subpath, query, headers, body, length
+            )
             exchange.backend_seconds += time.perf_counter() - t
             if not watch:  # a body-less request: watch from here on
                 watch.append(DisconnectWatch(receive, exchange))

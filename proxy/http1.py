@@ -21,7 +21,12 @@ from urllib.parse import urlsplit
 
 import httptools
 
-from proxy.errors import BackendConnectionError, BackendTimeoutError, GatewayError
+from proxy.errors import (
+    BackendConnectionError,
+    BackendConnectTimeoutError,
+    BackendTimeoutError,
+    GatewayError,
+)
 
 Body = bytes | AsyncIterable[bytes] | None
 RawHeaders = list[tuple[bytes, bytes]]
@@ -483,7 +488,7 @@ class ConnectionPool:
                     server_hostname=self.host if self.ssl else None,
                 )
         except TimeoutError:
-            raise BackendTimeoutError() from None
+            raise BackendConnectTimeoutError() from None
         except OSError:
             raise BackendConnectionError() from None
         finally:

@@ -1,4 +1,4 @@
-"""Backends: one HTTP/1.1 connection pool per backend, request targets, credentials, pools.
+"""A backend: its HTTP/1.1 connection pool, request targets and credentials.
 
 The hot path uses `proxy.http1` (bench/RESULTS.md "Upstream client": aiohttp costs ~4x the
 CPU per request, httpx's pool collapses under concurrency). Responses are never decompressed
@@ -7,11 +7,9 @@ here: the gateway forwards the bytes it was sent.
 
 from __future__ import annotations
 
-import asyncio
-import itertools
 from urllib.parse import quote, quote_from_bytes, urlsplit
 
-from proxy.config import Backend, Config
+from proxy.config import Backend
 from proxy.errors import BackendUnavailableError
 from proxy.http1 import Body, ConnectionPool, Response
 
@@ -45,6 +43,10 @@ class Upstream:
             connect_timeout=self._connect_timeout,
             read_timeout=self._read_timeout,
         )
+
+    @property
+    def connections(self) -> int:
+        return self._pool.connections if self._pool is not None else 0
 
     async def close(self) -> None:
         if self._pool is not None:
@@ -91,43 +93,3 @@ def _ascii(text: str) -> bytes:
     if text.isascii() and text.isprintable() and " " not in text:
         return raw
     return quote_from_bytes(raw, safe="/%:@!$&'()*+,;=-._~?").encode("ascii")
-
-
-class Pool:
-    """A `type: pool` backend: weighted round robin within the most preferred priority.
-
-    Retries and circuit breakers come with the resilience work; for now the pool spreads load.
-    """
-
-    def __init__(self, backend: Backend, members: dict[str, Upstream]):
-        self.id = backend.id
-        best = min(s.priority for s in backend.services)
-        order = [
-            members[s.id] for s in backend.services if s.priority == best for _ in range(s.weight)
-        ]
-        self._cycle = itertools.cycle(order)
-
-    def pick(self) -> Upstream:
-        return next(self._cycle)
-
-
-class Backends:
-    """All configured backends, opened and closed together by the app's lifespan."""
-
-    def __init__(self, config: Config):
-        self._singles = {b.id: Upstream(b) for b in config.backends if b.type == "single"}
-        self._pools = {b.id: Pool(b, self._singles) for b in config.backends if b.type == "pool"}
-
-    async def open(self) -> None:
-        for upstream in self._singles.values():
-            await upstream.open()
-
-    async def close(self) -> None:
-        await asyncio.gather(*(u.close() for u in self._singles.values()))
-
-    def pick(self, backend_id: str) -> Upstream:
-        """The upstream to use for one request to `backend_id` (a single or a pool)."""
-        single = self._singles.get(backend_id)
-        if single is not None:
-            return single
-        return self._pools[backend_id].pick()

@@ -9,7 +9,7 @@ import pytest
 
 from proxy import config as config_module
 from proxy.app import create_app
-from proxy.upstream import Backends
+from proxy.dispatch import Backends
 from tests.conftest import gateway_config
 
 CONFIG = config_module.loads(gateway_config("http://127.0.0.1:9/v1"))

@@ -83,9 +83,12 @@ class Script:
     sha: str  # its SHA-1, the name EVALSHA knows it by
 
     @classmethod
-    def load(cls, name: str) -> Script:
-        """`name` behind the shared clock.lua, with the window's LEAVES from base.py."""
-        source = f"local LEAVES = {LEAVES}\n" + _lua("clock.lua") + _lua(name)
+    def load(cls, name: str, *, clock: bool = True) -> Script:
+        """`name`, behind the shared clock.lua (with the window's LEAVES from base.py) when
+        it reads the time."""
+        source = _lua(name)
+        if clock:
+            source = f"local LEAVES = {LEAVES}\n" + _lua("clock.lua") + source
         return cls(source, hashlib.sha1(source.encode()).hexdigest())
 
 
@@ -145,6 +148,7 @@ class RedisLimiter:
         self._registered: dict[Script, Any] = {}
         if self._cluster is not None:
             self._registered = {s: self._cluster.register_script(s.source) for s in (ADMIT, SETTLE)}
+        self._register = self._cluster.register_script if self._cluster is not None else None
 
     @classmethod
     def connect(
@@ -180,7 +184,7 @@ class RedisLimiter:
             period, _, end = period_bounds(limit.quota_period, now)
             keys.append(quota_key(limit.key, period))
         args = (tokens, _limit_arg(tpm), _limit_arg(quota), _ttl_ms(end, now), self._override(now))
-        verdict, second, used, quota_used, retry_us = await self._run(ADMIT, keys, args)
+        verdict, second, used, quota_used, retry_us = await self.run(ADMIT, keys, args)
         left = remaining(limit, used, quota_used)
         if verdict == 1:
             return Admitted(Reservation(limit, tokens, second, period, self), *left)
@@ -216,11 +220,12 @@ class RedisLimiter:
             ttl = _ttl_ms(end, now)
         has_rate = int(limit.tokens_per_minute is not None)
         args = (delta, second, has_rate, ttl, self._override(now))
-        in_window, in_period = await self._run(SETTLE, keys, args)
+        in_window, in_period = await self.run(SETTLE, keys, args)
         return in_window, in_period
 
-    async def _run(self, script: Script, keys: Sequence[str], args: Sequence[int | str]) -> Any:
-        """One script call; outage errors become StoreUnavailableError."""
+    async def run(self, script: Script, keys: Sequence[str], args: Sequence[int | str]) -> Any:
+        """One script call (any `Script`, e.g. the shared breakers'); outage errors become
+        StoreUnavailableError."""
         client = self._client
         if not isinstance(client, RespClient):
             return await self._run_on_cluster(script, keys, args)
@@ -238,7 +243,11 @@ class RedisLimiter:
             try:
                 if self._discover:
                     await self._discover_cluster()
-                return await self._registered[script](keys, args)
+                registered = self._registered.get(script)
+                if registered is None:
+                    assert self._register is not None
+                    registered = self._registered[script] = self._register(script.source)
+                return await registered(keys, args)
             except UNAVAILABLE as exc:
                 self._discover = True
                 raise StoreUnavailableError(f"{type(exc).__name__}: {exc}") from exc

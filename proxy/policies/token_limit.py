@@ -18,6 +18,8 @@ from collections.abc import Mapping, Sequence
 from proxy.config import Api, Config, PolicyEntry, TokenLimit, parse_template
 from proxy.errors import (
     BackendConnectionError,
+    BackendConnectTimeoutError,
+    BackendUnavailableError,
     TokenLimitExceededError,
     TokenQuotaExceededError,
 )
@@ -29,6 +31,9 @@ from proxy.schemas import RequestView
 from proxy.tokens import TokenizerRegistry
 from proxy.types import Headers, Scope
 
+# Errors before any backend answered: nothing to bill (a reset connection may have been
+# read by the backend, but backends bill no request they did not answer).
+NEVER_SENT = (BackendConnectionError, BackendConnectTimeoutError, BackendUnavailableError)
 log = logging.getLogger("tollway")
 
 
@@ -245,8 +250,8 @@ class Metering:
             return usage.total_tokens or usage.prompt_tokens + usage.completion_tokens
         if exchange.status >= 400:
             return 0  # the backend refused it (backends bill no failed request)
-        if isinstance(error, BackendConnectionError) and not exchange.started:
-            return 0  # it never reached the backend
+        if isinstance(error, NEVER_SENT) and not exchange.started:
+            return 0  # it never reached a backend
         produced = self.counter.tokens() if self.counter is not None else 0
         if exchange.status == 200 and not exchange.stream and error is None:
             return self.prompt + self.reserve  # a whole reply without usage: the reservation

@@ -31,6 +31,11 @@ REQUESTS = "tollway.requests"  # by API, operation, status code and error
 TOKENS = "tollway.tokens"  # by subscription, model, API and token type
 STORE_UNAVAILABLE = "tollway.limits.store.unavailable"  # gauge: 1 while the shared store is down
 STORE_FAILED_ADMISSIONS = "tollway.limits.store.failed_admissions"  # admissions it could not take
+BACKEND_CONNECTIONS = "tollway.backend.connections"  # gauge: open, busy or idle
+TASKS = "tollway.process.tasks"  # gauge: asyncio tasks in the worker's event loop
+BACKEND_RETRIES = "tollway.backend.retries"  # attempts after a request's first, by backend
+BREAKER_OPEN = "tollway.backend.circuit_breaker.open"  # gauge: 1 while a breaker is tripped
+BREAKER_TRIPS = "tollway.backend.circuit_breaker.trips"  # times a breaker tripped
 SPANS_DROPPED = "tollway.telemetry.spans.dropped"  # export queue full
 METRIC_FOLDED = "tollway.telemetry.metric.folded"  # measurements sent to an overflow series
 
