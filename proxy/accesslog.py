@@ -57,10 +57,10 @@ class AccessLog:
         tokens = f"{usage.prompt_tokens}/{usage.completion_tokens}" if usage else "-"
         ttft = f"{(ex.t_first - ex.t0) * 1000:.2f}ms" if ex.t_first else "-"
         line = (
-            f'{ex.client_ip} "{ex.method} {ex.path}" {ex.status} {duration:.2f}ms '
+            f'{ex.client_ip} "{ex.method} {_printable(ex.path)}" {ex.status} {duration:.2f}ms '
             f"overhead={ex.overhead_ms():.3f}ms ttft={ttft} tokens={tokens} "
             f"sub={ex.subscription_id or '-'} api={ex.api_id or '-'} "
-            f"op={ex.operation or '-'} model={ex.model or '-'} "
+            f"op={ex.operation or '-'} model={_printable(ex.model) or '-'} "
             f"error={ex.error_code or '-'} id={ex.request_id}"
         )
         self._emit(line.encode("utf-8", "replace"))
@@ -74,3 +74,11 @@ class AccessLog:
             self.stream.flush()
         except (OSError, ValueError):
             pass  # a closed or full log pipe must never fail a request
+
+
+def _printable(text: str) -> str:
+    """`text` with every character that is not printable (CR, LF, U+2028, ...) escaped, so
+    what a client sent cannot start a line of its own in the text log."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else f"\\u{ord(c):04x}" for c in text)

@@ -29,13 +29,15 @@ from proxy.auth import ApiGuard, KeyRing
 from proxy.clients import ClientAddress
 from proxy.config import Config
 from proxy.dispatch import BackendHealth, Backends
-from proxy.errors import GatewayError
+from proxy.errors import GatewayError, MethodNotAllowedError
 from proxy.exchange import Exchange
 from proxy.handlers import ApiHandler, OpenAIHandler, PassthroughHandler
 from proxy.limits.base import Limiter
 from proxy.limits.failover import FailoverLimiter
 from proxy.limits.memory import MemoryLimiter
 from proxy.limits.redis import RedisLimiter
+from proxy.openapi import PATH as OPENAPI_PATH
+from proxy.openapi import OpenAPIEndpoint
 from proxy.policies.token_limit import token_limits, uses_token_limits
 from proxy.policies.token_metric import token_metrics
 from proxy.relay import Truncated, error_event
@@ -53,6 +55,7 @@ from proxy.tokens import TokenizerRegistry
 from proxy.types import Receive, Scope, Send
 
 log = logging.getLogger("tollway")
+_ENDPOINT_METHODS = ("GET", "HEAD")  # of /healthz, /readyz, /metrics, /openapi.json
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
 _encoder = msgspec.json.Encoder()
 
@@ -112,6 +115,7 @@ class Gateway:
         self._endpoints = {"/healthz": self._healthz, "/readyz": self._readyz}
         if config.telemetry.prometheus:
             self._endpoints["/metrics"] = self._metrics
+        self._endpoints[OPENAPI_PATH] = OpenAPIEndpoint(config)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -124,6 +128,10 @@ class Gateway:
         path: str = scope["path"]
         endpoint = self._endpoints.get(path)
         if endpoint is not None:
+            if scope["method"] not in _ENDPOINT_METHODS:
+                error = MethodNotAllowedError(_ENDPOINT_METHODS)
+                await send_response(send, 405, error_headers(error), error_body(error))
+                return
             await endpoint(scope, send)
             return
         runtime, telemetry = self.runtime, self.telemetry
@@ -268,6 +276,7 @@ class Gateway:
             log.error("tollway: config reload failed, keeping the old config: %s", exc)
             return False
         old, self.runtime = self.runtime, runtime
+        self._endpoints[OPENAPI_PATH] = OpenAPIEndpoint(config)
         self.telemetry.use_backends(backend_urls(config))
         self.access_log = AccessLog(config.telemetry.access_log, self.access_log.stream)
         log.warning("tollway: config reloaded from %s", self.config_path)

@@ -18,6 +18,7 @@ from proxy.types import Scope
 
 _API_KEY = b"api-key"
 _AUTHORIZATION = b"authorization"
+_API_KEY_ONLY = (_API_KEY,)
 
 
 class Identity(NamedTuple):
@@ -25,8 +26,10 @@ class Identity(NamedTuple):
 
     subscription: Subscription | None
     product: Product | None
-    consumed_header: bytes | None  # the header the key came from: never forwarded
-    consumed_query: str | None  # the query parameter it came from: never forwarded
+    # The headers and the query parameter that carry the key (the one it was read from, and
+    # any other key source the client put the same key in): never forwarded.
+    consumed_headers: tuple[bytes, ...]
+    consumed_query: str | None
 
 
 class KeyRing:
@@ -53,6 +56,8 @@ class ApiGuard:
         self._ring = ring
         self._header = api.subscription_key_names.header.lower().encode("latin-1")
         self._query = api.subscription_key_names.query
+        self._query_bytes = self._query.encode("latin-1")
+        self._own_header = (self._header,)
         products = {p.id: p for p in config.products}
         own = [products[pid] for pid in api.products if pid in products]
         # An API is open when it says so, or through an open product (APIM "open products").
@@ -62,40 +67,51 @@ class ApiGuard:
 
     def identify(self, scope: Scope) -> Identity:
         """Return the caller's identity or raise 401 (SPEC §4 key sources, in order)."""
-        found = self._presented_key(scope)
-        if found is None:
-            if self._required:
-                raise SubscriptionKeyNotFoundError
-            return Identity(None, self._open_product, None, None)
-        key, header, query = found
+        own, api_key, bearer = self._key_headers(scope)
+        key = own or api_key or bearer
+        query: bytes = scope.get("query_string", b"")
+        in_query = self._query_key(query) if query and self._query_bytes in query else None
+        if not key:
+            key = in_query
+            if not key:
+                if self._required:
+                    raise SubscriptionKeyNotFoundError
+                return Identity(None, self._open_product, (), None)
         sub = self._ring.find(key)
         if sub is None or sub.state != "active" or sub.id not in self._grants:
-            if header == _AUTHORIZATION and not self._required:
+            if key is bearer and not self._required:
                 # Not one of ours: on an open API it is the client's own backend credential.
-                return Identity(None, self._open_product, None, None)
+                return Identity(None, self._open_product, (), None)
             raise SubscriptionKeyInvalidError
-        return Identity(sub, self._grants[sub.id], header, query)
+        consumed: tuple[bytes, ...]
+        if key is own and api_key is None and bearer is None:  # the usual: one source
+            consumed = self._own_header
+        elif key is api_key and own is None and bearer is None:
+            consumed = _API_KEY_ONLY
+        else:
+            sources = ((self._header, own), (_API_KEY, api_key), (_AUTHORIZATION, bearer))
+            consumed = tuple(name for name, value in sources if value == key)
+        return Identity(
+            sub, self._grants[sub.id], consumed, self._query if in_query == key else None
+        )
 
-    def _presented_key(self, scope: Scope) -> tuple[bytes, bytes | None, str | None] | None:
+    def _key_headers(self, scope: Scope) -> tuple[bytes | None, bytes | None, bytes | None]:
+        """The key in the API's header, in `api-key`, and as a Bearer token (stripped)."""
         bearer = api_key = own = None
         for name, value in scope["headers"]:
             if name == self._header:
-                own = value
+                own = value.strip()
             elif name == _API_KEY:
-                api_key = value
+                api_key = value.strip()
             elif name == _AUTHORIZATION and value[:7].lower() == b"bearer ":
                 bearer = value[7:].strip()
-        if own:
-            return own.strip(), self._header, None
-        if api_key:
-            return api_key.strip(), _API_KEY, None
-        if bearer:
-            return bearer, _AUTHORIZATION, None
-        query = scope.get("query_string", b"")
-        if query and self._query.encode() in query:
-            for name, value in parse_qsl(query.decode("latin-1")):
-                if name == self._query and value:
-                    return value.encode("latin-1"), None, self._query
+        return own, api_key, bearer
+
+    def _query_key(self, query: bytes) -> bytes | None:
+        # latin-1 both ways: percent-escapes become the very bytes they stand for
+        for name, value in parse_qsl(query.decode("latin-1"), encoding="latin-1"):
+            if name == self._query and value:
+                return value.encode("latin-1")
         return None
 
 

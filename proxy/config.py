@@ -56,7 +56,7 @@ __all__ = [
     "to_builtins",
 ]  # fmt: skip
 
-RESERVED_PATHS = ("/healthz", "/readyz", "/metrics", "/console", "/admin")
+RESERVED_PATHS = ("/healthz", "/readyz", "/metrics", "/openapi.json", "/console", "/admin")
 DEFAULT_TOKENIZERS = {
     "gpt-4o*": "tiktoken:o200k_base", "gpt-4*": "tiktoken:cl100k_base", "*": "tiktoken:o200k_base"
 }  # fmt: skip

@@ -113,13 +113,13 @@ class ApiHandler:
     def request_headers(self, scope: Scope, identity: Identity, exchange: Exchange) -> list[bytes]:
         """The client's headers minus hop-by-hop and credentials, as header lines (the ASGI
         server has already refused CR/LF in names and values); `prepare` adds the backend's."""
-        consumed = identity.consumed_header
+        consumed = identity.consumed_headers
         trace = exchange.trace  # traced: the backend's parent is this request's span
         drop = self._drop if trace is None else self._drop_traced
         out = [
             b"%b: %b\r\n" % pair
             for pair in scope["headers"]
-            if pair[0] not in drop and pair[0] != consumed
+            if pair[0] not in drop and pair[0] not in consumed
         ]
         out.append(b"x-request-id: %b\r\n" % exchange.request_id.encode("ascii"))
         if trace is not None:

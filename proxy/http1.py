@@ -170,6 +170,7 @@ class _Connection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._drain: asyncio.Future[None] | None = None
         self._write_paused = False
+        self._writing = False  # a streamed request body is still being sent
 
     # -- asyncio.Protocol
 
@@ -286,7 +287,11 @@ class _Connection(asyncio.Protocol):
         else:
             transport.write(head)
             if body is not None:
-                await self._write_stream(body, chunked)
+                self._writing = True
+                try:
+                    await self._write_stream(body, chunked)
+                finally:
+                    self._writing = False
         self._last_read = self.loop.time()
         self._arm_timer()
         try:
@@ -317,7 +322,10 @@ class _Connection(asyncio.Protocol):
         self._response = None
         self._cancel_timer()
         response._finish()
-        if keep and self._alive:
+        # A backend may answer before the request body ends (nginx's `return 403` does):
+        # the rest of the body is still to come on this connection, so it can serve no
+        # other request — the next one would be read as part of this body.
+        if keep and self._alive and not self._writing:
             self.pool._release(self)
         else:
             self.abort()

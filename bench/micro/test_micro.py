@@ -328,7 +328,7 @@ def test_guard_identify_api_key_header(benchmark):
     identity = benchmark(guard.identify, SCOPE)
     assert identity.subscription is not None and identity.subscription.id == "team-057"
     assert identity.product is not None and identity.product.id == "starter"
-    assert identity.consumed_header == b"api-key"
+    assert identity.consumed_headers == (b"api-key",)
 
 
 def _router() -> Router[str]:
