@@ -66,6 +66,20 @@ apis:
     "limit-memory": _TOKEN_LIMIT + _AUTH_SUBSCRIPTIONS,
     "limit-redis": _TOKEN_LIMIT + _AUTH_SUBSCRIPTIONS,
 }
+# A pool of two members (both the same upstream), each with a circuit breaker, and a retry
+# rule: the cost of member choice, breaker bookkeeping and the retry loop when nothing fails.
+_BREAKER = (
+    "{failure-condition: {count: 5, interval: 1m, status-code-ranges: [{min: 500, max: 599}],"
+    " error-reasons: [connection, timeout]}, trip-duration: 30s}"
+)
+PROFILES["auth-pool"] = (
+    f"""  - {{id: up2, url: "{{upstream}}", max-connections: 4096, circuit-breaker: {_BREAKER}}}
+  - {{id: pool, type: pool, services: [{{id: up}}, {{id: up2}}], retry: {{count: 2}}}}
+apis:
+  - {{id: chat, path: /openai, backend: pool}}
+"""
+    + _AUTH_SUBSCRIPTIONS
+)
 NEEDS_REDIS = frozenset({"limit-redis"})
 # The telemetry each profile runs with: by default what a config that says nothing gets
 # (GenAI metrics recorded for /metrics, no export); the telemetry scenario's profiles add
@@ -99,7 +113,7 @@ gateway: {{store: "{store if profile in NEEDS_REDIS else "memory"}"}}
 backends:
   - {{id: up, url: "{upstream}", max-connections: 4096}}
 """
-    return head + PROFILES[profile]
+    return head + PROFILES[profile].replace("{upstream}", upstream)
 
 
 @dataclass(frozen=True)
