@@ -24,7 +24,7 @@ import psutil
 import pytest
 
 from tests.gatewayproc import GatewayProc, start_gateway
-from tests.mockproc import MockProc, free_port
+from tests.mockproc import MockProc, free_port, start_mock
 from tests.redisproc import RedisProc
 
 pytestmark = pytest.mark.redis
@@ -228,3 +228,68 @@ def test_a_storm_of_client_disconnects_leaves_nothing(
         assert len(records) == 100 and all(r["disconnected"] for r in records)
     finally:
         gw.stop()
+
+
+def test_a_member_and_redis_killed_and_restarted_under_load(
+    faulty: MockProc, own_server: RedisProc
+) -> None:
+    """Real process control: member b's own mock process and the Redis store are killed
+    mid-load and started again on the same ports. Every request is answered throughout; b
+    trips, is probed and serves again; tasks and sockets come back to baseline."""
+    port = free_port()
+    b = start_mock(port=port, tokens=16)
+    text = storm_config(faulty, own_server).replace(
+        f"id: b, url: '{faulty.url}'", f"id: b, url: '{b.url}'"
+    )
+    gw = start_gateway(text)
+    try:
+        asyncio.run(storm(gw, 20, 20))
+        time.sleep(0.6)
+        baseline = (gauges(gw)["tollway_process_tasks"], untracked_sockets(gw))
+        results: list[tuple[int, int]] = []
+
+        async def load(seconds: float) -> None:
+            deadline = time.monotonic() + seconds
+            limits = httpx.Limits(max_connections=20)
+            async with httpx.AsyncClient(
+                base_url=gw.base, headers={"api-key": KEY}, timeout=30, limits=limits
+            ) as client:
+
+                async def one(n: int) -> None:
+                    i = n
+                    while time.monotonic() < deadline:
+                        results.append(await chat(client, i))
+                        i += 20
+
+                await asyncio.gather(*(one(n) for n in range(20)))
+
+        async def chaos() -> None:
+            await asyncio.sleep(0.8)
+            await asyncio.to_thread(b.stop)
+            await asyncio.sleep(0.4)
+            await asyncio.to_thread(own_server.kill)
+            await asyncio.sleep(1.0)
+            await asyncio.to_thread(own_server.start)
+            await asyncio.sleep(0.4)
+            restarted.append(await asyncio.to_thread(start_mock, port, 0, 0, 16))
+
+        restarted: list[MockProc] = []
+
+        async def main() -> None:
+            await asyncio.gather(load(5.0), chaos())
+
+        asyncio.run(main())
+        assert restarted, "member b did not come back"
+        b = restarted[0]
+        statuses = {s for s, _ in results}
+        assert statuses <= {200, 502, 503}, statuses
+        assert sum(s == 200 for s, _ in results) >= 0.9 * len(results)
+        b.clear()
+        time.sleep(0.6)  # b's trip (500 ms) ends; the next request to it is the probe
+        asyncio.run(storm(gw, 20, 5))
+        assert b.requests(), "member b got no request after it came back"
+        settled(gw, baseline)
+        assert "Traceback" not in gw.log()
+    finally:
+        gw.stop()
+        b.stop()
