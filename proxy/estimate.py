@@ -27,6 +27,7 @@ from collections.abc import Callable
 import msgspec
 
 from proxy.schemas import (
+    JSON_ERRORS,
     ChatRequest,
     CompletionRequest,
     ContentPart,
@@ -68,9 +69,11 @@ def prompt_tokens(view: RequestView, count: Count, model: str = "") -> int:
 def completion_reserve(view: RequestView) -> int:
     """The completion tokens a request asks for at most (`max_tokens` and kin, times `n`);
     0 when it sets no bound (then nothing beyond the prompt can be reserved)."""
-    bound = max_tokens_of(view) or 0
+    # A negative bound or `n` (a backend refuses them, llama.cpp reads -1 as "no limit")
+    # must not shrink the reservation below the prompt estimate.
+    bound = max(0, max_tokens_of(view) or 0)
     if isinstance(view, ChatRequest | CompletionRequest):
-        return bound * (view.n or 1)
+        return bound * max(1, view.n or 1)
     return bound
 
 
@@ -148,7 +151,7 @@ _FUNC_INIT, _PROP_INIT, _PROP_KEY, _ENUM_INIT, _ENUM_ITEM, _FUNC_END = 7, 3, 3, 
 def _tool_call_tokens(raw: msgspec.Raw, count: Count) -> int:
     try:
         function = _tool_call_decoder.decode(raw).function
-    except msgspec.DecodeError:
+    except JSON_ERRORS:
         return count(bytes(raw).decode("utf-8", "replace"))
     return count(function.name) + count(function.arguments) if function else 0
 
@@ -160,7 +163,7 @@ def tools_tokens(tools: list[msgspec.Raw], count: Count) -> int:
     for raw in tools:
         try:
             tool = _tool_decoder.decode(raw)
-        except msgspec.DecodeError:
+        except JSON_ERRORS:
             tool = _Tool(type="?")
         if tool.function is None:
             total += count(bytes(raw).decode("utf-8", "replace"))
@@ -176,7 +179,7 @@ def _parameters_tokens(raw: msgspec.Raw, count: Count) -> int:
         return 0
     try:
         properties = _parameters_decoder.decode(raw).properties or {}
-    except msgspec.DecodeError:
+    except JSON_ERRORS:
         return count(bytes(raw).decode("utf-8", "replace"))
     total = _PROP_INIT if properties else 0
     for name, prop in properties.items():
@@ -321,7 +324,7 @@ def responses_tokens(view: ResponsesRequest, count: Count) -> int:
     for raw in view.input or ():
         try:
             item = _input_item_decoder.decode(raw)
-        except msgspec.DecodeError:
+        except JSON_ERRORS:
             total += PER_MESSAGE + count(bytes(raw).decode("utf-8", "replace"))
             continue
         total += PER_MESSAGE + _item_tokens(item, count, model)
@@ -404,7 +407,7 @@ class CompletionCounter:
     def feed(self, data: bytes) -> None:
         try:
             chunk = _chunk_decoder.decode(data)
-        except msgspec.DecodeError:
+        except JSON_ERRORS:
             return
         pending = self._pending
         if chunk.delta is not None and chunk.type in _DELTA_EVENTS:

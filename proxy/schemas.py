@@ -169,21 +169,32 @@ _raw_object_decoder = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _encoder = msgspec.json.Encoder()
 
 
+# What decoding bytes from outside may raise besides DecodeError (ValidationError is one):
+# msgspec checks UTF-8 only in the strings it builds, and raises UnicodeDecodeError there;
+# nesting deeper than the interpreter's recursion limit (~1,000 levels, a 2 kB body) raises
+# RecursionError. Neither may escape as a 500.
+JSON_ERRORS = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
+
+
 def decode_request(operation: str, body: bytes) -> RequestView:
     """Validate and view a request body of an openai-type operation, or raise 400."""
     try:
         return _DECODERS[operation].decode(body)
-    except msgspec.DecodeError as exc:
+    except JSON_ERRORS as exc:
         raise InvalidRequestError(_describe(exc, body)) from None
 
 
 _AT = re.compile(r"^(.*) - at `(\$[^`]*)`$", re.DOTALL)
 
 
-def _describe(exc: msgspec.DecodeError, body: bytes) -> str:
+def _describe(exc: Exception, body: bytes) -> str:
     """Turn msgspec's message into `$.path: expected X, got Y` (SPEC §4)."""
     if not body.strip():
         return "The request body is empty; expected a JSON object."
+    if isinstance(exc, RecursionError):
+        return "$: arrays and objects are nested too deeply."
+    if isinstance(exc, UnicodeDecodeError):
+        return f"The request body is not valid JSON: {_utf8_error(body)}"
     text = str(exc)
     if not isinstance(exc, msgspec.ValidationError):
         return f"The request body is not valid JSON: {text}"
@@ -192,6 +203,14 @@ def _describe(exc: msgspec.DecodeError, body: bytes) -> str:
     message = message.replace("`", "")
     message = message[:1].lower() + message[1:]
     return f"{path}: {_or_list(message)}"
+
+
+def _utf8_error(body: bytes) -> str:
+    try:
+        body.decode()
+    except UnicodeDecodeError as exc:  # where in the body, not in the string msgspec built
+        return f"invalid UTF-8 (byte {exc.start})"
+    return "invalid UTF-8"
 
 
 def _or_list(message: str) -> str:
@@ -210,8 +229,12 @@ def wants_usage(view: ChatRequest | CompletionRequest) -> bool:
 
 
 def with_stream_usage(body: bytes) -> bytes:
-    """Return a copy of a request body with `stream_options.include_usage: true` set."""
-    fields = _raw_object_decoder.decode(body)
+    """Return a copy of a request body with `stream_options.include_usage: true` set
+    (raises 400 for what decode_request let through: invalid UTF-8 in a key it skipped)."""
+    try:
+        fields = _raw_object_decoder.decode(body)
+    except JSON_ERRORS as exc:
+        raise InvalidRequestError(_describe(exc, body)) from None
     options: dict[str, object] = {}
     if "stream_options" in fields:
         current = msgspec.json.decode(fields["stream_options"])
@@ -238,7 +261,7 @@ def read_reply(body: bytes) -> Reply | None:
     embeddings, responses); None when it is not a JSON object."""
     try:
         reply = _reply_decoder.decode(body)
-    except msgspec.DecodeError:
+    except JSON_ERRORS:
         return None
     usage = reply.usage.normalise() if reply.usage is not None else None
     return usage, reply.model or "", reply.finish_reasons()
@@ -248,7 +271,7 @@ def read_chunk(data: bytes) -> Chunk | None:
     """Read a streamed chat/completions chunk (an event's data); None if not JSON."""
     try:
         chunk = _reply_decoder.decode(data)
-    except msgspec.DecodeError:
+    except JSON_ERRORS:
         return None
     if chunk.usage is None:
         return None, False, chunk.model or "", chunk.finish_reasons()
@@ -260,7 +283,7 @@ def read_response_event(data: bytes) -> tuple[str, Reply | None] | None:
     model) comes with `response.completed` (and `response.incomplete` / `.failed`)."""
     try:
         event = _response_event_decoder.decode(data)
-    except msgspec.DecodeError:
+    except JSON_ERRORS:
         return None
     response = event.response
     if response is None or response.usage is None:
