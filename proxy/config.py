@@ -702,6 +702,10 @@ class _Loader(yaml.SafeLoader):  # type: ignore[misc]
     keys (PyYAML would silently keep the last one)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[object, object]:
+        if not isinstance(node, yaml.MappingNode):  # `!!set [a]`, `!!map a`
+            raise yaml.constructor.ConstructorError(
+                None, None, f"expected a mapping, found {node.id}", node.start_mark
+            )
         seen: set[object] = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
@@ -756,7 +760,10 @@ def _expand(node: object, path: str, env: Mapping[str, str], errors: list[str]) 
             )
         return ""
 
-    return _ENV_RE.sub(substitute, node)
+    expanded = _ENV_RE.sub(substitute, node)
+    if expanded.strip().lower() == "null":  # would quietly empty the field it fills
+        errors.append(f"{path}: {node!r} expands to {expanded!r}; leave the field out instead")
+    return expanded
 
 
 def _key_path(path: str, key: object) -> str:
@@ -795,7 +802,15 @@ def _join(path: str, field: str) -> str:
 
 def _translate(message: str) -> str:
     """msgspec's "Expected `int`, got `str` - at `$.a[0].b`" as "a[0].b: expected int, got str"."""
-    text, _, at = message.partition(" - at `$")
+    # The path is the last " - at `$...`" (a value or key in the text may contain one);
+    # a key of the wrong type is " - at `key` in `$...`".
+    text, _, at = message.rpartition(" - at `$")
+    if not _:
+        text, _, at = message.rpartition(" - at `key` in `$")
+        if _:
+            text += " (a key)"
+        else:
+            text, at = message, ""
     path = at.rstrip("`").lstrip(".")
     if match := re.fullmatch(r"Object (missing required|contains unknown) field `(.+)`", text):
         tp = _schema_type(path)
@@ -827,6 +842,8 @@ def loads(text: str, env: Mapping[str, str] | None = None) -> Config:
     """Parse, expand (``env`` defaults to ``os.environ``) and validate a YAML config."""
     try:
         data = yaml.load(text, Loader=_Loader)  # a SafeLoader
+    except RecursionError:
+        raise ConfigError(["(top level): nested too deeply"]) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -837,7 +854,10 @@ def loads(text: str, env: Mapping[str, str] | None = None) -> Config:
         got = "an empty document" if data is None else type(data).__name__
         raise ConfigError([f"(top level): expected a mapping of sections, got {got}"])
     errors: list[str] = []
-    data = _expand(data, "", os.environ if env is None else env, errors)
+    try:
+        data = _expand(data, "", os.environ if env is None else env, errors)
+    except RecursionError:  # an alias that contains itself
+        raise ConfigError(["(top level): a YAML alias refers to itself"]) from None
     if errors:
         raise ConfigError(errors)
     try:

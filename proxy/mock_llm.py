@@ -307,8 +307,10 @@ def _json_headers(body: bytes, extra: tuple[tuple[bytes, bytes], ...]) -> Header
 def _decode(raw: bytes) -> _Body:
     try:
         return _decoder.decode(raw)
-    except msgspec.DecodeError as exc:  # ValidationError is a DecodeError
-        raise _BadRequestError(f"invalid request body: {exc}") from None
+    # ValidationError is a DecodeError; msgspec checks UTF-8 only in the strings it makes
+    # (UnicodeDecodeError), and deep nesting exhausts the recursion limit.
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise _BadRequestError(f"invalid request body: {type(exc).__name__}") from None
 
 
 def _count_words(value: Any) -> int:

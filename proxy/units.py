@@ -32,7 +32,12 @@ def _number(value: object, what: str) -> float | None:
     """A YAML int/float as-is; ``None`` for strings (parsed by the caller); else an error."""
     if isinstance(value, bool) or not isinstance(value, int | float | str):
         raise ValueError(f"expected {what}, got {type(value).__name__}")
-    return None if isinstance(value, str) else float(value)
+    if isinstance(value, str):
+        return None
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError(f"a number of {len(str(value))} digits is too large") from None
 
 
 class Duration(float):

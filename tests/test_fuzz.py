@@ -11,8 +11,9 @@
 4. The live app in-process, in front of a real mock backend: no request makes a 500 or shows
    the backend's credentials, and every error body is OpenAI-shaped.
 
-The strict xfail tests at the end reproduce bugs in files this suite must not change; the
-generators above leave out exactly those inputs (and say so where they do).
+The tests at the end reproduce bugs these generators found in the config loader, units and
+the mock, since fixed; the generators above still leave out exactly those inputs (and say
+so where they do), so each stays pinned by its own test.
 
 Example counts are modest (the file runs in well under a minute); FUZZ_SCALE=10 runs ten
 times as many. With CI set, every run draws the same examples (derandomize).
@@ -710,7 +711,7 @@ def test_env_expansion_matches_the_reference(template: str, env: dict[str, str])
         assert config.apis[0].description == expected
 
 
-# Not "null" in any case: it empties the field (strict xfail test_config_env_null_is_not_a_number).
+# Not "null" in any case: refused, see test_config_env_null_is_not_a_number.
 _env_numbers = (
     st.text(max_size=8) | st.integers().map(str) | st.sampled_from(["1e3", "5.0", "0"])
 ).filter(lambda value: value.lower() != "null")
@@ -1039,35 +1040,20 @@ def test_live_bad_utf8_and_deep_json_are_400(live: Live) -> None:
         assert response.json()["error"]["code"] == "InvalidRequest"
 
 
-# Bugs in files this change must not touch, reproduced; strict, so a fix makes them fail
-# until the marker goes (and the generators above can then stop leaving these inputs out).
+# Bugs the generators found in the config loader, units and the mock, fixed; each kept as a
+# reproducer (the generators above still leave these inputs out of their random runs).
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RecursionError,
-    reason="config.py: PyYAML recurses per nesting level; loads() lets RecursionError out",
-)
 def test_config_deep_nesting() -> None:
     with pytest.raises(ConfigError):
         loads("gateway: " + "[" * 3000 + "]" * 3000 + "\n", env={})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RecursionError,
-    reason="config.py: _expand() recurses into a self-referencing YAML alias forever",
-)
 def test_config_recursive_alias() -> None:
     with pytest.raises(ConfigError):
         loads("gateway: &loop [*loop]\n", env={})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=OverflowError,
-    reason="units.py: _number() does float(value) on a YAML int beyond 1.8e308; OverflowError is not a ValueError",
-)
 @pytest.mark.parametrize("field", ["size", "duration"])
 def test_config_huge_numbers(field: str) -> None:
     document = copy.deepcopy(BASE)
@@ -1079,11 +1065,6 @@ def test_config_huge_numbers(field: str) -> None:
         loads(dump(document), env={})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=IndexError,
-    reason="config.py: _translate() splits msgspec's message at the first ' - at `$', which a value may contain; _schema_type() then indexes an empty tuple",
-)
 @pytest.mark.parametrize("where", ["enum value", "key"])
 def test_config_error_paths_survive_backticks(where: str) -> None:
     document = copy.deepcopy(BASE)
@@ -1095,11 +1076,6 @@ def test_config_error_paths_survive_backticks(where: str) -> None:
         loads(dump(document), env={})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=(TypeError, ValueError),
-    reason="config.py: _Loader.construct_mapping() unpacks node.value as pairs before checking the node is a mapping",
-)
 @pytest.mark.parametrize(
     "text", ["gateway: !!set [a]\n", "gateway: !!set a\n", "gateway: !!map [a]\n"]
 )
@@ -1108,11 +1084,6 @@ def test_config_mapping_tag_on_a_list(text: str) -> None:
         loads(text, env={})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="config.py: _translate() knows only msgspec's ' - at `$…`' suffix, not ' - at `key` in `$…`', so a key of the wrong type is blamed on '(top level)'",
-)
 def test_config_non_string_key_is_named_by_its_path() -> None:
     document = copy.deepcopy(BASE)
     document["tokenizers"][1] = "tiktoken:o200k_base"
@@ -1122,11 +1093,6 @@ def test_config_non_string_key_is_named_by_its_path() -> None:
     assert caught.value.errors[0].startswith("tokenizers"), caught.value.errors
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="mock_llm.py: _decode() catches DecodeError only; invalid UTF-8 and deep nesting are 500s",
-)
 @pytest.mark.parametrize(
     "body",
     [
@@ -1140,11 +1106,6 @@ def test_mock_llm_refuses_bad_json_with_400(mock: MockProc, body: bytes) -> None
     assert response.status_code == 400, response.status_code
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="config.py: msgspec.convert(strict=False) also turns the string 'null' (any case) into None, so `tokens-per-minute: ${TPM}` with TPM=null silently drops the rate limit",
-)
 def test_config_env_null_is_not_a_number() -> None:
     document = copy.deepcopy(BASE)
     document["apis"][0]["policies"][0]["llm-token-limit"]["tokens-per-minute"] = "${TPM}"
