@@ -73,6 +73,16 @@ def mock() -> Iterator[MockProc]:
     proc.stop()
 
 
+@pytest.fixture
+def faulty(mock: MockProc) -> Iterator[MockProc]:
+    """The session's mock for a test that sets fault rules: none and no recorded requests
+    before, no rules left after."""
+    mock.faults()
+    mock.clear()
+    yield mock
+    mock.faults()
+
+
 @pytest.fixture(scope="session")
 def paced_mock() -> Iterator[MockProc]:
     """A mock that streams like a model: 20 ms before and between tokens."""

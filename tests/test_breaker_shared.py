@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from proxy.breaker import Breaker
-from proxy.config import loads
+from proxy.config import CircuitBreaker, loads
 from proxy.limits.redis import RedisLimiter
 from proxy.sharedbreakers import SharedBreakers, trip_key
 from tests.gatewayproc import GatewayProc, start_gateway
@@ -55,6 +55,24 @@ def gateways(mock: MockProc, server: RedisProc, request: pytest.FixtureRequest) 
     finally:
         first.stop()
         mock.faults()
+
+
+def connection_rule(count: int) -> CircuitBreaker:
+    """A breaker rule that counts connection errors, trips for 5 s."""
+    rule = (
+        loads(f"""
+backends:
+  - id: b
+    url: http://127.0.0.1:{free_port()}/v1
+    circuit-breaker: {{failure-condition: {{count: {count}, interval: 1m,
+                                            error-reasons: [connection]}}, trip-duration: 5s}}
+apis: [{{id: c, path: /o, backend: b}}]
+""")
+        .backends[0]
+        .circuit_breaker
+    )
+    assert rule is not None
+    return rule
 
 
 def is_open(gw: GatewayProc) -> bool:
@@ -103,19 +121,7 @@ def test_a_trip_in_one_process_reaches_the_others(
 
 
 def test_a_store_that_is_away_leaves_breakers_per_process(caplog: pytest.LogCaptureFixture) -> None:
-    rule = (
-        loads(f"""
-backends:
-  - id: b
-    url: http://127.0.0.1:{free_port()}/v1
-    circuit-breaker: {{failure-condition: {{count: 1, interval: 1m, error-reasons: [connection]}},
-                      trip-duration: 5s}}
-apis: [{{id: c, path: /o, backend: b}}]
-""")
-        .backends[0]
-        .circuit_breaker
-    )
-    assert rule is not None
+    rule = connection_rule(count=1)
 
     async def main() -> None:
         store = RedisLimiter.connect(f"redis://127.0.0.1:{free_port()}/0", timeout=0.2)
@@ -138,15 +144,7 @@ def test_trip_keys_share_a_cluster_slot_per_backend() -> None:
 
 def test_polling_reads_trips_and_absent_keys(server: RedisProc) -> None:
     server.client().flushall()
-    rule = loads(f"""
-backends:
-  - id: b
-    url: http://127.0.0.1:{free_port()}/v1
-    circuit-breaker: {{failure-condition: {{count: 3, interval: 1m, error-reasons: [connection]}},
-                      trip-duration: 5s}}
-apis: [{{id: c, path: /o, backend: b}}]
-""").backends[0].circuit_breaker
-    assert rule is not None
+    rule = connection_rule(count=3)
 
     async def main() -> None:
         store = RedisLimiter.connect(f"redis://127.0.0.1:{server.port}/0")

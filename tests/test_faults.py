@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -138,14 +137,6 @@ async def storm(gw: GatewayProc, count: int, concurrency: int) -> list[tuple[int
         base_url=gw.base, limits=limits, headers=headers, timeout=30
     ) as client:
         return await asyncio.gather(*(chat(client, i) for i in range(count)))
-
-
-@pytest.fixture
-def faulty(mock: MockProc) -> Iterator[MockProc]:
-    mock.faults()
-    mock.clear()
-    yield mock
-    mock.faults()
 
 
 def test_a_storm_of_backend_faults_loses_nothing(faulty: MockProc, storm_redis: RedisProc) -> None:

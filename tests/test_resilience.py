@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +30,8 @@ BREAKER = (
 
 
 @pytest.fixture
-def backend(mock: MockProc) -> Iterator[MockProc]:
-    """The session's mock, with no faults and no recorded requests before and after."""
-    mock.faults()
-    mock.clear()
-    yield mock
-    mock.faults()
+def backend(faulty: MockProc) -> MockProc:
+    return faulty
 
 
 def member(mock: MockProc, name: str, breaker: str = "", url: str = "") -> str:
@@ -53,6 +48,30 @@ def gateway_config(members: str, backend: str, pool: str = "") -> config_module.
         f"apis:\n  - {{id: chat, path: /openai, backend: {backend}, subscription-required: false}}\n"
         f"  - {{id: raw, path: /raw, type: passthrough, backend: {backend}, subscription-required: false}}\n"
     )
+
+
+def two_members(mock: MockProc, services: str, extra: str = "") -> config_module.Config:
+    """Members a and b on `mock` in a pool with `services` (and `extra` pool fields)."""
+    pool = f"  - {{id: pool, type: pool, services: [{services}]{extra}}}\n"
+    return gateway_config(member(mock, "a") + member(mock, "b"), "pool", pool)
+
+
+def post_once(config: config_module.Config, body: dict[str, Any] = CHAT) -> httpx.Response:
+    """One chat request through an in-process gateway on `config`."""
+
+    async def scenario(client: httpx.AsyncClient, app: Gateway) -> httpx.Response:
+        return await client.post("/openai/chat/completions", json=body)
+
+    reply: httpx.Response = run_app(config, scenario)
+    return reply
+
+
+def post_many(config: config_module.Config, count: int) -> list[httpx.Response]:
+    async def scenario(client: httpx.AsyncClient, app: Gateway) -> list[httpx.Response]:
+        return [await client.post("/openai/chat/completions", json=CHAT) for _ in range(count)]
+
+    replies: list[httpx.Response] = run_app(config, scenario)
+    return replies
 
 
 def served_by(mock: MockProc) -> list[str]:
@@ -82,11 +101,7 @@ def metric(text: str, name: str, backend: str) -> float:
 
 
 def test_a_5xx_is_retried_on_the_next_member(backend: MockProc) -> None:
-    config = gateway_config(
-        member(backend, "a") + member(backend, "b"),
-        "pool",
-        "  - {id: pool, type: pool, services: [{id: a}, {id: b}], retry: {count: 2}}\n",
-    )
+    config = two_members(backend, "{id: a}, {id: b}", ", retry: {count: 2}")
     backend.faults(fail("a", 500))
 
     async def scenario(client: httpx.AsyncClient, app: Gateway) -> list[int]:
@@ -101,33 +116,19 @@ def test_a_5xx_is_retried_on_the_next_member(backend: MockProc) -> None:
 
 
 def test_a_pool_moves_a_429_to_the_next_member_without_a_retry_rule(backend: MockProc) -> None:
-    config = gateway_config(
-        member(backend, "a") + member(backend, "b"),
-        "pool",
-        "  - {id: pool, type: pool, services: [{id: a, priority: 1}, {id: b, priority: 2}]}\n",
-    )
+    config = two_members(backend, "{id: a, priority: 1}, {id: b, priority: 2}")
     backend.faults(fail("a", 429, **{"retry-after": "30"}))
 
-    async def scenario(client: httpx.AsyncClient, app: Gateway) -> httpx.Response:
-        return await client.post("/openai/chat/completions", json=CHAT)
-
-    reply = run_app(config, scenario)
+    reply = post_once(config)
     assert reply.status_code == 200 and reply.json()["choices"]
     assert served_by(backend) == ["a", "b"]
 
 
 def test_without_a_retry_rule_a_5xx_passes_through(backend: MockProc) -> None:
-    config = gateway_config(
-        member(backend, "a") + member(backend, "b"),
-        "pool",
-        "  - {id: pool, type: pool, services: [{id: a, priority: 1}, {id: b, priority: 2}]}\n",
-    )
+    config = two_members(backend, "{id: a, priority: 1}, {id: b, priority: 2}")
     backend.faults(fail("a", 503))
 
-    async def scenario(client: httpx.AsyncClient, app: Gateway) -> httpx.Response:
-        return await client.post("/openai/chat/completions", json=CHAT)
-
-    reply = run_app(config, scenario)
+    reply = post_once(config)
     assert reply.status_code == 503 and reply.json()["error"]["message"] == "mock error 503"
     assert served_by(backend) == ["a"]
 
@@ -138,10 +139,7 @@ def test_the_same_backend_is_retried_after_its_retry_after(backend: MockProc) ->
     )
     backend.faults(fail("solo", 503, times=1, **{"retry-after": "1"}))
 
-    async def scenario(client: httpx.AsyncClient, app: Gateway) -> httpx.Response:
-        return await client.post("/openai/chat/completions", json=CHAT)
-
-    reply = run_app(config, scenario)
+    reply = post_once(config)
     assert reply.status_code == 200
     first, second = backend.requests()
     assert first["status"] == 503 and second["status"] == 200
@@ -157,10 +155,7 @@ def test_a_retry_after_beyond_max_retry_after_returns_the_backends_reply(
     )
     backend.faults(fail("solo", 429, **{"retry-after": "60"}))
 
-    async def scenario(client: httpx.AsyncClient, app: Gateway) -> httpx.Response:
-        return await client.post("/openai/chat/completions", json=CHAT)
-
-    reply = run_app(config, scenario)
+    reply = post_once(config)
     assert reply.status_code == 429 and reply.headers["retry-after"] == "60"
     assert len(backend.requests()) == 1
 
@@ -172,10 +167,7 @@ def test_retries_stop_at_count_and_the_last_reply_passes_through(backend: MockPr
     )
     backend.faults(fail("solo", 502))
 
-    async def scenario(client: httpx.AsyncClient, app: Gateway) -> httpx.Response:
-        return await client.post("/openai/chat/completions", json=CHAT)
-
-    reply = run_app(config, scenario)
+    reply = post_once(config)
     assert reply.status_code == 502 and reply.json()["error"]["message"] == "mock error 502"
     assert len(backend.requests()) == 3
 
@@ -197,35 +189,23 @@ def test_a_connection_error_moves_to_a_live_member(backend: MockProc) -> None:
 
 
 def test_a_stream_is_retried_before_its_first_byte(backend: MockProc) -> None:
-    config = gateway_config(
-        member(backend, "a") + member(backend, "b"),
-        "pool",
-        "  - {id: pool, type: pool, services: [{id: a, priority: 1}, {id: b, priority: 2}],"
-        " retry: {count: 1}}\n",
+    config = two_members(
+        backend, "{id: a, priority: 1}, {id: b, priority: 2}", ", retry: {count: 1}"
     )
     backend.faults(fail("a", 500))
 
-    async def scenario(client: httpx.AsyncClient, app: Gateway) -> httpx.Response:
-        return await client.post("/openai/chat/completions", json=STREAM)
-
-    reply = run_app(config, scenario)
+    reply = post_once(config, STREAM)
     assert reply.status_code == 200 and reply.text.rstrip().endswith("data: [DONE]")
     assert served_by(backend) == ["a", "b"]
 
 
 def test_a_stream_is_never_retried_after_its_first_byte(backend: MockProc) -> None:
-    config = gateway_config(
-        member(backend, "a") + member(backend, "b"),
-        "pool",
-        "  - {id: pool, type: pool, services: [{id: a, priority: 1}, {id: b, priority: 2}],"
-        " retry: {count: 1}}\n",
+    config = two_members(
+        backend, "{id: a, priority: 1}, {id: b, priority: 2}", ", retry: {count: 1}"
     )
     backend.faults({"faults": {"close-after": "2"}, "when": {"x-member": "a"}})
 
-    async def scenario(client: httpx.AsyncClient, app: Gateway) -> httpx.Response:
-        return await client.post("/openai/chat/completions", json=STREAM)
-
-    reply = run_app(config, scenario)
+    reply = post_once(config, STREAM)
     assert reply.status_code == 200
     events = [e for e in reply.text.split("\n\n") if e.strip()]
     assert json.loads(events[-1].removeprefix("data: "))["error"]["code"]
@@ -233,11 +213,8 @@ def test_a_stream_is_never_retried_after_its_first_byte(backend: MockProc) -> No
 
 
 def test_a_streamed_passthrough_body_is_not_replayed_a_buffered_one_is(backend: MockProc) -> None:
-    config = gateway_config(
-        member(backend, "a") + member(backend, "b"),
-        "pool",
-        "  - {id: pool, type: pool, services: [{id: a, priority: 1}, {id: b, priority: 2}],"
-        " retry: {count: 1}}\n",
+    config = two_members(
+        backend, "{id: a, priority: 1}, {id: b, priority: 2}", ", retry: {count: 1}"
     )
     backend.faults(fail("a", 500))
 
@@ -287,10 +264,7 @@ def test_every_member_tripped_is_503_with_the_soonest_retry_after(backend: MockP
     )
     backend.faults(fail("a", 500), fail("b", 500))
 
-    async def scenario(client: httpx.AsyncClient, app: Gateway) -> list[httpx.Response]:
-        return [await client.post("/openai/chat/completions", json=CHAT) for _ in range(3)]
-
-    first, second, third = run_app(config, scenario)
+    first, second, third = post_many(config, 3)
     assert first.status_code == second.status_code == 500
     assert third.status_code == 503
     assert third.json()["error"]["code"] == "BackendUnavailable"
@@ -306,10 +280,7 @@ def test_accept_retry_after_trips_for_the_backends_wait(backend: MockProc) -> No
     config = gateway_config(member(backend, "solo", breaker), "solo")
     backend.faults(fail("solo", 429, **{"retry-after": "12"}))
 
-    async def scenario(client: httpx.AsyncClient, app: Gateway) -> list[httpx.Response]:
-        return [await client.post("/openai/chat/completions", json=CHAT) for _ in range(2)]
-
-    limited, refused = run_app(config, scenario)
+    limited, refused = post_many(config, 2)
     assert limited.status_code == 429 and limited.headers["retry-after"] == "12"
     assert refused.status_code == 503 and refused.headers["retry-after"] in ("11", "12")
 
