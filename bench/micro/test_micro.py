@@ -7,11 +7,15 @@ as the SDK sends it, a 64-token streamed reply with the usage chunk, an SDK's re
 
 from __future__ import annotations
 
+import asyncio
+
 import msgspec
 import pytest
 
 from proxy import config as config_module
 from proxy.auth import ApiGuard, KeyRing
+from proxy.dispatch import Backends
+from proxy.exchange import Exchange
 from proxy.relay import ChatStreamFilter
 from proxy.routing import Router
 from proxy.schemas import (
@@ -352,3 +356,62 @@ def _router() -> Router[str]:
 def test_router_match(benchmark, path, expected):
     match = benchmark(_router().match, "POST", path, path.encode())
     assert tuple(match) == expected
+
+
+# --- dispatch: what Route.send adds over calling the upstream ------------------------------
+
+_ROUTE_CONFIG = config_module.loads("""
+backends:
+  - {id: up, url: "http://127.0.0.1:9/v1"}
+  - id: b1
+    url: "http://127.0.0.1:9/v1"
+    circuit-breaker:
+      failure-condition: {count: 5, interval: 1m, status-code-ranges: [{min: 500, max: 599}]}
+      trip-duration: 30s
+  - {id: b2, url: "http://127.0.0.1:9/v1"}
+  - {id: pool, type: pool, services: [{id: b1}, {id: b2}], retry: {count: 2}}
+apis: [{id: c, path: /o, backend: up}]
+""")
+
+
+class _Reply:
+    status = 200
+
+
+def _stub_backends() -> Backends:
+    """Backends whose upstreams answer at once, without a socket."""
+    reply = _Reply()
+
+    async def send(method, target, headers, body, length=None):
+        return reply
+
+    backends = Backends(_ROUTE_CONFIG)
+    for route_id in ("up", "pool"):
+        for member in backends.route(route_id).balancer.members:
+            member.upstream.send = send  # type: ignore[method-assign]
+    return backends
+
+
+@pytest.mark.parametrize("how", ["upstream-direct", "route-single", "route-pool-breaker"])
+def test_route_send(benchmark, how):
+    backends = _stub_backends()
+    exchange = Exchange("POST", "/o/chat/completions", "id", "127.0.0.1")
+    headers = b"x-a: b\r\n" * 8
+    body = b"x" * 300
+    upstream = backends.route("up").balancer.members[0].upstream
+    route = backends.route("pool" if how == "route-pool-breaker" else "up")
+    loop = asyncio.new_event_loop()
+
+    async def direct(n: int) -> None:
+        for _ in range(n):
+            target = upstream.target("chat/completions", "")
+            await upstream.send("POST", target, headers + upstream.credential_line, body)
+
+    async def routed(n: int) -> None:
+        for _ in range(n):
+            await route.send(exchange, "POST", "chat/completions", "", headers, body)
+
+    batch = direct if how == "upstream-direct" else routed
+    benchmark(lambda: loop.run_until_complete(batch(100)))  # per call: the time / 100
+    loop.close()
+    assert exchange.backend_id in ("", "up", "b1", "b2")
