@@ -35,7 +35,7 @@ class Breaker:
 
     __slots__ = (
         "_buckets", "_by_count", "_failures", "_probing", "_ranges", "_reasons", "backend_id",
-        "rule", "trips", "until",
+        "counts_successes", "rule", "trips", "until",
     )  # fmt: skip
 
     def __init__(self, backend_id: str, rule: CircuitBreaker):
@@ -45,6 +45,7 @@ class Breaker:
         self._ranges = tuple((r.min, r.max) for r in condition.status_code_ranges)
         self._reasons = frozenset(condition.error_reasons)
         self._by_count = condition.count is not None
+        self.counts_successes = not self._by_count  # a count rule's successes change nothing
         # count: times of the latest failures; percentage: [start, total, failed] buckets
         self._failures: collections.deque[float] = collections.deque(maxlen=condition.count or 1)
         self._buckets: collections.deque[list[float]] = collections.deque(maxlen=BUCKETS)

@@ -154,7 +154,7 @@ class Route:
             raise
         if breaker.failure_status(response.status):
             record(breaker, probe, True, _retry_after(response))
-        else:
+        elif probe or breaker.counts_successes:
             record(breaker, probe, False)
         return response
 
