@@ -28,7 +28,7 @@ from proxy.asgi import JSON_TYPE, ClientDisconnected, error_body, error_headers,
 from proxy.auth import ApiGuard, KeyRing
 from proxy.clients import ClientAddress
 from proxy.config import Config
-from proxy.dispatch import BackendHealth, Backends
+from proxy.dispatch import BackendHealth, Backends, per_backend
 from proxy.errors import GatewayError, MethodNotAllowedError
 from proxy.exchange import Exchange
 from proxy.handlers import ApiHandler, OpenAIHandler, PassthroughHandler
@@ -199,9 +199,7 @@ class Gateway:
         """The backends' breakers, retries and open connections, and the event loop's tasks
         (read from the metrics thread: a leak shows as a number that only grows)."""
         out = self.health.gauges()
-        connections = tuple(
-            ((("tollway.backend.id", id),), n) for id, n in self.runtime.backends.connections()
-        )
+        connections = per_backend(self.runtime.backends.connections())
         if connections:
             out.append(Gauge(genai.BACKEND_CONNECTIONS, "", "Open connections to the backend.",
                              connections))  # fmt: skip

@@ -28,6 +28,7 @@ import asyncio
 import collections
 import logging
 import time
+from collections.abc import Iterable
 
 from proxy.balancer import Balancer, Member
 from proxy.breaker import Breaker
@@ -49,13 +50,13 @@ from proxy.upstream import Upstream
 log = logging.getLogger("tollway")
 
 _POOL_DEFAULT_ON = (429,)
+_Point = tuple[tuple[tuple[str, object], ...], int]  # a Gauge point: attributes, value
 
 
 class Route:
     """How requests for one configured backend id reach a backend."""
 
     def __init__(self, backend: Backend, members: list[Member], health: BackendHealth):
-        self.id = backend.id
         self.balancer = Balancer(members)
         # Never forwarded from the client: what any member's own credentials are sent in.
         self.credential_headers = frozenset(
@@ -242,8 +243,9 @@ class BackendHealth:
             if rule is None:
                 continue
             old = self.breakers.get(backend.id)
-            same = old is not None and old.rule == rule
-            kept[backend.id] = old if same and old is not None else Breaker(backend.id, rule)
+            kept[backend.id] = (
+                old if old is not None and old.rule == rule else Breaker(backend.id, rule)
+            )
         self.breakers = kept
         if self.shared is not None:
             self.shared.breakers = kept
@@ -253,18 +255,18 @@ class BackendHealth:
         breakers = sorted(self.breakers.items())
         out = [
             Gauge(genai.BREAKER_OPEN, "", "1 while the backend's circuit breaker is tripped.",
-                  tuple(((("tollway.backend.id", id),), int(b.until > 0)) for id, b in breakers)),
+                  per_backend((id, int(b.until > 0)) for id, b in breakers)),
             Gauge(genai.BREAKER_TRIPS, "", "Times the backend's circuit breaker tripped.",
-                  tuple(((("tollway.backend.id", id),), b.trips) for id, b in breakers),
-                  monotonic=True),
+                  per_backend((id, b.trips) for id, b in breakers), monotonic=True),
+            Gauge(genai.BACKEND_RETRIES, "", "Attempts after a request's first.",
+                  per_backend(sorted(dict(self.retries).items())), monotonic=True),
         ]  # fmt: skip
-        if self.retries:
-            points = tuple(
-                ((("tollway.backend.id", id),), n) for id, n in sorted(dict(self.retries).items())
-            )
-            out.append(Gauge(genai.BACKEND_RETRIES, "", "Attempts after a request's first.",
-                             points, monotonic=True))  # fmt: skip
         return [g for g in out if g.points]
+
+
+def per_backend(values: Iterable[tuple[str, int]]) -> tuple[_Point, ...]:
+    """Gauge points labelled with the backend id."""
+    return tuple(((("tollway.backend.id", id),), n) for id, n in values)
 
 
 class Backends:
