@@ -4,9 +4,10 @@
 
 Each argument is `REV:PROFILE` (`.` is the working tree; a profile of bench/stack.py as the
 working tree defines it). A REV other than `.` is checked out into a temporary git worktree.
-nginx serves the fixed chat reply on the load core (and bench/otlpsink.py takes the OTLP
-profiles' export there); every variant's gateway runs on the
-gateway core in turn, the order reversed every other round; wrk at concurrency 1 and 64.
+nginx serves the fixed chat reply on the load core (bench/otlpsink.py takes the OTLP
+profiles' export there, and a valkey-server keeps the Redis-store profiles' counters); every
+variant's gateway runs on the gateway core in turn, the order reversed every other round;
+wrk at concurrency 1 and 64.
 Prints each run and the medians: req/s, the gateway's CPU per request, p50 and p99.
 """
 
@@ -55,14 +56,20 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(t)
         script = loadgen.write_wrk_script(tmp / "a.lua", "POST", stack.CHAT_BODY,
                                           stack.AUTH_HEADERS)  # fmt: skip
-        with stack.nginx_backend(tmp) as nginx, stack.otlp_sink(tmp) as sink:
+        with contextlib.ExitStack() as services:
+            nginx = services.enter_context(stack.nginx_backend(tmp))
+            sink = services.enter_context(stack.otlp_sink(tmp))
+            store = "memory"  # a Redis only when a profile keeps its counters there
+            if any(profile in stack.NEEDS_REDIS for _, profile in variants):
+                store = services.enter_context(stack.redis_server(tmp)).url
             for rnd in range(args.rounds):
                 for rev, profile in variants if rnd % 2 == 0 else variants[::-1]:
                     # the gateway child imports from its cwd and PYTHONPATH: the checkout's
                     stack.REPO = repos[rev]
                     os.chdir(repos[rev])
                     try:
-                        with stack.gateway(tmp, profile, nginx.url, otlp=sink.url) as gw:
+                        with stack.gateway(tmp, profile, nginx.url, store=store,
+                                           otlp=sink.url) as gw:
                             _measure(f"{rev}:{profile}", gw, script, args, results)
                     finally:
                         stack.REPO = home

@@ -216,7 +216,7 @@ class OpenAIHandler(ApiHandler):
             raise
         finally:
             if metering is not None:
-                await metering.settle(exchange, error)
+                metering.settle(exchange, error)
             if self.token_metrics is not None:
                 self.token_metrics.record(exchange.usage, exchange, scope, name)
 

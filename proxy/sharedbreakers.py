@@ -37,8 +37,8 @@ from proxy.limits.redis import PREFIX, RedisLimiter, Script, hash_tag
 log = logging.getLogger("tollway")
 
 POLL_INTERVAL = 1.0  # seconds between reads of every breaker's shared trip
-FAILURE = Script.load("breaker_failure.lua")
-TRIP = Script.load("breaker_trip.lua", clock=False)
+FAILURE = Script.load("breaker_failure.lua", clock_arg=5)
+TRIP = Script.load("breaker_trip.lua", clock_arg=None)
 
 
 def failures_key(backend_id: str) -> str:

@@ -283,6 +283,27 @@ def test_settle(
     run(main())
 
 
+@pytest.mark.parametrize(("reserved", "used", "usage"), [(50, 20, (20, 20)), (50, 80, (80, 80))])
+def test_settle_soon_applies_the_same(
+    store: Store, reserved: int, used: int, usage: tuple[int, int]
+) -> None:
+    """What the handler uses: the settlement is sent, not awaited, and ends as `settle`'s."""
+    limit = Limit("team-a", 100, 1000)
+    failures: list[BaseException] = []
+
+    async def main() -> None:
+        async with store.open(Clock()) as limiter:
+            decision = await admitted(limiter, limit, reserved)
+            limiter.settle_soon(decision.reservation, used, failures.append)
+            deadline = time.monotonic() + 5
+            while await limiter.usage(limit) != usage and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)  # on a cluster it is a call of its own, in a task
+            assert await limiter.usage(limit) == usage
+            assert failures == []
+
+    run(main())
+
+
 def test_release_restores_exactly(store: Store) -> None:
     limit = Limit("team-a", 100, 1000)
 

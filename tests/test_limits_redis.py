@@ -74,6 +74,35 @@ def test_scripts_survive_script_flush(request: pytest.FixtureRequest, kind: str)
     run(main())
 
 
+def test_one_turns_decisions_share_one_script_call(server: RedisProc) -> None:
+    """Admissions made in one event-loop turn go in one call and are decided in order: of 30
+    concurrent requests for 40 tokens under a 1,000-token limit exactly 25 fit; their
+    settlements go in one call too, and each caller gets its own answer."""
+    limit = Limit("batch", 1000, None)
+
+    def script_calls() -> int:
+        with server.client() as client:
+            stats = client.info("commandstats")
+        return sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("evalsha", "eval"))
+
+    async def main() -> None:
+        async with open_limiter(server.url) as limiter:
+            await limiter.admit(Limit("warm-up", 10, None), 1)  # connected, scripts loaded
+            await limiter.usage(limit)
+            calls = script_calls()
+            decisions = await asyncio.gather(*(limiter.admit(limit, 40) for _ in range(30)))
+            admitted = [d for d in decisions if isinstance(d, Admitted)]
+            assert len(admitted) == 25
+            assert [d.remaining_tokens for d in admitted] == list(range(960, -1, -40))
+            assert script_calls() == calls + 1
+            left = await asyncio.gather(*(limiter.settle(d.reservation, 30) for d in admitted))
+            assert script_calls() == calls + 2
+            assert left[-1] == (250, None)  # every settlement applied: 25 x 30 = 750 in use
+            assert await limiter.usage(limit) == (750, 0)
+
+    run(main())
+
+
 def test_key_layout_and_expiry(server: RedisProc) -> None:
     """One hash for the window, one counter per period expiring a day after it ends."""
     now = at("2026-11-26T09:30:00")

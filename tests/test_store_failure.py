@@ -148,9 +148,11 @@ def test_a_retry_interval_spares_a_dead_store(mock: MockProc, own_server: RedisP
     run_app(make_config(mock.url, own_server.url, "open"), scenario)
 
 
-def test_settlements_missed_during_an_outage_are_replayed(own_server: RedisProc) -> None:
+@pytest.mark.parametrize("how", ["awaited", "soon"])
+def test_settlements_missed_during_an_outage_are_replayed(own_server: RedisProc, how: str) -> None:
     """A request admitted on Redis whose settlement meets a hung server: the settlement is
-    kept and applied once the server answers, so no reservation is left behind."""
+    kept and applied once the server answers, so no reservation is left behind. The same for
+    the settlement the handler sends without awaiting it (`settle_soon`)."""
 
     async def main() -> None:
         limiter = FailoverLimiter(RedisLimiter.connect(own_server.url), "open", retry_interval=0.0)
@@ -160,7 +162,13 @@ def test_settlements_missed_during_an_outage_are_replayed(own_server: RedisProc)
             assert isinstance(admitted, Admitted)
             own_server.pause()  # hung, not gone: the reservation stays in the server
             try:
-                assert await limiter.settle(admitted.reservation, 120) == (None, None)
+                if how == "awaited":
+                    assert await limiter.settle(admitted.reservation, 120) == (None, None)
+                else:
+                    limiter.settle_soon(admitted.reservation, 120)
+                    assert not limiter.degraded
+                    while not limiter.degraded:  # the store's timeout tells the limiter
+                        await asyncio.sleep(0.05)
             finally:
                 own_server.resume()
             assert await limiter.store.usage(limit) == (500, 500)  # not yet replayed

@@ -25,7 +25,7 @@ This module imports nothing from proxy and no Redis.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -77,6 +77,9 @@ class Refused:
     remaining_quota: int | None
 
 
+Failed = Callable[[BaseException], None]  # told why a settlement sent with settle_soon failed
+
+
 class Limiter(Protocol):
     """A token-limit store; see the module docstring for the rules."""
 
@@ -86,6 +89,13 @@ class Limiter(Protocol):
 
     async def settle(self, reservation: Reservation, used: int) -> tuple[int | None, int | None]:
         """Replace the reservation by `used`; return the remaining tokens and quota after."""
+        ...
+
+    def settle_soon(
+        self, reservation: Reservation, used: int, failed: Failed | None = None
+    ) -> None:
+        """`settle` without waiting for it: applied at once (memory) or sent with the loop
+        turn's other settlements (Redis). `failed` hears of a store that could not take it."""
         ...
 
     async def release(self, reservation: Reservation) -> None:

@@ -23,12 +23,21 @@ under-count, and gone from the rate window after 61 s (a quota keeps it for its 
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import time
 from collections.abc import Callable
 
 from proxy.errors import TokenStoreUnavailableError
-from proxy.limits.base import Admitted, Limit, Limiter, Refused, Reservation, StoreUnavailableError
+from proxy.limits.base import (
+    Admitted,
+    Failed,
+    Limit,
+    Limiter,
+    Refused,
+    Reservation,
+    StoreUnavailableError,
+)
 from proxy.limits.memory import MemoryLimiter
 
 log = logging.getLogger("tollway")
@@ -85,6 +94,22 @@ class FailoverLimiter:
             self._degrade(exc)
             self._pending.append((reservation, used))
             return None, None
+
+    def settle_soon(
+        self, reservation: Reservation, used: int, failed: Failed | None = None
+    ) -> None:
+        missed = functools.partial(self._missed, reservation, used)
+        reservation.store.settle_soon(reservation, used, missed)
+
+    def _missed(self, reservation: Reservation, used: int, exc: BaseException) -> None:
+        """A settlement sent with settle_soon failed: keep it for replay when the store was
+        away (anything else is a bug, logged)."""
+        if isinstance(exc, StoreUnavailableError):
+            self._degrade(exc)
+            self._pending.append((reservation, used))
+        else:
+            log.error("token-limit settlement failed for %r: %s: %s",
+                      reservation.limit.key, type(exc).__name__, exc)  # fmt: skip
 
     async def release(self, reservation: Reservation) -> None:
         await self.settle(reservation, 0)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from proxy.limits.base import (
     LEAVES,
     Admitted,
+    Failed,
     Limit,
     Refused,
     Reservation,
@@ -64,6 +65,15 @@ class MemoryLimiter:
         return Admitted(reservation, *remaining(limit, used + tokens, quota_used + tokens))
 
     async def settle(self, reservation: Reservation, used: int) -> tuple[int | None, int | None]:
+        now = self._settle(reservation, used)
+        return remaining(reservation.limit, *self._used(reservation.limit, now))
+
+    def settle_soon(
+        self, reservation: Reservation, used: int, failed: Failed | None = None
+    ) -> None:
+        self._settle(reservation, used)  # at once: this store cannot fail
+
+    def _settle(self, reservation: Reservation, used: int) -> float:
         now = self._clock()
         second = math.floor(now)
         limit, delta = reservation.limit, used - reservation.tokens
@@ -71,7 +81,7 @@ class MemoryLimiter:
             self._refund(reservation, -delta, second)
         elif delta > 0:
             self._charge(limit, delta, second, now)
-        return remaining(limit, *self._used(limit, now))
+        return now
 
     async def release(self, reservation: Reservation) -> None:
         await self.settle(reservation, 0)

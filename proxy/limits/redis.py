@@ -1,8 +1,10 @@
 """The shared token-limit store: Redis (or Valkey, or a Redis Cluster) and two Lua scripts.
 
 Every decision is one round trip: `lua/admit.lua` or `lua/settle.lua` by EVALSHA (sent whole
-again after a `SCRIPT FLUSH` or on a new server). Per counter key there are two kinds of
-Redis keys, both on the key's hash tag so they share a cluster slot:
+again after a `SCRIPT FLUSH` or on a new server). On a single server the admissions (and the
+settlements) one process makes in one event-loop turn go in one script call, decided in
+order: under load that is one call for several requests, each still atomic. Per counter key
+there are two kinds of Redis keys, both on the key's hash tag so they share a cluster slot:
 
     tollway:{<tag>}:rate            hash: unix second -> tokens; live buckets only, 62 s TTL
     tollway:{<tag>}:q:<period id>   string counter; expires a day after its period ends
@@ -23,10 +25,12 @@ a fresh connection). A restarted server is picked up by the next call, without a
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import importlib.resources
+import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +42,7 @@ from redis.backoff import NoBackoff
 from proxy.limits.base import (
     LEAVES,
     Admitted,
+    Failed,
     Limit,
     Refused,
     Reservation,
@@ -69,6 +74,7 @@ UNAVAILABLE = (
 # ConnectionError and ClusterError kinds): BusyLoadingError, AuthenticationError, MasterDown.
 UNAVAILABLE_REPLIES = frozenset({"LOADING", "NOAUTH", "WRONGPASS", "MASTERDOWN", "CLUSTERDOWN"})
 MAX_CLIENTS_REPLY = "ERR max number of clients reached"
+log = logging.getLogger("tollway")
 
 
 def _lua(name: str) -> str:
@@ -83,17 +89,32 @@ class Script:
     sha: str  # its SHA-1, the name EVALSHA knows it by
 
     @classmethod
-    def load(cls, name: str, *, clock: bool = True) -> Script:
+    def load(cls, name: str, *, clock_arg: int | None) -> Script:
         """`name`, behind the shared clock.lua (with the window's LEAVES from base.py) when
-        it reads the time."""
+        it reads the time: `clock_arg` is the index of the ARGV that holds the override."""
         source = _lua(name)
-        if clock:
-            source = f"local LEAVES = {LEAVES}\n" + _lua("clock.lua") + source
+        if clock_arg is not None:
+            head = f"local LEAVES = {LEAVES}\nlocal CLOCK_ARG = {clock_arg}\n"
+            source = head + _lua("clock.lua") + source
         return cls(source, hashlib.sha1(source.encode()).hexdigest())
 
 
-ADMIT = Script.load("admit.lua")
-SETTLE = Script.load("settle.lua")
+# ARGV[1] is the time override, then 5 values per admission or settlement of the batch.
+ADMIT = Script.load("admit.lua", clock_arg=1)
+SETTLE = Script.load("settle.lua", clock_arg=1)
+
+
+class _Batch:
+    """One script's calls gathered in one event-loop turn, to be sent as one EVALSHA."""
+
+    __slots__ = ("args", "keys", "resent", "waiters")
+
+    def __init__(self, override: str) -> None:
+        self.keys: list[str] = []
+        self.args: list[int | str] = [override]
+        # per call: the future its caller awaits, or what to tell if a settle_soon fails
+        self.waiters: list[asyncio.Future[Any] | Failed | None] = []
+        self.resent = False
 
 
 def hash_tag(key: str) -> str:
@@ -149,6 +170,8 @@ class RedisLimiter:
         if self._cluster is not None:
             self._registered = {s: self._cluster.register_script(s.source) for s in (ADMIT, SETTLE)}
         self._register = self._cluster.register_script if self._cluster is not None else None
+        self._batches: dict[Script, _Batch] = {}  # this loop turn's, not yet sent
+        self._settling: set[asyncio.Task[Any]] = set()  # settle_soon's calls on a cluster
 
     @classmethod
     def connect(
@@ -183,8 +206,8 @@ class RedisLimiter:
         if quota is not None:
             period, _, end = period_bounds(limit.quota_period, now)
             keys.append(quota_key(limit.key, period))
-        args = (tokens, _limit_arg(tpm), _limit_arg(quota), _ttl_ms(end, now), self._override(now))
-        verdict, second, used, quota_used, retry_us = await self.run(ADMIT, keys, args)
+        args = (len(keys), tokens, _limit_arg(tpm), _limit_arg(quota), _ttl_ms(end, now))
+        verdict, second, used, quota_used, retry_us = await self._call(ADMIT, keys, args, now)
         left = remaining(limit, used, quota_used)
         if verdict == 1:
             return Admitted(Reservation(limit, tokens, second, period, self), *left)
@@ -196,6 +219,23 @@ class RedisLimiter:
         res = reservation
         totals = await self._settled(res.limit, used - res.tokens, res.second, res.period)
         return remaining(res.limit, *totals)
+
+    def settle_soon(
+        self, reservation: Reservation, used: int, failed: Failed | None = None
+    ) -> None:
+        res = reservation
+        keys, args, now = self._settlement(res.limit, used - res.tokens, res.second, res.period)
+        if self._cluster is None:
+            self._batch(SETTLE, keys, args, now).waiters.append(failed)
+            return
+        task = asyncio.ensure_future(self._call_alone(SETTLE, keys, args, now))
+        self._settling.add(task)
+        task.add_done_callback(functools.partial(self._settled_alone, failed))
+
+    def _settled_alone(self, failed: Failed | None, task: asyncio.Task[Any]) -> None:
+        self._settling.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            _tell(failed, exc)
 
     async def release(self, reservation: Reservation) -> None:
         await self.settle(reservation, 0)
@@ -211,6 +251,14 @@ class RedisLimiter:
 
     async def _settled(self, limit: Limit, delta: int, second: int, period: str) -> tuple[int, int]:
         """Run settle.lua: apply `delta`, return the window and current-period totals."""
+        keys, args, now = self._settlement(limit, delta, second, period)
+        in_window, in_period = await self._call(SETTLE, keys, args, now)
+        return in_window, in_period
+
+    def _settlement(
+        self, limit: Limit, delta: int, second: int, period: str
+    ) -> tuple[list[str], tuple[int, ...], float]:
+        """settle.lua's keys and arguments for one settlement, and the time they were read."""
         now = self._now()
         keys = [rate_key(limit.key)]
         ttl = 0
@@ -219,9 +267,63 @@ class RedisLimiter:
             keys += [quota_key(limit.key, period or current), quota_key(limit.key, current)]
             ttl = _ttl_ms(end, now)
         has_rate = int(limit.tokens_per_minute is not None)
-        args = (delta, second, has_rate, ttl, self._override(now))
-        in_window, in_period = await self.run(SETTLE, keys, args)
-        return in_window, in_period
+        return keys, (len(keys), delta, second, has_rate, ttl), now
+
+    def _call(
+        self, script: Script, keys: list[str], args: tuple[int, ...], now: float
+    ) -> Awaitable[Any]:
+        """One admission or settlement: its reply, from this turn's batch on a server, or
+        from a call of its own on a cluster (a batch's keys would span slots)."""
+        if self._cluster is not None:
+            return self._call_alone(script, keys, args, now)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._batch(script, keys, args, now).waiters.append(future)
+        return future
+
+    def _batch(self, script: Script, keys: list[str], args: tuple[int, ...], now: float) -> _Batch:
+        """This turn's batch of `script` with one more call in it (its waiter is the
+        caller's to append), sent when the turn's callbacks have run."""
+        batch = self._batches.get(script)
+        if batch is None:
+            batch = self._batches[script] = _Batch(self._override(now))
+            asyncio.get_running_loop().call_soon(self._send_batch, script)
+        batch.keys += keys
+        batch.args += args
+        return batch
+
+    async def _call_alone(
+        self, script: Script, keys: list[str], args: tuple[int, ...], now: float
+    ) -> Any:
+        replies = await self._run_on_cluster(script, keys, (self._override(now), *args))
+        return replies[0]
+
+    def _send_batch(self, script: Script) -> None:
+        self._write(script, self._batches.pop(script))
+
+    def _write(self, script: Script, batch: _Batch) -> None:
+        assert isinstance(self._client, RespClient)
+        name = script.source if batch.resent else script.sha
+        command = ("EVAL" if batch.resent else "EVALSHA", name, len(batch.keys))
+        try:
+            reply = self._client.send((*command, *batch.keys, *batch.args))
+        except StoreUnavailableError as exc:
+            _fail(batch.waiters, exc)
+            return
+        reply.add_done_callback(functools.partial(self._answered, script, batch))
+
+    def _answered(self, script: Script, batch: _Batch, reply: asyncio.Future[Any]) -> None:
+        """Hand each caller its own reply, or the batch's error (the script sent whole
+        once when the server does not have it, as after a restart or `SCRIPT FLUSH`)."""
+        exc = reply.exception()
+        if exc is None:
+            for waiter, result in zip(batch.waiters, reply.result(), strict=True):
+                if isinstance(waiter, asyncio.Future) and not waiter.done():  # else cancelled
+                    waiter.set_result(result)
+        elif isinstance(exc, ReplyError) and exc.code == "NOSCRIPT" and not batch.resent:
+            batch.resent = True
+            self._write(script, batch)
+        else:
+            _fail(batch.waiters, _unavailable(exc))
 
     async def run(self, script: Script, keys: Sequence[str], args: Sequence[int | str]) -> Any:
         """One script call (any `Script`, e.g. the shared breakers'); outage errors become
@@ -232,9 +334,7 @@ class RedisLimiter:
         try:
             return await client.evalsha(script.sha, script.source, keys, args)
         except ReplyError as exc:
-            if exc.code in UNAVAILABLE_REPLIES or str(exc) == MAX_CLIENTS_REPLY:
-                raise StoreUnavailableError(str(exc)) from exc
-            raise
+            raise _unavailable(exc) from exc
 
     async def _run_on_cluster(
         self, script: Script, keys: Sequence[str], args: Sequence[int | str]
@@ -269,3 +369,31 @@ class RedisLimiter:
 
 def _limit_arg(limit: int | None) -> int:
     return -1 if limit is None else limit
+
+
+def _unavailable(exc: BaseException) -> BaseException:
+    """An error reply that means the server cannot serve now, as StoreUnavailableError."""
+    if isinstance(exc, ReplyError) and (
+        exc.code in UNAVAILABLE_REPLIES or str(exc) == MAX_CLIENTS_REPLY
+    ):
+        return StoreUnavailableError(str(exc))
+    return exc
+
+
+def _fail(waiters: list[asyncio.Future[Any] | Failed | None], exc: BaseException) -> None:
+    """Fail every waiting caller, each with its own exception (one traceback each), and tell
+    the settlements sent with settle_soon."""
+    for waiter in waiters:
+        if isinstance(waiter, asyncio.Future):
+            if not waiter.done():
+                waiter.set_exception(type(exc)(*exc.args))
+        else:
+            _tell(waiter, type(exc)(*exc.args))
+
+
+def _tell(failed: Failed | None, exc: BaseException) -> None:
+    """A settlement nobody awaits failed: tell whoever asked, else log it."""
+    if failed is not None:
+        failed(exc)
+    else:
+        log.error("token-limit settlement lost: %s: %s", type(exc).__name__, exc)

@@ -91,6 +91,16 @@ class RespClient:
         command = ("EVAL", script, len(keys), *keys, *args)
         return await self._send(_pack(command))
 
+    def send(self, command: Sequence[Arg]) -> asyncio.Future[Any]:
+        """Write one command now (not at the end of the loop turn: for a caller that has
+        already gathered a turn's work into it) and return the future of its reply. Raises
+        StoreUnavailableError at once when the client is closed."""
+        future = self._send(_pack(tuple(command)))
+        conn = self._conn
+        if conn is not None:
+            conn.flush()
+        return future
+
     async def close(self) -> None:
         """Drop the connection, failing what waits on it; later commands raise."""
         self._closed = True
@@ -180,7 +190,7 @@ class _Connection(asyncio.Protocol):
         self._waiting.append((future, deadline))
         out = self._out
         if not out and self._transport is not None and not self._write_paused:
-            loop.call_soon(self._flush)
+            loop.call_soon(self.flush)
         out.append(payload)
         if self._timer is None:
             self._timer = loop.call_at(deadline, self._check_timeout)
@@ -212,7 +222,7 @@ class _Connection(asyncio.Protocol):
         if self.closed:  # timed out while connecting
             tcp.abort()
         else:
-            self._flush()
+            self.flush()
 
     def data_received(self, data: bytes) -> None:
         reader, waiting = self._reader, self._waiting
@@ -249,15 +259,16 @@ class _Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        self._flush()
+        self.flush()
 
     # -- writes and timeouts
 
-    def _flush(self) -> None:
-        out = self._out
-        if out and not self.closed and not self._write_paused:
-            assert self._transport is not None
-            self._transport.write(out[0] if len(out) == 1 else b"".join(out))
+    def flush(self) -> None:
+        """Write the queued commands (now, when called directly: the turn's scheduled flush
+        then finds none)."""
+        out, transport = self._out, self._transport
+        if out and transport is not None and not self.closed and not self._write_paused:
+            transport.write(out[0] if len(out) == 1 else b"".join(out))
             out.clear()
 
     def _check_timeout(self) -> None:

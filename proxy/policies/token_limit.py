@@ -89,20 +89,19 @@ class Ledger:
             self._held.append((policy, result))
             self.consumed = max(self.consumed, tokens)
 
-    async def settle(self, used: int) -> None:
-        """Replace every reservation with `used` tokens; later calls do nothing."""
+    def settle(self, used: int) -> None:
+        """Replace every reservation with `used` tokens; later calls do nothing. Nothing is
+        awaited: the stores apply it at once or send it with the loop turn's others, and a
+        store that cannot take it keeps it for replay (proxy/limits/failover.py)."""
         if self._settled:
             return
         self._settled = True
         self.consumed = used
-        held, self._held = self._held, []
-        for policy, admitted in held:
+        for policy, admitted in self._held:
             try:
-                remaining = await policy.limiter.settle(admitted.reservation, used)
-            except Exception:  # the store failed: the request itself must still end cleanly
+                policy.limiter.settle_soon(admitted.reservation, used)
+            except Exception:  # a bug: the request itself must still end cleanly
                 log.exception("token-limit settle failed for %r", admitted.reservation.limit.key)
-                continue
-            self._held.append((policy, _after(admitted, remaining)))
 
     def headers(self, used: int | None = None) -> Headers:
         """The headers the policies name: remaining tokens and quota (the smallest where two
@@ -133,10 +132,6 @@ class Ledger:
                 await policy.limiter.release(admitted.reservation)
             except Exception:
                 log.exception("token-limit release failed for %r", admitted.reservation.limit.key)
-
-
-def _after(admitted: Admitted, remaining: tuple[int | None, int | None]) -> Admitted:
-    return Admitted(admitted.reservation, *remaining)
 
 
 def _refusal(
@@ -261,14 +256,9 @@ class Metering:
         """Headers for a whole reply, projected from what it will be charged."""
         return self.ledger.headers(self.charge(exchange, None))
 
-    async def settle(self, exchange: Exchange, error: BaseException | None) -> None:
-        """Settle once. A cancelled request (the client left) settles shielded, so a second
-        cancellation cannot leave a reservation; others skip the shield's extra task."""
-        settling = self.ledger.settle(self.charge(exchange, error))
-        if isinstance(error, asyncio.CancelledError):
-            await asyncio.shield(settling)
-        else:
-            await settling
+    def settle(self, exchange: Exchange, error: BaseException | None) -> None:
+        """Settle once, without awaiting anything (so a cancelled request settles too)."""
+        self.ledger.settle(self.charge(exchange, error))
 
 
 def token_limits(
