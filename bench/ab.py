@@ -68,8 +68,9 @@ def main(argv: list[str] | None = None) -> int:
                     stack.REPO = repos[rev]
                     os.chdir(repos[rev])
                     try:
-                        with stack.gateway(tmp, profile, nginx.url, store=store,
-                                           otlp=sink.url) as gw:
+                        with stack.gateway(
+                            tmp, profile, nginx.url, store=store, otlp=sink.url
+                        ) as gw:
                             _measure(f"{rev}:{profile}", gw, script, args, results)
                     finally:
                         stack.REPO = home

@@ -116,10 +116,16 @@ def _serve(args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
-    shared = None
-    if args.workers > 1:  # one /metrics for all workers (proxy/telemetry/shared.py)
-        shared = tempfile.mkdtemp(prefix="tollway-metrics-")
-        os.environ[SHARED_METRICS_ENV] = shared
+    from proxy.app import SERVER_ENV
+    from proxy.subscriptions import ENV as SUBSCRIPTIONS_ENV
+
+    os.environ[SERVER_ENV] = str(os.getpid())  # POST /admin/reload signals it (proxy/app.py)
+    shared: list[str] = []
+    if args.workers > 1:  # one /metrics (proxy/telemetry/shared.py) and one set of runtime
+        # subscriptions with the memory store (proxy/subscriptions.py) for all workers
+        shared = [tempfile.mkdtemp(prefix="tollway-metrics-"),
+                  tempfile.mkdtemp(prefix="tollway-subscriptions-")]  # fmt: skip
+        os.environ[SHARED_METRICS_ENV], os.environ[SUBSCRIPTIONS_ENV] = shared
     try:
         _granian(
             "proxy.app:app_factory",
@@ -130,8 +136,8 @@ def _serve(args: argparse.Namespace) -> int:
             args.http,
         ).serve()
     finally:
-        if shared is not None:
-            shutil.rmtree(shared, ignore_errors=True)
+        for directory in shared:
+            shutil.rmtree(directory, ignore_errors=True)
     return 0
 
 
@@ -186,6 +192,7 @@ def _demo(args: argparse.Namespace) -> int:
     config_path = DEMO_CONFIG if Path(DEMO_CONFIG).exists() else str(_REPO / DEMO_CONFIG)
     mock_port = args.mock_port or _free_port()
     key = os.environ.setdefault("TOLLWAY_DEMO_KEY", "tw-demo-" + config_module.new_key())
+    admin_key = os.environ.setdefault("TOLLWAY_ADMIN_KEY", config_module.new_key())
     os.environ["TOLLWAY_DEMO_MOCK_URL"] = f"http://127.0.0.1:{mock_port}/v1"
     mock = subprocess.Popen(
         [sys.executable, "-m", "proxy", "mock-llm", "--port", str(mock_port), "--itl", "20"]
@@ -193,7 +200,7 @@ def _demo(args: argparse.Namespace) -> int:
     try:
         if not _wait_for_port(mock_port):
             _fail(f"cannot start: the mock backend did not open port {mock_port}")
-        _print_demo_help(args.port, key)
+        _print_demo_help(args.port, key, admin_key)
         return _serve(
             argparse.Namespace(
                 config=config_path,
@@ -209,12 +216,13 @@ def _demo(args: argparse.Namespace) -> int:
         mock.wait(timeout=10)
 
 
-def _print_demo_help(port: int, key: str) -> None:
+def _print_demo_help(port: int, key: str, admin_key: str) -> None:
     base = f"http://127.0.0.1:{port}"
     print(
         f"""
 Tollway demo: a mock LLM behind the gateway (memory store, no network needed).
   subscription key: {key}
+  test console:     {base}/console   (admin key, to fill in the all-access key: {admin_key})
 
   curl {base}/openai/chat/completions -H "api-key: {key}" \\
        -H "content-type: application/json" \\

@@ -5,6 +5,12 @@ pools and closes them on shutdown; a failed start is reported with `lifespan.sta
 (Granian otherwise keeps serving without lifespan). SIGHUP reloads the config file: the new
 `Runtime` is built and opened beside the old one and swapped in whole, or the old one stays
 and the log says why; the old one is closed once its in-flight requests are done.
+
+The subscriptions in force are the config file's overlaid by the subscription store's
+(proxy/subscriptions.py), which outlives reloads like the token-limit store; when the store's
+records change, the current runtime's key index and grant tables are rebuilt whole. The
+console (`/console`) and the admin API (`/admin`) are sections of their own, rebuilt on
+reload since `gateway.console` and `gateway.admin-key` may change.
 """
 
 from __future__ import annotations
@@ -17,17 +23,19 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
-from typing import IO
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from typing import IO, Any
 
 import msgspec
 
 from proxy import config as config_module
 from proxy.accesslog import AccessLog
+from proxy.admin import AdminApi
 from proxy.asgi import JSON_TYPE, ClientDisconnected, error_body, error_headers, send_response
 from proxy.auth import ApiGuard, KeyRing
 from proxy.clients import ClientAddress
-from proxy.config import Config
+from proxy.config import Config, Subscription
+from proxy.console import ConsoleEndpoint
 from proxy.dispatch import BackendHealth, Backends, per_backend
 from proxy.errors import GatewayError, MethodNotAllowedError
 from proxy.exchange import Exchange
@@ -43,6 +51,7 @@ from proxy.policies.token_metric import token_metrics
 from proxy.relay import Truncated, error_event
 from proxy.routing import Router
 from proxy.sharedbreakers import SharedBreakers
+from proxy.subscriptions import Subscriptions, open_store
 from proxy.telemetry import export, genai, otlp, otlpenv
 from proxy.telemetry.metrics import Gauge, Registry
 from proxy.telemetry.prometheus import CONTENT_TYPE as PROMETHEUS_TYPE
@@ -56,7 +65,11 @@ from proxy.types import Receive, Scope, Send
 
 log = logging.getLogger("tollway")
 _ENDPOINT_METHODS = ("GET", "HEAD")  # of /healthz, /readyz, /metrics, /openapi.json
+_SECTIONS = ("/console", "/admin")  # whole path trees served by their own modules
+Section = Callable[[Scope, Receive, Send], Awaitable[None]]
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
+# `tollway serve` puts its own pid here: the Granian parent that forwards SIGHUP to every worker.
+SERVER_ENV = "TOLLWAY_SERVER_PID"
 _encoder = msgspec.json.Encoder()
 
 
@@ -69,6 +82,7 @@ class Runtime:
         limiter: Limiter,
         registry: Registry | None = None,
         health: BackendHealth | None = None,
+        subscriptions: Subscriptions | None = None,
     ):
         self.config = config
         self.backends = Backends(config, health)
@@ -76,10 +90,17 @@ class Runtime:
         self.router: Router[ApiHandler] = Router()
         self.client_address = ClientAddress(config.gateway.trusted_proxies)
         self.active = 0
-        ring = KeyRing(config.subscriptions)
+        in_force, resolve = config.subscriptions, None
+        if subscriptions is not None:
+            in_force = subscriptions.effective(config)
+            if subscriptions.shared:  # a key not known here is looked up in the store first
+                resolve = subscriptions.resolve
+        self.ring = KeyRing(in_force, resolve)
+        self.guards: list[ApiGuard] = []
         max_body = int(config.gateway.max_request_body)
         for api in config.apis:
-            guard = ApiGuard(config, api, ring)
+            guard = ApiGuard(config, api, self.ring)
+            self.guards.append(guard)
             if api.type == "openai":
                 limits = token_limits(config, api, limiter, tokenizers)
                 metrics = token_metrics(config, api, registry, gateway_id())
@@ -88,6 +109,12 @@ class Runtime:
             else:
                 handler = PassthroughHandler(api, guard, self.backends, max_body)
                 self.router.add_passthrough(api.path, handler)
+
+    def use_subscriptions(self, subscriptions: tuple[Subscription, ...]) -> None:
+        """Put another set of subscriptions in force (index and grants rebuilt whole)."""
+        self.ring.replace(subscriptions)
+        for guard in self.guards:
+            guard.refresh()
 
     async def open(self) -> None:
         await self.backends.open()
@@ -106,16 +133,22 @@ class Gateway:
         self.health = BackendHealth(make_shared_breakers(self.limiter))
         self._loop: asyncio.AbstractEventLoop | None = None
         self.telemetry, self.exporter = make_telemetry(config, self.limiter, self._gauges)
-        self.runtime = Runtime(config, self.limiter, self.telemetry.registry, self.health)
+        self.subscriptions = Subscriptions(open_store(config), self._subscriptions_changed)
+        self.runtime = Runtime(
+            config, self.limiter, self.telemetry.registry, self.health, self.subscriptions
+        )
         self.telemetry.use_backends(backend_urls(config))
         self.config_path = config_path
         self.access_log = AccessLog(config.telemetry.access_log, log_stream)
         self.ready = False
-        self._retired: set[asyncio.Task[bool]] = set()
+        self._retired: set[asyncio.Task[Any]] = set()
+        self._echo: tuple[int, int, int] | None = None  # see admin_reload
         self._endpoints = {"/healthz": self._healthz, "/readyz": self._readyz}
         if config.telemetry.prometheus:
             self._endpoints["/metrics"] = self._metrics
         self._endpoints[OPENAPI_PATH] = OpenAPIEndpoint(config)
+        # (prefix, handler) for the path trees under _SECTIONS that are switched on
+        self._sections: list[tuple[str, Section]] = self._make_sections(config)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -133,6 +166,9 @@ class Gateway:
                 await send_response(send, 405, error_headers(error), error_body(error))
                 return
             await endpoint(scope, send)
+            return
+        if path.startswith(_SECTIONS) and (section := self._section(path)) is not None:
+            await section(scope, receive, send)
             return
         runtime, telemetry = self.runtime, self.telemetry
         runtime.active += 1
@@ -174,6 +210,34 @@ class Gateway:
             log.exception("unhandled error serving request %s", ex.request_id)
             ex.error_code = "InternalError"
             await _render(ex, GatewayError(), send)
+
+    def _section(self, path: str) -> Section | None:
+        """The console or the admin API when `path` is one of theirs and they are on (the
+        config refuses API paths under either, so nothing else can be shadowed)."""
+        for prefix, section in self._sections:
+            if path == prefix or path.startswith(prefix + "/"):
+                return section
+        return None
+
+    def _make_sections(self, config: Config) -> list[tuple[str, Section]]:
+        sections: list[tuple[str, Section]] = []
+        if config.gateway.console:
+            sections.append(("/console", ConsoleEndpoint()))
+        if config.gateway.admin_key:
+            admin = AdminApi(config.gateway.admin_key, self.subscriptions, self._config,
+                             self.limiter, self.admin_reload, self._token_store_down)  # fmt: skip
+            sections.append(("/admin", admin))
+        return sections
+
+    def _config(self) -> Config:
+        return self.runtime.config
+
+    def _token_store_down(self) -> bool:
+        return isinstance(self.limiter, FailoverLimiter) and self.limiter.degraded
+
+    def _subscriptions_changed(self) -> None:
+        runtime = self.runtime
+        runtime.use_subscriptions(self.subscriptions.effective(runtime.config))
 
     async def _healthz(self, scope: Scope, send: Send) -> None:
         await send_response(send, 200, [JSON_TYPE], b'{"status":"ok"}')
@@ -237,6 +301,7 @@ class Gateway:
             self.exporter.start()
         if (shared := self.telemetry.shared) is not None:
             shared.start()
+        await self.subscriptions.start(self.runtime.config)
         self.ready = True
         if self.config_path is not None:
             loop = asyncio.get_running_loop()
@@ -250,6 +315,7 @@ class Gateway:
         for task in list(self._retired):
             task.cancel()
         await self.runtime.close()
+        await self.subscriptions.close()
         if self.health.shared is not None:
             await self.health.shared.close()
         await self.limiter.close()
@@ -259,27 +325,64 @@ class Gateway:
             await asyncio.to_thread(shared.stop)
 
     def _on_sighup(self) -> None:
-        task = asyncio.ensure_future(self.reload())
+        echo, self._echo = self._echo, None
+        if echo is not None and echo == _file_state(self.config_path):
+            return  # the server forwarding our own /admin/reload back: done here already
+        self._background(self.reload())
+
+    def _background(self, work: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.ensure_future(work)
         self._retired.add(task)
         task.add_done_callback(self._retired.discard)
 
     async def reload(self) -> bool:
         """Swap in the config file's current content, or keep the old one and log why."""
-        assert self.config_path is not None
         try:
-            config = config_module.load(self.config_path)
-            runtime = Runtime(config, self.limiter, self.telemetry.registry, self.health)
-            await runtime.open()
+            old = await self._reload()
         except Exception as exc:
             log.error("tollway: config reload failed, keeping the old config: %s", exc)
             return False
+        await _drain(old)
+        return True
+
+    async def admin_reload(self) -> None:
+        """`POST /admin/reload`: reload here, raising why not (ConfigError, or what failed),
+        then SIGHUP the server, which forwards it to every worker (proxy/__main__.py). The
+        forwarded signal comes back here too; it is skipped while the file is unchanged."""
+        if self.config_path is None:
+            raise RuntimeError("this gateway was not started from a config file")
+        self._background(_drain(await self._reload()))
+        server = os.environ.get(SERVER_ENV, "")
+        if server.isdigit() and int(server) == os.getppid():
+            self._echo = _file_state(self.config_path)
+            os.kill(int(server), signal.SIGHUP)
+
+    async def _reload(self) -> Runtime:
+        """Build and open the config file's runtime and swap it in; return the old one."""
+        assert self.config_path is not None
+        config = config_module.load(self.config_path)
+        runtime = Runtime(
+            config, self.limiter, self.telemetry.registry, self.health, self.subscriptions
+        )
+        await runtime.open()
         old, self.runtime = self.runtime, runtime
+        runtime.use_subscriptions(self.subscriptions.effective(config))  # changed meanwhile?
         self._endpoints[OPENAPI_PATH] = OpenAPIEndpoint(config)
+        self._sections = self._make_sections(config)
         self.telemetry.use_backends(backend_urls(config))
         self.access_log = AccessLog(config.telemetry.access_log, self.access_log.stream)
         log.warning("tollway: config reloaded from %s", self.config_path)
-        await _drain(old)
-        return True
+        await self.subscriptions.ensure_all_access(config)
+        return old
+
+
+def _file_state(path: str | None) -> tuple[int, int, int] | None:
+    """A file's inode, mtime and size: what tells an unchanged file."""
+    try:
+        st = os.stat(path) if path is not None else None
+    except OSError:
+        return None
+    return None if st is None else (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 async def _drain(runtime: Runtime) -> None:

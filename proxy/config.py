@@ -46,8 +46,8 @@ import yaml  # type: ignore[import-untyped, unused-ignore]
 from proxy.units import Duration, Size
 
 __all__ = [
-    "DEFAULT_DIMENSIONS", "DEFAULT_TOKENIZERS", "RESERVED_PATHS", "TEMPLATE_NAMES",
-    "TIKTOKEN_ENCODINGS",
+    "ALL_ACCESS_ID", "DEFAULT_DIMENSIONS", "DEFAULT_TOKENIZERS", "RESERVED_PATHS",
+    "TEMPLATE_NAMES", "TIKTOKEN_ENCODINGS",
     "Api", "Backend", "CacheLookup", "CacheStore", "Categories", "CircuitBreaker", "Config",
     "ConfigError", "ContentSafety", "Credentials", "Dimension", "Duration", "FailureCondition",
     "Gateway", "KeyNames", "Policy", "PolicyEntry", "PoolService", "Product", "Retry", "Size",
@@ -56,6 +56,7 @@ __all__ = [
     "to_builtins",
 ]  # fmt: skip
 
+ALL_ACCESS_ID = "master"  # the built-in all-access subscription's id (gateway.all-access)
 RESERVED_PATHS = ("/healthz", "/readyz", "/metrics", "/openapi.json", "/console", "/admin")
 DEFAULT_TOKENIZERS = {
     "gpt-4o*": "tiktoken:o200k_base", "gpt-4*": "tiktoken:cl100k_base", "*": "tiktoken:o200k_base"
@@ -211,6 +212,9 @@ class Gateway(_Schema, kw_only=True, frozen=True):
     trusted_proxies: tuple[str, ...] = ()
     console: bool = True
     admin_key: str = ""  # literal or sha256: form; empty disables /admin/*
+    # The built-in subscription `master` (scope all-apis), as APIM's all-access one: its
+    # keys are made once and kept in the subscription store, for the console to read.
+    all_access: bool = True
 
     def __post_init__(self) -> None:
         if self.store != "memory":
@@ -661,6 +665,9 @@ class Config(_Schema, kw_only=True, frozen=True, dict=True):
                 if product not in products:
                     yield missing(f"apis[{i}].products[{k}]", "product", product, products)
         for i, sub in enumerate(self.subscriptions):
+            if sub.id == ALL_ACCESS_ID and self.gateway.all_access:
+                yield (f"subscriptions[{i}].id: {ALL_ACCESS_ID!r} is the built-in all-access "
+                       "subscription (gateway.all-access: false frees the id)")  # fmt: skip
             known = apis if sub.scope_kind == "api" else products
             if sub.scope_kind != "all-apis" and sub.scope_id not in known:
                 yield missing(f"subscriptions[{i}].scope", sub.scope_kind, sub.scope_id, known)

@@ -171,3 +171,46 @@ class BackendTimeoutError(BackendError):
 
 class BackendConnectTimeoutError(BackendTimeoutError):
     """The connection was not made in time, so the backend never saw the request."""
+
+
+# --- the admin API's (proxy/admin.py) -------------------------------------------------------
+
+
+class AdminKeyNotFoundError(GatewayError):
+    status = 401
+    code = "AdminKeyNotFound"
+    type = "authentication_error"
+    default_message = (
+        "Access denied due to missing admin key. Send it as Authorization: Bearer <admin key>."
+    )
+
+
+class AdminKeyInvalidError(GatewayError):
+    status = 401
+    code = "AdminKeyInvalid"
+    type = "authentication_error"
+    default_message = "Access denied due to invalid admin key."
+
+
+class NotFoundError(GatewayError):
+    status = 404
+    code = "NotFound"
+    type = "invalid_request_error"
+    default_message = "No such subscription."
+
+
+class ConflictError(GatewayError):
+    status = 409
+    code = "Conflict"
+    type = "invalid_request_error"
+    default_message = "The request conflicts with the current state."
+
+
+class StoreUnavailableAdminError(GatewayError):
+    status = 503
+    code = "StoreUnavailable"
+    type = "server_error"
+    default_message = (
+        "The subscription store is unavailable; the subscriptions known stay in effect, "
+        "changes are refused until it is back."
+    )

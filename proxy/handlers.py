@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import unquote_plus
 
 from proxy.asgi import ClientDisconnected, header, read_body
-from proxy.auth import ApiGuard, Identity
+from proxy.auth import ApiGuard, Identity, UnknownKeyError
 from proxy.config import Api
 from proxy.dispatch import Backends
 from proxy.errors import RequestTooLargeError
@@ -103,7 +103,21 @@ class ApiHandler:
         raise NotImplementedError
 
     def identify(self, exchange: Exchange, scope: Scope) -> Identity:
+        """Who is calling, or 401; `UnknownKeyError` for a key this process does not know,
+        which the caller hands to `identify_unknown` (so the usual request awaits nothing)."""
         identity = self.guard.identify(scope)
+        if identity.subscription is not None:
+            exchange.subscription_id = identity.subscription.id
+        if identity.product is not None:
+            exchange.product_id = identity.product.id
+        return identity
+
+    async def identify_unknown(
+        self, exchange: Exchange, scope: Scope, miss: UnknownKeyError
+    ) -> Identity:
+        """Ask the subscription store about the key first: another gateway process may have
+        made its subscription a moment ago. 401 if it does not know it either."""
+        identity = await self.guard.recheck(scope, miss)
         if identity.subscription is not None:
             exchange.subscription_id = identity.subscription.id
         if identity.product is not None:
@@ -177,7 +191,10 @@ class OpenAIHandler(ApiHandler):
     async def __call__(
         self, exchange: Exchange, match: Match[Any], scope: Scope, receive: Receive, send: Send
     ) -> None:
-        identity = self.identify(exchange, scope)
+        try:
+            identity = self.identify(exchange, scope)
+        except UnknownKeyError as miss:
+            identity = await self.identify_unknown(exchange, scope, miss)
         operation = match.operation
         body = await read_body(scope, receive, self.max_body)
         stream_filter: StreamFilter | None = None
@@ -286,7 +303,10 @@ class PassthroughHandler(ApiHandler):
     async def __call__(
         self, exchange: Exchange, match: Match[Any], scope: Scope, receive: Receive, send: Send
     ) -> None:
-        identity = self.identify(exchange, scope)
+        try:
+            identity = self.identify(exchange, scope)
+        except UnknownKeyError as miss:
+            identity = await self.identify_unknown(exchange, scope, miss)
         subpath = confine(match.subpath)
         exchange.backend_id = self.api.backend  # the member once one is chosen
         headers = b"".join(self.request_headers(scope, identity, exchange))

@@ -10,6 +10,10 @@ What the document never holds: subscriptions or their keys, the admin key, backe
 URLs, credentials), the store URL, telemetry endpoints. Only API ids, paths, display names,
 descriptions, the *names* of the key header and query parameter, and which policies apply.
 
+With `gateway.admin-key` set, the admin API's operations (proxy/admin.py, one per entry of
+its route table, response schemas generated from its view Structs) are described too, under
+an `admin-key` bearer scheme; with `gateway.console`, `GET /console`.
+
 Backend responses pass through unchanged (status, headers, body), so every API operation
 documents them too: `default` for any status, and each status the gateway can answer itself
 as "the gateway's error, or the backend's own response with this status".
@@ -23,7 +27,7 @@ from typing import Any
 
 import msgspec
 
-from proxy import errors
+from proxy import admin, errors
 from proxy.asgi import JSON_TYPE, send_response
 from proxy.config import Api, Config, ContentSafety, KeyNames, PolicyEntry, TokenLimit
 from proxy.routing import OPENAI_OPERATIONS, PASSTHROUGH_METHODS
@@ -84,13 +88,20 @@ def describe(config: Config) -> Doc:
         else:
             paths.update(_passthrough_paths(api, security))
     paths.update(_gateway_paths(config))
+    tags = [*(_tag(api) for api in config.apis), {"name": "gateway"}]
+    schemas = _schemas()
+    if config.gateway.admin_key:
+        paths.update(_admin_paths())
+        schemes[ADMIN_SCHEME] = _ADMIN_SCHEME
+        schemas.update(_admin_schemas())
+        tags.append({"name": "admin", "description": _ADMIN_INFO})
     document = {
         "openapi": "3.1.0",
         "info": {"title": "Tollway", "version": version(), "description": _INFO},
-        "tags": [*(_tag(api) for api in config.apis), {"name": "gateway"}],
+        "tags": tags,
         "paths": paths,
         "components": {
-            "schemas": _schemas(),
+            "schemas": schemas,
             "responses": {
                 "OperationNotFound": _error_response([errors.OperationNotFoundError], False),
                 "MethodNotAllowed": _error_response([errors.MethodNotAllowedError], False),
@@ -374,7 +385,146 @@ def _gateway_paths(config: Config) -> Doc:
         paths["/metrics"] = get("metrics", "Prometheus metrics", {"200": metrics})
     document = json("This OpenAPI 3.1 document.", "Document")
     paths[PATH] = get("openapi", "The gateway's OpenAPI description", {"200": document})
+    if config.gateway.console:
+        page = reply("The console page (its script and style sheet are under /console/).",
+                     "text/html", {"type": "string"})  # fmt: skip
+        unchanged = {"description": "Not modified: If-None-Match named the page's ETag."}
+        paths["/console"] = get("console", "The test console", {"200": page, "304": unchanged})
     return paths
+
+
+# --- the admin API -------------------------------------------------------------------------
+
+ADMIN_SCHEME = "admin-key"
+_ADMIN_SCHEME: Doc = {
+    "type": "http",
+    "scheme": "bearer",
+    "description": "The admin key (gateway.admin-key) as the bearer token.",
+}
+_ADMIN_INFO = (
+    "The admin API: subscriptions made and changed at run time (kept in the subscription "
+    "store, in effect in every gateway process at once), the APIs and products, token usage, "
+    "config reload."
+)
+_ADMIN_REF = "#/components/schemas/admin.{name}"
+_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"},
+       "description": "The subscription's id."}  # fmt: skip
+_COUNTER_KEY = {
+    "name": "counter-key", "in": "query", "required": True,
+    "schema": {"type": "string", "minLength": 1},
+    "description": "A resolved counter key, e.g. a subscription id for the default "
+    "counter-key {subscription.id}.",
+}  # fmt: skip
+Reply = tuple[str, str, str | None]  # status, description, admin view (None: no body)
+# operation id -> (summary, the success reply, the admin errors it can answer besides 401)
+_ADMIN_OPS: dict[str, tuple[str, Reply, tuple[str, ...]]] = {
+    "list-subscriptions": ("List the subscriptions in force (no keys)",
+                           ("200", "Every subscription.", "SubscriptionList"), ()),
+    "create-subscription": ("Make a subscription", ("201", "Made; its keys, shown this once.",
+                            "SubscriptionKeys"), ("InvalidRequest", "RequestTooLarge",
+                            "Conflict", "StoreUnavailable")),
+    "get-subscription": ("Read a subscription (no keys)",
+                         ("200", "The subscription.", "SubscriptionView"), ("NotFound",)),
+    "delete-subscription": ("Remove a stored subscription (a config-file one reverts to the "
+                            "file)", ("204", "Removed.", None),
+                            ("NotFound", "Conflict", "StoreUnavailable")),
+    "suspend-subscription": ("Suspend a subscription: its keys are refused",
+                             ("200", "Suspended.", "SubscriptionView"),
+                             ("NotFound", "Conflict", "StoreUnavailable")),
+    "resume-subscription": ("Resume a suspended subscription",
+                            ("200", "Active.", "SubscriptionView"),
+                            ("NotFound", "Conflict", "StoreUnavailable")),
+    "regenerate-primary-key": ("Make a new primary key (the old one is refused at once)",
+                               ("200", "The new key, shown this once.", "SubscriptionKeys"),
+                               ("NotFound", "Conflict", "StoreUnavailable")),
+    "regenerate-secondary-key": ("Make a new secondary key (the old one is refused at once)",
+                                 ("200", "The new key, shown this once.", "SubscriptionKeys"),
+                                 ("NotFound", "Conflict", "StoreUnavailable")),
+    "list-secrets": ("Read the keys of the built-in all-access subscription",
+                     ("200", "Its keys.", "Secrets"), ("NotFound", "Conflict")),
+    "list-apis": ("List the APIs, their operations, products and policies",
+                  ("200", "Every API (never a backend's URL or credentials).", "ApiList"), ()),
+    "list-products": ("List the products", ("200", "Every product.", "ProductList"), ()),
+    "get-usage": ("Read the token usage and what is left, per llm-token-limit policy",
+                  ("200", "One entry per configured llm-token-limit.", "Usage"),
+                  ("InvalidRequest", "StoreUnavailable")),
+    "reload": ("Reload the config file in every worker of this server, like SIGHUP",
+               ("200", "Reloaded.", "Reloaded"), ("InvalidRequest", "InternalError")),
+}  # fmt: skip
+_ADMIN_WHEN = {
+    "AdminKeyNotFound": "no admin key (Authorization: Bearer <admin key>).",
+    "AdminKeyInvalid": "a wrong admin key.",
+    "InvalidRequest": "a malformed body or query: the message names the field (unknown "
+    "fields, a bad scope, an unknown API or product); for reload, the config file's errors "
+    "(the old config stays).",
+    "RequestTooLarge": "the body is over 64 KiB.",
+    "NotFound": "no subscription with this id.",
+    "OperationNotFound": "the path, once its id is decoded, is no admin endpoint.",
+    "Conflict": "the id or a key is taken; a config-file subscription cannot be removed "
+    "here, nor the built-in one; only the built-in subscription's keys are kept to list.",
+    "StoreUnavailable": "the subscription store (or, for usage, the token-limit store) is "
+    "down: the subscriptions known stay in effect, changes are refused until it is back.",
+    "InternalError": "the new config could not be put in force (the old config stays).",
+}
+_ADMIN_ERROR_TYPES: tuple[Error, ...] = (
+    *admin.ERRORS, errors.InvalidRequestError, errors.RequestTooLargeError, errors.GatewayError,
+    errors.OperationNotFoundError,
+)  # fmt: skip
+_ADMIN_ERRORS = {error.code: error for error in _ADMIN_ERROR_TYPES}
+
+
+def _admin_paths() -> Doc:
+    paths: Doc = {}
+    for path, methods in admin.ROUTES.items():
+        item: Doc = {"parameters": [_ID]} if "{id}" in path else {}
+        for method, operation in methods.items():
+            summary, (status, text, view), codes = _ADMIN_OPS[operation]
+            success: Doc = {"description": text}
+            if view is not None:
+                success["content"] = {"application/json": {"schema": _admin_ref(view)}}
+            responses = {status: success}
+            by_status: dict[int, list[str]] = {401: ["AdminKeyNotFound", "AdminKeyInvalid"]}
+            if "{id}" in path:  # an id with a slash or dot segment can land on no route
+                codes = (*codes, "OperationNotFound")
+            for code in codes:
+                by_status.setdefault(_ADMIN_ERRORS[code].status, []).append(code)
+            for code_status, group in by_status.items():
+                responses[str(code_status)] = _admin_error(group)
+            op: Doc = {
+                "operationId": f"admin.{operation}",
+                "summary": summary,
+                "tags": ["admin"],
+                "security": [{ADMIN_SCHEME: []}],
+                "responses": dict(sorted(responses.items())),
+            }
+            if operation == "get-usage":
+                op["parameters"] = [_COUNTER_KEY]
+            if operation == "create-subscription":
+                content = {"application/json": {"schema": _admin_ref("NewSubscription")}}
+                op["requestBody"] = {"required": True, "content": content}
+            item[method.lower()] = op
+        paths[path] = item
+    return paths
+
+
+def _admin_ref(name: str) -> Doc:
+    return {"$ref": _ADMIN_REF.format(name=name)}
+
+
+def _admin_error(codes: Sequence[str]) -> Doc:
+    options = [_ref("schemas", code) for code in codes]
+    schema = options[0] if len(options) == 1 else {"anyOf": options}
+    return {
+        "description": "\n\n".join(f"`{code}`: {_ADMIN_WHEN[code]}" for code in codes),
+        "content": {"application/json": {"schema": schema}},
+    }
+
+
+def _admin_schemas() -> Doc:
+    _, views = msgspec.json.schema_components(admin.VIEWS, ref_template=_ADMIN_REF)
+    out = {f"admin.{name}": schema for name, schema in views.items()}
+    out.update((code, _error_schema(error)) for code, error in _ADMIN_ERRORS.items())
+    return out
 
 
 # --- components ----------------------------------------------------------------------------

@@ -77,7 +77,8 @@ MAX_CLIENTS_REPLY = "ERR max number of clients reached"
 log = logging.getLogger("tollway")
 
 
-def _lua(name: str) -> str:
+def lua(name: str) -> str:
+    """The source of one of lua/*.lua (the gateway's Redis scripts)."""
     return importlib.resources.files("proxy.limits").joinpath("lua", name).read_text("utf-8")
 
 
@@ -92,10 +93,10 @@ class Script:
     def load(cls, name: str, *, clock_arg: int | None) -> Script:
         """`name`, behind the shared clock.lua (with the window's LEAVES from base.py) when
         it reads the time: `clock_arg` is the index of the ARGV that holds the override."""
-        source = _lua(name)
+        source = lua(name)
         if clock_arg is not None:
             head = f"local LEAVES = {LEAVES}\nlocal CLOCK_ARG = {clock_arg}\n"
-            source = head + _lua("clock.lua") + source
+            source = head + lua("clock.lua") + source
         return cls(source, hashlib.sha1(source.encode()).hexdigest())
 
 
