@@ -1,9 +1,10 @@
-"""The `tollway` command line (SPEC §2): serve, demo, mock-llm, check-config, keys."""
+"""The `tollway` command line (SPEC §2): serve, demo, mock-llm, check-config, import, keys."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import shutil
 import signal
@@ -69,6 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("file")
     check.set_defaults(run=_check_config)
 
+    _add_import(commands)
+
     keys = commands.add_parser("keys", help="make or hash subscription keys")
     verbs = keys.add_subparsers(dest="verb", required=True, metavar="VERB")
     verbs.add_parser("new", help="print a new random key").set_defaults(run=_keys_new)
@@ -76,6 +79,81 @@ def _parser() -> argparse.ArgumentParser:
     hash_.add_argument("key")
     hash_.set_defaults(run=_keys_hash)
     return parser
+
+
+def _add_import(commands: Any) -> None:
+    imp = commands.add_parser(
+        "import", help="import an LLM API: probe the backend, add it to the config",
+        description="The portal's \"Import an LLM API\" flow: probe the backend (GET /models for "
+        "the openai type), then add the backend, the API and its policies to the config, "
+        "keeping its comments and layout. A running gateway picks the change up on SIGHUP.",
+    )  # fmt: skip
+    api = imp.add_argument_group("the API")
+    api.add_argument("--name", required=True, help="display name")
+    api.add_argument("--id", default="", help="API id (default: the name as a slug)")
+    api.add_argument("--description", default="")
+    api.add_argument("--url", required=True, help="the LLM API's base URL, e.g. http://host/v1")
+    api.add_argument("--path", required=True, help="where the gateway serves it, e.g. /llm")
+    api.add_argument("--type", choices=("openai", "passthrough"), default="openai")
+    api.add_argument(
+        "--access-key-header",
+        default="",
+        metavar="H",
+        help="header for the backend's key (default Authorization, as Bearer)",
+    )
+    key = api.add_mutually_exclusive_group()
+    key.add_argument(
+        "--access-key",
+        default="",
+        metavar="K",
+        help="the backend's key, written to the config as is",
+    )
+    key.add_argument(
+        "--access-key-env",
+        default="",
+        metavar="VAR",
+        help="read the key from $VAR for the probe; the config gets ${VAR}",
+    )
+    api.add_argument(
+        "--product",
+        dest="products",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="add the API to this product (repeatable; it must exist)",
+    )
+    api.add_argument("--backend-id", default="", help="default: the API id")
+    api.add_argument(
+        "--no-subscription-required", dest="subscription_required", action="store_false"
+    )
+    tokens = imp.add_argument_group("manage token consumption")
+    tokens.add_argument("--tokens-per-minute", type=int, metavar="N")
+    tokens.add_argument("--token-quota", type=int, metavar="N")
+    tokens.add_argument(
+        "--token-quota-period",
+        metavar="P",
+        choices=("hourly", "daily", "weekly", "monthly", "yearly"),
+    )
+    tokens.add_argument("--counter-key", metavar="T", help='default "{subscription.id}"')
+    tokens.add_argument("--emit-token-metric", action="store_true")
+    tokens.add_argument("--token-metric-namespace", default="tollway", metavar="NS")
+    cache = imp.add_argument_group("semantic caching")
+    cache.add_argument(
+        "--semantic-cache-backend-id", default="", metavar="ID", help="the embeddings backend"
+    )
+    cache.add_argument(
+        "--semantic-cache-score-threshold", type=float, metavar="F", help="default 0.05"
+    )
+    cache.add_argument("--semantic-cache-duration", metavar="D", help="default 1h")
+    safety = imp.add_argument_group("AI content safety")
+    safety.add_argument("--content-safety-backend-id", default="", metavar="ID")
+    safety.add_argument("--content-safety-shield-prompt", action="store_true")
+    imp.add_argument(
+        "--config", default=DEFAULT_CONFIG, help=f"default {DEFAULT_CONFIG}; created when missing"
+    )
+    imp.add_argument("--no-probe", dest="probe", action="store_false")
+    imp.add_argument("--dry-run", action="store_true", help="show the change, write nothing")
+    imp.set_defaults(run=_import)
 
 
 def _fail(message: str) -> NoReturn:
@@ -273,6 +351,25 @@ def _check_config(args: argparse.Namespace) -> int:
         f"{args.file}: ok ({len(config.apis)} APIs, {len(config.backends)} backends, "
         f"{len(config.products)} products, {len(config.subscriptions)} subscriptions)"
     )
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    """Exit 0 when imported (or, with --dry-run, importable), 2 when refused: like argparse's
+    usage errors, nothing was changed."""
+    from proxy import importer
+
+    fields = {f.name for f in dataclasses.fields(importer.ImportSpec)}
+    values = {k: v for k, v in vars(args).items() if k in fields}
+    spec = importer.ImportSpec(**{**values, "products": tuple(args.products)})
+    try:
+        outcome = importer.import_api(spec, args.config, dry_run=args.dry_run)
+    except importer.ImportRefusedError as exc:
+        print(f"tollway: import refused: {spec.scrub(str(exc))}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(outcome.diff)
+    print(importer.summary(outcome))
     return 0
 
 
