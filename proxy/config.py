@@ -595,7 +595,8 @@ class Config(_Schema, kw_only=True, frozen=True, dict=True):
 
     def __post_init__(self) -> None:
         errors = [*self._tokenizer_errors(), *self._duplicate_errors(), *self._path_errors(),
-                  *self._reference_errors(), *self._key_errors()]  # fmt: skip
+                  *self._reference_errors(), *self._key_errors(),
+                  *self._metric_errors()]  # fmt: skip
         if errors:
             raise ConfigError(errors)
 
@@ -687,6 +688,18 @@ class Config(_Schema, kw_only=True, frozen=True, dict=True):
         for kind in ("products", "apis"):
             for i, item in enumerate(getattr(self, kind)):
                 yield from ((f"{kind}[{i}].policies[{k}]", e) for k, e in enumerate(item.policies))
+
+    def _metric_errors(self) -> Iterator[str]:
+        """Token-metric policies sharing a namespace share its counters, so they must name the
+        same dimensions (the gateway could not start otherwise)."""
+        first: dict[str, tuple[str, tuple[str, ...]]] = {}
+        for path, entry in self._policy_entries():
+            if isinstance(policy := entry.policy, TokenMetric):
+                names = tuple(d.name for d in policy.dimensions)
+                other, known = first.setdefault(policy.namespace, (path, names))
+                if known != names:
+                    yield (f"{path}.{entry.name}.dimensions: namespace {policy.namespace!r} has "
+                           f"other dimensions in {other} (give it another namespace)")  # fmt: skip
 
     def _key_errors(self) -> Iterator[str]:
         # Compared as digests, so a literal key and its sha256: form collide too.

@@ -3,9 +3,11 @@ Redis-protocol servers (valkey-server, tests/redisproc.py)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
+from playwright.sync_api import Browser, sync_playwright
 
 from tests.gatewayproc import GatewayProc, start_gateway
 from tests.mockproc import MockProc, free_port, start_mock
@@ -124,3 +126,18 @@ def own_server() -> Iterator[RedisProc]:
     """A server for one test alone, to kill, pause or lock."""
     with running_server() as proc:
         yield proc
+
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's; .ci/run installs it (no browser download)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    """Debian's Chromium through Playwright, for the tests of the console page."""
+    if not os.access(CHROMIUM, os.X_OK):
+        # Fail, never skip: CI installs it (.ci/run), and a console nobody opened is untested.
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium (see .ci/run)")
+    with sync_playwright() as driver:
+        launched = driver.chromium.launch(executable_path=CHROMIUM)
+        yield launched
+        launched.close()

@@ -547,6 +547,13 @@ INVALID: list[tuple[str, str, str]] = [
         "policies[0].llm-emit-token-metric.dimensions: 1 to 10 dimensions, got 11",
     ),
     (
+        "one metric namespace, other dimensions",
+        "policies:\n  - llm-emit-token-metric: {}\n"
+        "  - llm-emit-token-metric: {dimensions: [{name: API ID}]}\n",
+        "policies[1].llm-emit-token-metric.dimensions: namespace 'tollway' has other "
+        "dimensions in policies[0] (give it another namespace)",
+    ),
+    (
         "token limit without limits",
         policy("llm-token-limit: {counter-key: x}"),
         "policies[0].llm-token-limit: give tokens-per-minute or token-quota",

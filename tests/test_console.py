@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import struct
 import time
@@ -30,10 +29,8 @@ from playwright.sync_api import (
     Browser,
     ConsoleMessage,
     Page,
-    Playwright,
     Request,
     expect,
-    sync_playwright,
 )
 
 from proxy import config as config_module
@@ -43,7 +40,6 @@ from tests.gatewayproc import GatewayProc, start_gateway
 from tests.inprocess import run_app
 from tests.mockproc import MockProc, start_mock
 
-CHROMIUM = "/usr/bin/chromium"
 KEY = "console-key-0123456789abcdef"
 ADMIN_KEY = "console-admin-0123456789abcdef"
 TOKENS = 24  # the mock's reply: 24 words, one token each
@@ -273,22 +269,6 @@ def live(paced: MockProc) -> Iterator[GatewayProc]:
     proc = start_gateway(console_config(paced.url))
     yield proc
     proc.stop()
-
-
-@pytest.fixture(scope="module")
-def playwright() -> Iterator[Playwright]:
-    with sync_playwright() as driver:
-        yield driver
-
-
-@pytest.fixture(scope="module")
-def browser(playwright: Playwright) -> Iterator[Browser]:
-    if not os.access(CHROMIUM, os.X_OK):
-        # Fail, never skip: CI installs it (.ci/run), and a console nobody opened is untested.
-        pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium (see .ci/run)")
-    browser = playwright.chromium.launch(executable_path=CHROMIUM)
-    yield browser
-    browser.close()
 
 
 class Session:
