@@ -126,6 +126,39 @@ def test_error_replies_raise_and_keep_the_connection(server: RedisProc) -> None:
     run(main())
 
 
+def test_send_calls_back_with_the_reply_or_the_error_in_order(server: RedisProc) -> None:
+    """`send` (what the limiter's batches use): no future, the callback hears each reply, or
+    the error in its place, as it is read; the futures of `execute` stay in step with it."""
+    heard: list[Any] = []
+
+    async def main() -> None:
+        client = RespClient(server.url)
+        try:
+            await client.execute("SET", "text", "x")
+            client.send(("PING",), heard.append)
+            client.send(("LPUSH", "text", "y"), heard.append)
+            between = client.execute("ECHO", "between")
+            client.send(("ECHO", "last"), heard.append)
+            assert await between == b"between"
+            while len(heard) < 3:
+                await asyncio.sleep(0)
+            assert heard[0] == b"PONG"
+            assert isinstance(heard[1], ReplyError) and heard[1].code == "WRONGTYPE"
+            assert heard[2] == b"last"
+        finally:
+            await client.close()
+        with pytest.raises(StoreUnavailableError):
+            client.send(("PING",), heard.append)  # closed: refused at once
+        dead = RespClient(f"redis://127.0.0.1:{free_ports(1)[0]}")
+        dead.send(("PING",), heard.append)
+        while len(heard) < 4:
+            await asyncio.sleep(0.01)
+        assert isinstance(heard[3], StoreUnavailableError)
+        await dead.close()
+
+    run(main())
+
+
 def test_reply_types(server: RedisProc) -> None:
     async def main() -> None:
         client = RespClient(server.url)

@@ -306,25 +306,23 @@ class RedisLimiter:
         name = script.source if batch.resent else script.sha
         command = ("EVAL" if batch.resent else "EVALSHA", name, len(batch.keys))
         try:
-            reply = self._client.send((*command, *batch.keys, *batch.args))
+            answered = functools.partial(self._answered, script, batch)
+            self._client.send((*command, *batch.keys, *batch.args), answered)
         except StoreUnavailableError as exc:
             _fail(batch.waiters, exc)
-            return
-        reply.add_done_callback(functools.partial(self._answered, script, batch))
 
-    def _answered(self, script: Script, batch: _Batch, reply: asyncio.Future[Any]) -> None:
+    def _answered(self, script: Script, batch: _Batch, reply: Any) -> None:
         """Hand each caller its own reply, or the batch's error (the script sent whole
         once when the server does not have it, as after a restart or `SCRIPT FLUSH`)."""
-        exc = reply.exception()
-        if exc is None:
-            for waiter, result in zip(batch.waiters, reply.result(), strict=True):
+        if not isinstance(reply, BaseException):
+            for waiter, result in zip(batch.waiters, reply, strict=True):
                 if isinstance(waiter, asyncio.Future) and not waiter.done():  # else cancelled
                     waiter.set_result(result)
-        elif isinstance(exc, ReplyError) and exc.code == "NOSCRIPT" and not batch.resent:
+        elif isinstance(reply, ReplyError) and reply.code == "NOSCRIPT" and not batch.resent:
             batch.resent = True
             self._write(script, batch)
         else:
-            _fail(batch.waiters, _unavailable(exc))
+            _fail(batch.waiters, _unavailable(reply))
 
     async def run(self, script: Script, keys: Sequence[str], args: Sequence[int | str]) -> Any:
         """One script call (any `Script`, e.g. the shared breakers'); outage errors become

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -39,7 +39,10 @@ _SLACK = 0.001  # a timer may fire this early (libuv keeps milliseconds)
 _GRACE = 0.01  # seconds an overdue command waits for one more look (see _check_timeout)
 
 Arg = str | bytes | int
-_Waiter = tuple[asyncio.Future[Any] | None, float]  # (None: a handshake command, deadline)
+# Told a reply (or the ReplyError or StoreUnavailableError in its place) as soon as it is read.
+Callback = Callable[[Any], None]
+# (what waits: a future, a callback, or None for a handshake command; its deadline)
+_Waiter = tuple[asyncio.Future[Any] | Callback | None, float]
 
 
 class ReplyError(Exception):
@@ -91,15 +94,16 @@ class RespClient:
         command = ("EVAL", script, len(keys), *keys, *args)
         return await self._send(_pack(command))
 
-    def send(self, command: Sequence[Arg]) -> asyncio.Future[Any]:
+    def send(self, command: Sequence[Arg], callback: Callback) -> None:
         """Write one command now (not at the end of the loop turn: for a caller that has
-        already gathered a turn's work into it) and return the future of its reply. Raises
+        already gathered a turn's work into it); `callback` is called with its reply, or the
+        error in its place, from the loop's read of it (no task or future in between). Raises
         StoreUnavailableError at once when the client is closed."""
-        future = self._send(_pack(tuple(command)))
         conn = self._conn
-        if conn is not None:
-            conn.flush()
-        return future
+        if conn is None or conn.closed:
+            conn = self._open()
+        conn.queue(_pack(tuple(command)), callback)
+        conn.flush()
 
     async def close(self) -> None:
         """Drop the connection, failing what waits on it; later commands raise."""
@@ -177,17 +181,18 @@ class _Connection(asyncio.Protocol):
     def send(self, payload: bytes) -> asyncio.Future[Any]:
         """Queue one packed command; the future gets its reply."""
         future = self.loop.create_future()
-        self._queue(payload, future)
+        self.queue(payload, future)
         return future
 
     def send_handshake(self, payload: bytes) -> None:
         """Queue AUTH or SELECT: an error reply drops the connection."""
-        self._queue(payload, None)
+        self.queue(payload, None)
 
-    def _queue(self, payload: bytes, future: asyncio.Future[Any] | None) -> None:
+    def queue(self, payload: bytes, waiter: asyncio.Future[Any] | Callback | None) -> None:
+        """Queue one packed command for this turn's write; `waiter` gets its reply."""
         loop = self.loop
         deadline = loop.time() + self.timeout
-        self._waiting.append((future, deadline))
+        self._waiting.append((waiter, deadline))
         out = self._out
         if not out and self._transport is not None and not self._write_paused:
             loop.call_soon(self.flush)
@@ -210,9 +215,12 @@ class _Connection(asyncio.Protocol):
         self._out.clear()
         waiting = self._waiting
         while waiting:
-            future, _ = waiting.popleft()
-            if future is not None and not future.done():
-                future.set_exception(StoreUnavailableError(reason))  # one each: tracebacks
+            waiter, _ = waiting.popleft()
+            if isinstance(waiter, asyncio.Future):
+                if not waiter.done():
+                    waiter.set_exception(StoreUnavailableError(reason))  # one each: tracebacks
+            elif waiter is not None:
+                waiter(StoreUnavailableError(reason))
 
     # -- asyncio.Protocol
 
@@ -233,17 +241,23 @@ class _Connection(asyncio.Protocol):
                 if not waiting:
                     self.fail("a reply to no command")
                     return
-                future, _ = waiting.popleft()
-                if future is None:
+                waiter, _ = waiting.popleft()
+                if waiter is None:
                     if isinstance(reply, ReplyError):
                         self.fail(f"connection handshake: {reply}")
                         return
-                elif future.done():
+                elif not isinstance(waiter, asyncio.Future):
+                    try:
+                        waiter(reply)
+                    except Exception as exc:  # a bug: fail loudly, never read out of step
+                        self.fail(f"a reply's callback failed: {exc!r}")
+                        raise
+                elif waiter.done():
                     pass  # its caller was cancelled
                 elif isinstance(reply, ReplyError):
-                    future.set_exception(reply)
+                    waiter.set_exception(reply)
                 else:
-                    future.set_result(reply)
+                    waiter.set_result(reply)
                 reply = reader.gets()
         except hiredis.ProtocolError as exc:
             self.fail(f"protocol error: {exc}")
