@@ -265,10 +265,13 @@ class OpenAIHandler(ApiHandler):
                     if metering is not None:
                         out += metering.ledger.headers()
                     await exchange.start(send, 200, sse_headers(out))
-                    await relay_events(response, send, stream_filter.keep, exchange)
-                    exchange.usage = stream_filter.usage
-                    exchange.response_model = stream_filter.model
-                    exchange.finish_reasons = stream_filter.finish_reasons
+                    try:
+                        await relay_events(response, send, stream_filter.keep, exchange)
+                    finally:  # what the stream told, however it ended: a client that
+                        # leaves right after the usage chunk is still billed by it
+                        exchange.usage = stream_filter.usage
+                        exchange.response_model = stream_filter.model
+                        exchange.finish_reasons = stream_filter.finish_reasons
                 else:
                     payload = await response.read()
                     exchange.backend_seconds += time.perf_counter() - t

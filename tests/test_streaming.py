@@ -163,3 +163,61 @@ def _wait_log(gateway: GatewayProc, rid: str, timeout: float = 3.0) -> dict[str,
                 return line
         time.sleep(0.02)
     raise AssertionError(f"no access log line for {rid}")
+
+
+def test_a_client_leaving_right_after_the_usage_chunk_is_billed_by_it(tmp_path: Any) -> None:
+    """The backend sends the usage chunk and [DONE] but keeps its body open; the client
+    reads [DONE] and leaves while the gateway still waits for the body's end. The usage the
+    stream told is what the request is logged (and charged) with, not lost to the cancel."""
+    import threading
+
+    from tests.gatewayproc import start_gateway
+
+    usage = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+    events = [
+        {"id": "c", "object": "chat.completion.chunk", "model": "gpt-4o-mini",
+         "choices": [{"index": 0, "delta": {"content": "hey"}, "finish_reason": "stop"}]},
+        {"id": "c", "object": "chat.completion.chunk", "model": "gpt-4o-mini",
+         "choices": [], "usage": usage},
+    ]  # fmt: skip
+    sse = b"".join(b"data: %s\n\n" % json.dumps(e).encode() for e in events) + b"data: [DONE]\n\n"
+    listener = socket.create_server(("127.0.0.1", 0))
+    done = threading.Event()
+
+    def backend() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                         b"transfer-encoding: chunked\r\n\r\n"
+                         + b"%x\r\n%s\r\n" % (len(sse), sse))  # fmt: skip
+            done.wait(10)  # the body never ends while the client is there
+
+    threading.Thread(target=backend, daemon=True).start()
+    port = listener.getsockname()[1]
+    gateway = start_gateway(f"""
+backends:
+  - {{id: lingering, url: "http://127.0.0.1:{port}/v1"}}
+apis:
+  - {{id: chat, path: /openai, type: openai, backend: lingering, subscription-required: false}}
+""")  # fmt: skip
+    try:
+        body = json.dumps({**CHAT, "stream_options": {"include_usage": True}}).encode()
+        rid = "left-after-usage-0001"
+        with socket.create_connection(("127.0.0.1", gateway.port)) as sock:
+            sock.sendall(b"POST /openai/chat/completions HTTP/1.1\r\nhost: x\r\n"
+                         b"content-type: application/json\r\nx-request-id: " + rid.encode()
+                         + b"\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n"
+                         + body)  # fmt: skip
+            seen = b""
+            while b"[DONE]" not in seen:
+                chunk = sock.recv(65536)
+                assert chunk, seen
+                seen += chunk
+        line = _wait_log(gateway, rid)
+        assert line["error"] == "ClientDisconnected"
+        assert (line["prompt_tokens"], line["completion_tokens"]) == (7, 3)
+    finally:
+        done.set()
+        gateway.stop()
+        listener.close()
