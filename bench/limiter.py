@@ -4,10 +4,11 @@
 
 Starts a valkey-server on the load core and measures, in this process (uvloop), the CPU
 time per `admit` and per `admit` + `settle` for the memory store and the Redis store
-(proxy/limits/resp.py underneath), with `--concurrency` decisions in flight; redis-py's
-PING is printed beside them for scale. Last, the whole `llm-token-limit` path of one
-non-streamed request on the memory store, as the handler runs it (estimate, admit, reply
-headers, settle), one request after another.
+(proxy/limits/resp.py underneath), with `--concurrency` decisions in flight, and the Redis
+server's own CPU per decision (what bounds how many gateways one Redis carries); redis-py's
+PING is printed beside them for scale. The Redis rows spread their keys over 10 counters.
+Last, the whole `llm-token-limit` path of one non-streamed request on the memory store, as the
+handler runs it (estimate, admit, reply headers, settle), one request after another.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import msgspec
+import psutil
 import redis.asyncio as aredis
 import uvloop
 
@@ -40,23 +42,44 @@ def _cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-async def measure(name: str, op: Callable[[], Awaitable[object]], conc: int, ops: int) -> None:
+async def measure(
+    name: str,
+    op: Callable[[int], Awaitable[object]],
+    conc: int,
+    ops: int,
+    server: psutil.Process | None = None,
+) -> None:
     gate = asyncio.Semaphore(conc)
 
-    async def one() -> None:
+    async def one(i: int) -> None:
         async with gate:
-            await op()
+            await op(i)
 
+    served = _served(server)
     cpu, wall = _cpu(), time.perf_counter()
-    await asyncio.gather(*(one() for _ in range(ops)))
+    await asyncio.gather(*(one(i) for i in range(ops)))
     cpu, wall = _cpu() - cpu, time.perf_counter() - wall
-    print(f"{name:34} {ops / wall:9.0f}/s   CPU {cpu / ops * 1e6:6.1f} us per op")
+    line = f"{name:34} {ops / wall:9.0f}/s   CPU {cpu / ops * 1e6:6.1f} us per op"
+    if server is not None:
+        line += f"   Redis CPU {(_served(server) - served) / ops * 1e6:6.1f} us per op"
+    print(line)
 
 
-async def run(url: str, conc: int, ops: int) -> None:
-    limit = Limit("bench", 10**12, 10**15, "monthly")
+def _served(server: psutil.Process | None) -> float:
+    if server is None:
+        return 0.0
+    times = server.cpu_times()
+    return float(times.user + times.system)
+
+
+async def run(url: str, conc: int, ops: int, server: psutil.Process) -> None:
+    limits = [Limit(f"bench-{i}", 10**12, 10**15, "monthly") for i in range(10)]
     pinger = aredis.Redis.from_url(url)
-    await measure("redis-py PING (for scale)", pinger.ping, conc, ops)
+
+    async def ping(i: int) -> None:
+        await pinger.ping()
+
+    await measure("redis-py PING (for scale)", ping, conc, ops, server)
     await pinger.aclose()
     stores: list[tuple[str, Limiter]] = [
         ("memory", MemoryLimiter()),
@@ -64,16 +87,20 @@ async def run(url: str, conc: int, ops: int) -> None:
     ]
     for name, limiter in stores:
 
-        async def admit(limiter: Limiter = limiter) -> None:
-            await limiter.admit(limit, 10)
+        async def admit(i: int, limiter: Limiter = limiter) -> None:
+            await limiter.admit(limits[i % 10], 10)
 
-        async def both(limiter: Limiter = limiter) -> None:
-            decision = await limiter.admit(limit, 10)
+        async def both(i: int, limiter: Limiter = limiter) -> None:
+            decision = await limiter.admit(limits[i % 10], 10)
             assert isinstance(decision, Admitted)
-            await limiter.settle(decision.reservation, 5)
+            if hasattr(limiter, "settle_soon"):
+                limiter.settle_soon(decision.reservation, 5)  # as the handler does
+            else:  # a checkout from before settle_soon (A/B against an older commit)
+                await limiter.settle(decision.reservation, 5)
 
-        await measure(f"{name}: admit", admit, conc, ops)
-        await measure(f"{name}: admit + settle", both, conc, ops)
+        on = server if name == "redis" else None
+        await measure(f"{name}: admit", admit, conc, ops, on)
+        await measure(f"{name}: admit + settle", both, conc, ops, on)
         await limiter.close()
     await policy_path(ops)
 
@@ -90,7 +117,7 @@ async def policy_path(ops: int) -> None:
     view = decode_request("chat-completions", stack.CHAT_BODY)
     usage = Usage(prompt_tokens=20, completion_tokens=10, total_tokens=30)
 
-    async def one() -> None:
+    async def one(i: int) -> None:
         exchange = Exchange("POST", "/openai/chat/completions", "id", "127.0.0.1")
         exchange.model, exchange.subscription_id = "gpt-4o-mini", "s0"
         metering = Metering()
@@ -111,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ops", type=int, default=20_000)
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as name, stack.redis_server(Path(name)) as server:
-        uvloop.run(run(server.url, args.concurrency, args.ops))
+        redis_process = psutil.Process(server.pgid)
+        uvloop.run(run(server.url, args.concurrency, args.ops, redis_process))
     return 0
 
 
