@@ -43,6 +43,7 @@ class AccessLog:
             "backend": ex.backend_id or None,
             "model": ex.model or None,
             "stream": ex.stream,
+            "cache": ex.cache or None,
             "prompt_tokens": usage.prompt_tokens if usage else None,
             "completion_tokens": usage.completion_tokens if usage else None,
             "ttft_ms": round((ex.t_first - ex.t0) * 1000, 3) if ex.t_first else None,
@@ -60,7 +61,7 @@ class AccessLog:
             f'{ex.client_ip} "{ex.method} {_printable(ex.path)}" {ex.status} {duration:.2f}ms '
             f"overhead={ex.overhead_ms():.3f}ms ttft={ttft} tokens={tokens} "
             f"sub={ex.subscription_id or '-'} api={ex.api_id or '-'} "
-            f"op={ex.operation or '-'} model={_printable(ex.model) or '-'} "
+            f"op={ex.operation or '-'} model={_printable(ex.model) or '-'} cache={ex.cache or '-'} "
             f"error={ex.error_code or '-'} id={ex.request_id}"
         )
         self._emit(line.encode("utf-8", "replace"))

@@ -24,7 +24,7 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import msgspec
 
@@ -33,8 +33,9 @@ from proxy.accesslog import AccessLog
 from proxy.admin import AdminApi
 from proxy.asgi import JSON_TYPE, ClientDisconnected, error_body, error_headers, send_response
 from proxy.auth import ApiGuard, KeyRing
+from proxy.cache.parts import CacheParts
 from proxy.clients import ClientAddress
-from proxy.config import Config, Subscription
+from proxy.config import CacheLookup, CacheStore, Config, Subscription
 from proxy.console import ConsoleEndpoint
 from proxy.dispatch import BackendHealth, Backends, per_backend
 from proxy.errors import GatewayError, MethodNotAllowedError
@@ -63,6 +64,10 @@ from proxy.telemetry.tracecontext import Sampler
 from proxy.tokens import TokenizerRegistry
 from proxy.types import Receive, Scope, Send
 
+if TYPE_CHECKING:  # proxy.cache (numpy) is imported only when a config has a lookup
+    from proxy.cache.base import Embedder
+    from proxy.cache.policy import SemanticCache, SemanticCaches
+
 log = logging.getLogger("tollway")
 _ENDPOINT_METHODS = ("GET", "HEAD")  # of /healthz, /readyz, /metrics, /openapi.json
 _SECTIONS = ("/console", "/admin")  # whole path trees served by their own modules
@@ -83,9 +88,20 @@ class Runtime:
         registry: Registry | None = None,
         health: BackendHealth | None = None,
         subscriptions: Subscriptions | None = None,
+        cache_parts: CacheParts | None = None,
     ):
         self.config = config
         self.backends = Backends(config, health)
+        self.caches: list[SemanticCaches] = []
+        self.cache_sizes: set[int] = set()  # the in-process indexes its caches use
+        self._embedders: dict[tuple[str, str], Embedder] = {}
+        self._cache_parts = cache_parts or CacheParts(config, registry)
+        cached = _cache_policies(config)
+        if CacheStore in cached and CacheLookup not in cached:
+            log.warning("tollway: llm-semantic-cache-store without any llm-semantic-cache-lookup "
+                        "stores nothing")  # fmt: skip
+        if CacheLookup in cached:
+            from proxy.cache.policy import semantic_caches
         tokenizers = TokenizerRegistry(config.tokenizers) if uses_token_limits(config) else None
         self.router: Router[ApiHandler] = Router()
         self.client_address = ClientAddress(config.gateway.trusted_proxies)
@@ -104,11 +120,33 @@ class Runtime:
             if api.type == "openai":
                 limits = token_limits(config, api, limiter, tokenizers)
                 metrics = token_metrics(config, api, registry, gateway_id())
-                openai = OpenAIHandler(api, guard, self.backends, max_body, limits, metrics)
+                caches = None
+                if CacheLookup in cached:
+                    caches = semantic_caches(config, api, self._semantic_cache)
+                if caches is not None:
+                    self.caches.append(caches)
+                openai = OpenAIHandler(api, guard, self.backends, max_body, limits, metrics, caches)
                 self.router.add_openai(api.path, openai)
             else:
                 handler = PassthroughHandler(api, guard, self.backends, max_body)
                 self.router.add_passthrough(api.path, handler)
+
+    def _semantic_cache(self, lookup: CacheLookup, store: CacheStore | None) -> SemanticCache:
+        from proxy.cache.embed import BackendEmbedder
+        from proxy.cache.policy import SemanticCache
+
+        parts = self._cache_parts
+        if lookup.embedder == "local":
+            embedder = parts.local_embedder()
+        else:
+            key = (lookup.embeddings_backend_id, lookup.embeddings_model)
+            if key not in self._embedders:
+                route = self.backends.route(lookup.embeddings_backend_id)
+                self._embedders[key] = BackendEmbedder(route, *key)
+            embedder = self._embedders[key]
+        index = parts.index(lookup.max_entries)
+        self.cache_sizes.add(lookup.max_entries)
+        return SemanticCache(lookup, store, embedder, index, parts.metrics, parts.outage)
 
     def use_subscriptions(self, subscriptions: tuple[Subscription, ...]) -> None:
         """Put another set of subscriptions in force (index and grants rebuilt whole)."""
@@ -120,6 +158,8 @@ class Runtime:
         await self.backends.open()
 
     async def close(self) -> None:
+        for caches in self.caches:  # the replies being stored go out on these connections
+            await caches.drain()
         await self.backends.close()
 
 
@@ -134,8 +174,14 @@ class Gateway:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.telemetry, self.exporter = make_telemetry(config, self.limiter, self._gauges)
         self.subscriptions = Subscriptions(open_store(config), self._subscriptions_changed)
+        self.cache_parts = CacheParts(config, self.telemetry.registry)
         self.runtime = Runtime(
-            config, self.limiter, self.telemetry.registry, self.health, self.subscriptions
+            config,
+            self.limiter,
+            self.telemetry.registry,
+            self.health,
+            self.subscriptions,
+            self.cache_parts,
         )
         self.telemetry.use_backends(backend_urls(config))
         self.config_path = config_path
@@ -262,7 +308,7 @@ class Gateway:
     def _gauges(self) -> list[Gauge]:
         """The backends' breakers, retries and open connections, and the event loop's tasks
         (read from the metrics thread: a leak shows as a number that only grows)."""
-        out = self.health.gauges()
+        out = self.health.gauges() + self.cache_parts.gauges()
         connections = per_backend(self.runtime.backends.connections())
         if connections:
             out.append(Gauge(genai.BACKEND_CONNECTIONS, "", "Open connections to the backend.",
@@ -291,6 +337,7 @@ class Gateway:
         """Open the backends and start the telemetry's threads (not for the CLI's preflight
         run, which would otherwise export an empty process's metrics)."""
         await self.runtime.open()
+        await self.cache_parts.open()
         self._loop = asyncio.get_running_loop()
         if self.health.shared is not None:
             self.health.shared.start()
@@ -315,6 +362,7 @@ class Gateway:
         for task in list(self._retired):
             task.cancel()
         await self.runtime.close()
+        await self.cache_parts.close()
         await self.subscriptions.close()
         if self.health.shared is not None:
             await self.health.shared.close()
@@ -362,10 +410,17 @@ class Gateway:
         assert self.config_path is not None
         config = config_module.load(self.config_path)
         runtime = Runtime(
-            config, self.limiter, self.telemetry.registry, self.health, self.subscriptions
+            config,
+            self.limiter,
+            self.telemetry.registry,
+            self.health,
+            self.subscriptions,
+            self.cache_parts,
         )
         await runtime.open()
+        await self.cache_parts.open()
         old, self.runtime = self.runtime, runtime
+        self.cache_parts.retain(runtime.cache_sizes)
         runtime.use_subscriptions(self.subscriptions.effective(config))  # changed meanwhile?
         self._endpoints[OPENAPI_PATH] = OpenAPIEndpoint(config)
         self._sections = self._make_sections(config)
@@ -374,6 +429,13 @@ class Gateway:
         log.warning("tollway: config reloaded from %s", self.config_path)
         await self.subscriptions.ensure_all_access(config)
         return old
+
+
+def _cache_policies(config: Config) -> set[type]:
+    """Which of the semantic-cache policies `config` holds anywhere."""
+    entries = [*config.policies, *(e for a in config.apis for e in a.policies)]
+    entries += [e for p in config.products for e in p.policies]
+    return {type(e.policy) for e in entries} & {CacheLookup, CacheStore}
 
 
 def _file_state(path: str | None) -> tuple[int, int, int] | None:

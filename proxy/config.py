@@ -404,20 +404,43 @@ class TokenMetric(_Schema, kw_only=True, frozen=True):
 
 
 class CacheLookup(_Schema, kw_only=True, frozen=True):
+    """`llm-semantic-cache-lookup` (proxy/cache/policy.py). The partition an entry lives in is
+    always the API, operation, model, the request's other parameters, the embedder and (unless
+    `share-across-subscriptions`) the caller's subscription, plus the rendered `vary-by`."""
+
     score_threshold: float  # cosine distance: 0 identical .. 2 opposite; lower is stricter
-    embeddings_backend_id: str
+    embedder: Literal["backend", "local"] = "backend"
+    embeddings_backend_id: str = ""  # required for embedder: backend
+    embeddings_model: str = "text-embedding-3-small"
     ignore_system_messages: bool = True
     max_message_count: Annotated[int, msgspec.Meta(ge=1)] = 10
     vary_by: tuple[str, ...] = ()
+    # Entries are per subscription unless this is true: one tenant could then receive an
+    # answer another tenant's request produced.
+    share_across_subscriptions: bool = False
+    timeout: Duration = Duration("500ms")  # the whole lookup's bound (embedding + index)
+    max_entries: Annotated[int, msgspec.Meta(ge=1, le=10_000_000)] = 10_000  # memory index
 
     def __post_init__(self) -> None:
         if not 0 < self.score_threshold <= 2:
             raise ValueError(f"score-threshold: must be in (0, 2], got {self.score_threshold}")
+        if self.embedder == "backend" and not self.embeddings_backend_id:
+            raise ValueError("embeddings-backend-id: required with embedder: backend")
+        if self.embedder == "local" and self.embeddings_backend_id:
+            raise ValueError("embeddings-backend-id: not used with embedder: local")
+        if not self.embeddings_model:
+            raise ValueError("embeddings-model: must not be empty")
+        if float(self.timeout) > 60:
+            raise ValueError(f"timeout: at most 60s (it delays every miss), got {self.timeout}")
         _check_templates(self.vary_by, "vary-by")
 
 
 class CacheStore(_Schema, kw_only=True, frozen=True):
+    """`llm-semantic-cache-store`: complete 200 replies kept for `duration`; with
+    `cache-response: false` this pipeline only reads the cache."""
+
     duration: Duration
+    cache_response: bool = True
 
 
 _Severity = Annotated[int, msgspec.Meta(ge=0, le=7)]
@@ -674,7 +697,7 @@ class Config(_Schema, kw_only=True, frozen=True, dict=True):
                 yield missing(f"subscriptions[{i}].scope", sub.scope_kind, sub.scope_id, known)
         for path, entry in self._policy_entries():
             policy = entry.policy
-            if isinstance(policy, CacheLookup):
+            if isinstance(policy, CacheLookup) and policy.embeddings_backend_id:
                 field, ref = "embeddings-backend-id", policy.embeddings_backend_id
             elif isinstance(policy, ContentSafety) and policy.backend_id:
                 field, ref = "backend-id", policy.backend_id

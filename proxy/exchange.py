@@ -19,6 +19,7 @@ class Exchange:
         "api_id",
         "backend_id",
         "backend_seconds",
+        "cache",
         "client_ip",
         "disconnected",
         "error_code",
@@ -53,6 +54,7 @@ class Exchange:
         self.client_ip = client_ip
         self.api_id = self.operation = self.subscription_id = self.product_id = ""
         self.backend_id = self.model = self.error_code = ""
+        self.cache = ""  # the semantic cache's answer: "hit", "miss", "skip", "error" or ""
         self.stream = False
         self.disconnected = False  # did the client leave before the response ended?
         self.started = False  # has the response start been sent?

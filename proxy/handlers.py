@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_plus
 
 from proxy.asgi import ClientDisconnected, header, read_body
@@ -47,6 +47,9 @@ from proxy.schemas import (
 )
 from proxy.telemetry.tracecontext import traceparent
 from proxy.types import Headers, Receive, Scope, Send
+
+if TYPE_CHECKING:  # the cache (numpy) is imported only when a config has a lookup
+    from proxy.cache.policy import Lookup, SemanticCaches
 
 # Never forwarded in either direction (RFC 9110 §7.6.1), plus what the gateway sets itself.
 HOP_BY_HOP = frozenset(
@@ -182,11 +185,13 @@ class OpenAIHandler(ApiHandler):
         max_body: int,
         limits: TokenLimits | None = None,
         token_metrics: TokenMetrics | None = None,
+        caches: SemanticCaches | None = None,
     ):
         # The gateway reads every response for usage, so it asks for identity encoding.
         super().__init__(api, guard, backends, max_body, frozenset({b"accept-encoding"}))
         self.limits = limits if limits else None
         self.token_metrics = token_metrics
+        self.caches = caches if caches else None  # None: no per-request cache work at all
 
     async def __call__(
         self, exchange: Exchange, match: Match[Any], scope: Scope, receive: Receive, send: Send
@@ -199,10 +204,19 @@ class OpenAIHandler(ApiHandler):
         body = await read_body(scope, receive, self.max_body)
         stream_filter: StreamFilter | None = None
         view: RequestView | None = None
+        lookup: Lookup | None = None
+        name = identity.subscription.display_name if identity.subscription else ""
         if operation != "models":
             view = decode_request(operation, body)
             exchange.model = view.model or ""
             exchange.max_tokens = max_tokens_of(view)
+            if self.caches is not None and isinstance(view, ChatRequest | CompletionRequest):
+                cache = self.caches.for_product(exchange.product_id)
+                if cache is not None:  # before the token limits: a hit costs no tokens
+                    lookup = await cache.lookup(view, body, exchange, scope, name)
+                    if lookup.entry is not None:
+                        await replay(exchange, lookup, view, send)
+                        return
             if isinstance(view, ChatRequest | CompletionRequest) and view.stream:
                 stream_filter = ChatStreamFilter(strip_usage=not wants_usage(view))
                 if stream_filter.strip_usage:
@@ -212,7 +226,6 @@ class OpenAIHandler(ApiHandler):
         exchange.stream = stream_filter is not None
         exchange.backend_id = self.api.backend  # the member once one is chosen
         metering = None
-        name = identity.subscription.display_name if identity.subscription else ""
         if self.limits is not None and view is not None:
             policies = self.limits.for_product(exchange.product_id)
             if policies:
@@ -226,7 +239,7 @@ class OpenAIHandler(ApiHandler):
         try:
             await self._forward(
                 exchange, match.subpath, self.query(scope, identity), b"".join(headers), body,
-                stream_filter, metering, send, receive,
+                stream_filter, metering, lookup, send, receive,
             )  # fmt: skip
         except BaseException as exc:
             error = exc
@@ -246,6 +259,7 @@ class OpenAIHandler(ApiHandler):
         body: bytes,
         stream_filter: StreamFilter | None,
         metering: Metering | None,
+        lookup: Lookup | None,
         send: Send,
         receive: Receive,
     ) -> None:
@@ -264,20 +278,31 @@ class OpenAIHandler(ApiHandler):
                     out = response_headers(response)
                     if metering is not None:
                         out += metering.ledger.headers()
+                    keep: Callable[[bytes], bool] = stream_filter.keep
+                    if lookup is not None:
+                        out += lookup.headers()
+                        if isinstance(stream_filter, ChatStreamFilter):
+                            keep = lookup.recording(keep, stream_filter)
                     await exchange.start(send, 200, sse_headers(out))
                     try:
-                        await relay_events(response, send, stream_filter.keep, exchange)
+                        await relay_events(response, send, keep, exchange)
                     finally:  # what the stream told, however it ended: a client that
                         # leaves right after the usage chunk is still billed by it
                         exchange.usage = stream_filter.usage
                         exchange.response_model = stream_filter.model
                         exchange.finish_reasons = stream_filter.finish_reasons
+                    if lookup is not None and isinstance(stream_filter, ChatStreamFilter):
+                        lookup.stream_ended(stream_filter)
                 else:
                     payload = await response.read()
                     exchange.backend_seconds += time.perf_counter() - t
+                    reply = None
                     if response.status == 200 and (reply := read_reply(payload)) is not None:
                         exchange.usage, exchange.response_model, exchange.finish_reasons = reply
-                    await self._send_whole(exchange, response, payload, metering, send)
+                    await self._send_whole(exchange, response, payload, metering, lookup, send)
+                    if lookup is not None:
+                        kind = response.content_type
+                        lookup.whole_sent(response.status, kind, payload, reply)
             finally:
                 response.close()
         finally:
@@ -289,15 +314,43 @@ class OpenAIHandler(ApiHandler):
         response: Response,
         payload: bytes,
         metering: Metering | None,
+        lookup: Lookup | None,
         send: Send,
     ) -> None:
         headers = response_headers(response)
         if metering is not None:  # usage is known: the headers say what will be charged;
             exchange.status = response.status  # the settlement follows the reply (finally)
             headers += metering.reply_headers(exchange)
+        if lookup is not None:
+            headers += lookup.headers()
         headers.append((b"content-length", str(len(payload)).encode()))
         await exchange.start(send, response.status, headers)
         await send({"type": "http.response.body", "body": payload})
+
+
+async def replay(
+    exchange: Exchange, lookup: Lookup, view: ChatRequest | CompletionRequest, send: Send
+) -> None:
+    """Answer from the cache: the stored reply, a stream as its stored events one by one
+    (without the usage-only chunk for a client that did not ask for it)."""
+    entry = lookup.entry
+    assert entry is not None
+    exchange.response_model, exchange.finish_reasons = entry.model, entry.finish_reasons
+    headers = lookup.hit_headers()
+    if not entry.streamed:
+        headers.append((b"content-type", entry.content_type.encode("latin-1")))
+        headers.append((b"content-length", b"%d" % len(entry.body)))
+        await exchange.start(send, 200, headers)
+        await send({"type": "http.response.body", "body": entry.body})
+        return
+    skip = -1 if wants_usage(view) else entry.usage_at
+    exchange.stream = True
+    await exchange.start(send, 200, sse_headers(headers))
+    for i, event in enumerate(entry.events):
+        if i != skip:
+            await send({"type": "http.response.body", "body": event, "more_body": True})
+            exchange.chunk(time.perf_counter())
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 class PassthroughHandler(ApiHandler):

@@ -29,7 +29,15 @@ import msgspec
 
 from proxy import admin, errors
 from proxy.asgi import JSON_TYPE, send_response
-from proxy.config import Api, Config, ContentSafety, KeyNames, PolicyEntry, TokenLimit
+from proxy.config import (
+    Api,
+    CacheLookup,
+    Config,
+    ContentSafety,
+    KeyNames,
+    PolicyEntry,
+    TokenLimit,
+)
 from proxy.routing import OPENAI_OPERATIONS, PASSTHROUGH_METHODS
 from proxy.schemas import ChatRequest, CompletionRequest, EmbeddingsRequest, ResponsesRequest
 from proxy.telemetry.prometheus import CONTENT_TYPE as PROMETHEUS_TYPE
@@ -222,7 +230,10 @@ def _openai_paths(config: Config, api: Api, security: list[Doc] | None) -> Doc:
         view = VIEWS.get(operation)
         errs = _api_errors(security, body=view is not None) + _policy_errors(config, api)
         responses = _responses(errs, retry_after=retry_after)
-        responses["200"] = _success(operation, _limit_headers(config, api))
+        headers = _limit_headers(config, api)
+        if operation in CACHED and _cached(config, api):
+            headers |= _CACHE_HEADERS
+        responses["200"] = _success(operation, headers)
         op: Doc = {
             "operationId": f"{api.id}.{operation}",
             "summary": SUMMARIES[operation],
@@ -339,6 +350,28 @@ def _success(operation: str, limit_headers: Doc) -> Doc:
         text += " With `stream: true`, relayed event by event as server-sent events."
         content["text/event-stream"] = {"schema": _ref("schemas", "StreamEvent")}
     return {"description": text, "headers": {**_STAMP, **limit_headers}, "content": content}
+
+
+CACHED = ("chat-completions", "completions")  # the operations the semantic cache serves
+_CACHE_HEADERS: Doc = {
+    "x-cache": {
+        "description": "The semantic cache's verdict (llm-semantic-cache-lookup): `HIT` (the "
+        "reply of an earlier, similar request, replayed; no backend call, no tokens charged), "
+        "`MISS` (from the backend; also when the cache could not answer in time), or `SKIP` "
+        "(the request is not looked up: more than max-message-count messages, images, a "
+        "prompt list).",
+        "schema": {"enum": ["HIT", "MISS", "SKIP"]},
+    },
+    "x-cache-distance": {
+        "description": "On a hit: the cosine distance between this request and the cached "
+        "one (0 = the same; at most the policy's score-threshold).",
+        "schema": {"type": "string", "pattern": "^[0-9]+\\.[0-9]{4}$"},
+    },
+}
+
+
+def _cached(config: Config, api: Api) -> bool:
+    return any(isinstance(e.policy, CacheLookup) for e in _pipeline(config, api))
 
 
 def _limit_headers(config: Config, api: Api) -> Doc:

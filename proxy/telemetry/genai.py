@@ -38,6 +38,10 @@ BREAKER_OPEN = "tollway.backend.circuit_breaker.open"  # gauge: 1 while a breake
 BREAKER_TRIPS = "tollway.backend.circuit_breaker.trips"  # times a breaker tripped
 SPANS_DROPPED = "tollway.telemetry.spans.dropped"  # export queue full
 METRIC_FOLDED = "tollway.telemetry.metric.folded"  # measurements sent to an overflow series
+CACHE_LOOKUPS = "tollway.cache.lookups"  # semantic-cache lookups by API and result
+CACHE_ERRORS = "tollway.cache.errors"  # embedder or index failures, by stage (fail-open)
+CACHE_ENTRIES = "tollway.cache.entries"  # gauge: entries in the in-process index
+CACHE_EVICTIONS = "tollway.cache.evictions"  # entries the in-process index dropped for room
 
 # --- attributes ------------------------------------------------------------------------------
 OPERATION_NAME = "gen_ai.operation.name"

