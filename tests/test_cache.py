@@ -936,3 +936,65 @@ def test_a_gateway_without_a_lookup_never_imports_the_cache() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     # no numpy (~13 MB, 50 ms) for gateways without a cache: only the light parts holder
     assert out.stdout.strip() == "['proxy.cache.parts']"
+
+
+def test_embeddings_are_asked_as_base64_and_as_floats_from_a_backend_that_refuses_it(
+    backend: MockProc,
+) -> None:
+    """base64 first (the vector's bytes straight into numpy); a backend answering that with a
+    400 is asked for floats from then on, and the cache works the same."""
+    import json
+    import threading
+    import urllib.request
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    asked: list[str] = []
+
+    class FloatsOnly(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["content-length"]))
+            encoding = json.loads(body).get("encoding_format", "float")
+            asked.append(encoding)
+            if encoding != "float":
+                reply, status = b'{"error": {"message": "encoding_format"}}', 400
+            else:
+                forward = urllib.request.Request(backend.url + "/embeddings", body,
+                                                 {"content-type": "application/json"})  # fmt: skip
+                with urllib.request.urlopen(forward) as answer:
+                    reply, status = answer.read(), 200
+            self.send_response(status)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(reply)))
+            self.end_headers()
+            self.wfile.write(reply)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FloatsOnly)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+
+    async def scenario(client: Client) -> None:
+        assert (await client.post(chat(FRANCE))).cache == "MISS"
+        assert (await client.post(chat(FRANCE_2))).cache == "HIT"
+
+    try:
+        run_with_metrics(config_text(backend.url, embeddings_url=url), scenario)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert asked[0] == "base64" and set(asked[1:]) == {"float"} and len(asked) >= 3
+
+    seen: list[str] = []
+    before = len(backend.requests())
+
+    async def direct(client: Client) -> None:
+        assert (await client.post(chat(POEM))).cache == "MISS"
+        assert (await client.post(chat(POEM))).cache == "HIT"
+        for record in backend.requests()[before:]:
+            if record["path"] == "/v1/embeddings":
+                seen.append(json.loads(record["body"]).get("encoding_format", "float"))
+
+    run_with_metrics(config_text(backend.url), direct)
+    assert seen and set(seen) == {"base64"}  # the mock takes it: never floats

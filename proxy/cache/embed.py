@@ -4,13 +4,15 @@ as to any request (proxy/dispatch.py).
 
 Anything but a 200 with one vector per text is `CacheUnavailableError`: the cache steps
 aside and the request goes on as a miss. Vectors are normalised to unit length here (the
-index compares them by dot product); base64 vectors (`encoding_format: base64`) are read too,
-in case a backend sends them unasked.
+index compares them by dot product). They are asked for as base64 (`encoding_format`, as the
+OpenAI SDK does: the bytes go straight into numpy, no JSON list of floats to parse), and as
+floats from a backend that answers that with a 400 (some OpenAI-compatible servers do).
 """
 
 from __future__ import annotations
 
 import base64
+import logging
 
 import msgspec
 import numpy as np
@@ -19,6 +21,8 @@ from proxy.cache.base import CacheUnavailableError, Vector
 from proxy.dispatch import Route
 from proxy.errors import GatewayError
 from proxy.exchange import Exchange
+
+log = logging.getLogger("tollway")
 
 _HEADERS = b"content-type: application/json\r\naccept-encoding: identity\r\n"
 
@@ -43,9 +47,22 @@ class BackendEmbedder:
         self._route = route
         self._model = model
         self.name = f"backend:{backend_id}:{model}"
+        # base64 (as the OpenAI SDK asks): the vector's bytes straight into numpy, not a JSON
+        # list of floats to parse; "float" once a backend refuses it with a 400
+        self._format = "base64"
 
     async def embed(self, texts: list[str]) -> list[Vector]:
-        body = _encoder.encode({"model": self._model, "input": texts})
+        asked = self._format
+        try:
+            return await self._embed(texts, asked)
+        except _FormatRefusedError:
+            self._format = "float"
+            log.warning("tollway: %s refuses encoding_format base64; asking for floats",
+                        self.name)  # fmt: skip
+            return await self._embed(texts, "float")
+
+    async def _embed(self, texts: list[str], encoding: str) -> list[Vector]:
+        body = _encoder.encode({"model": self._model, "input": texts, "encoding_format": encoding})
         # Its own record: the route notes the member it chose on it, and the caller's
         # exchange must keep naming the backend of the request itself.
         exchange = Exchange("POST", "", "", "")
@@ -57,12 +74,18 @@ class BackendEmbedder:
                 response.close()
         except GatewayError as exc:
             raise CacheUnavailableError(f"embeddings backend: {exc.code}") from exc
+        if response.status == 400 and encoding == "base64":
+            raise _FormatRefusedError
         if response.status != 200:
             raise CacheUnavailableError(f"embeddings backend answered {response.status}")
         return _vectors(payload, len(texts))
 
     async def close(self) -> None:
         pass  # the backend's connections belong to the runtime
+
+
+class _FormatRefusedError(Exception):
+    """The backend answered 400 to `encoding_format: base64`."""
 
 
 def _vectors(payload: bytes, count: int) -> list[Vector]:
