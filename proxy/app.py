@@ -175,14 +175,7 @@ class Gateway:
         self.telemetry, self.exporter = make_telemetry(config, self.limiter, self._gauges)
         self.subscriptions = Subscriptions(open_store(config), self._subscriptions_changed)
         self.cache_parts = CacheParts(config, self.telemetry.registry)
-        self.runtime = Runtime(
-            config,
-            self.limiter,
-            self.telemetry.registry,
-            self.health,
-            self.subscriptions,
-            self.cache_parts,
-        )
+        self.runtime = self._runtime(config)
         self.telemetry.use_backends(backend_urls(config))
         self.config_path = config_path
         self.access_log = AccessLog(config.telemetry.access_log, log_stream)
@@ -405,18 +398,17 @@ class Gateway:
             self._echo = _file_state(self.config_path)
             os.kill(int(server), signal.SIGHUP)
 
+    def _runtime(self, config: Config) -> Runtime:
+        """Everything built from `config`, on the parts that outlive reloads."""
+        registry = self.telemetry.registry
+        return Runtime(config, self.limiter, registry, self.health, self.subscriptions,
+                       self.cache_parts)  # fmt: skip
+
     async def _reload(self) -> Runtime:
         """Build and open the config file's runtime and swap it in; return the old one."""
         assert self.config_path is not None
         config = config_module.load(self.config_path)
-        runtime = Runtime(
-            config,
-            self.limiter,
-            self.telemetry.registry,
-            self.health,
-            self.subscriptions,
-            self.cache_parts,
-        )
+        runtime = self._runtime(config)
         await runtime.open()
         await self.cache_parts.open()
         old, self.runtime = self.runtime, runtime
