@@ -1,0 +1,147 @@
+"""The texts a request body asks a model to read, by role class, for content screening.
+
+APIM's content-safety policy skipped a `system` sent as an array and screened system and user
+text concatenated, so a long benign system prompt diluted a harmful user message
+(../shared/reference/apim-ai-gateway.md §4 item 13). Here every shape is walked and the two
+classes never mix:
+
+- `system`: `system`/`developer` messages (string or part array), a top-level `system`
+  (Anthropic: string or block array) and the Responses API `instructions`;
+- `user`: every other message (user, assistant, tool, function, unknown roles), tool-call
+  arguments (decoded: JSON escapes such as `\\u0062omb` cannot hide a word), tool results,
+  the completions `prompt` and `suffix`, and `input` (embeddings, or Responses items).
+
+A part of any type is collected when it carries a `text` string; binary payloads (image URLs,
+audio, base64 files) are not text and are left out. The body is decoded into plain objects:
+a shape the gateway would refuse still yields what text it holds, and a body that is not JSON
+is returned whole as user text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from proxy.schemas import JSON_ERRORS
+
+SYSTEM_ROLES = frozenset({"system", "developer"})
+
+# The keys of a message, part or item whose values are text (or hold text) the model reads.
+_TEXT_KEYS = ("text", "content", "refusal", "summary", "thinking", "output", "tool_calls")
+# The keys whose values are tool arguments: every string in them is collected, keys included.
+_ARGUMENT_KEYS = ("arguments", "input")
+_FUNCTION_KEYS = ("function", "function_call")
+
+
+@dataclass(slots=True)
+class Texts:
+    """The texts to screen, messages and parts in body order; one string per part, never
+    joined here."""
+
+    system: list[str] = field(default_factory=list)
+    user: list[str] = field(default_factory=list)
+
+
+def flatten(body: bytes) -> Texts:
+    """The texts of a request body of any operation (chat, completions, embeddings,
+    responses, or an Anthropic-style messages body), by role class."""
+    texts = Texts()
+    try:
+        doc = msgspec.json.decode(body)
+    except JSON_ERRORS:
+        text = body.decode("utf-8", "replace")
+        if text.strip():
+            texts.user.append(text)
+        return texts
+    if not isinstance(doc, dict):
+        _collect(doc, texts.user)
+        return texts
+    _collect(doc.get("system"), texts.system)
+    _collect(doc.get("instructions"), texts.system)
+    for key in ("messages", "input"):
+        _items(doc.get(key), texts)
+    for key in ("prompt", "suffix"):
+        _collect(doc.get(key), texts.user)
+    return texts
+
+
+def _items(value: Any, texts: Texts) -> None:
+    """Messages or Responses input items: each goes to its role's class."""
+    if not isinstance(value, list):
+        _collect(value, texts.user)
+        return
+    for item in value:
+        role = item.get("role") if isinstance(item, dict) else None
+        system = isinstance(role, str) and role in SYSTEM_ROLES  # a role may be any JSON
+        _collect(item, texts.system if system else texts.user)
+
+
+def _collect(value: Any, out: list[str]) -> None:
+    """Append the text in `value` (a string, a part, an item, or lists of them) to `out`.
+
+    Iterative: a hostile body nests as deep as the JSON decoder allows."""
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, str):
+            if node:
+                out.append(node)
+        elif isinstance(node, list):
+            stack.extend(reversed(node))
+        elif isinstance(node, dict):
+            stack.extend(reversed(_children(node, out)))
+
+
+def _children(node: dict[str, Any], out: list[str]) -> list[Any]:
+    """The text-bearing values of one object; tool arguments are collected into `out` now."""
+    children = [node[key] for key in _TEXT_KEYS if key in node]
+    children += [node[key] for key in _FUNCTION_KEYS if isinstance(node.get(key), dict)]
+    for key in _ARGUMENT_KEYS:
+        if key in node:
+            _arguments(node[key], out)
+    source = node.get("source")  # an Anthropic document with plain-text data
+    if isinstance(source, dict) and source.get("type") == "text":
+        children.append(source.get("data"))
+    return children
+
+
+def _arguments(value: Any, out: list[str]) -> None:
+    """Every string in tool arguments, keys included; a JSON-encoded string is decoded first
+    (an argument string that is not JSON is collected as it is)."""
+    if isinstance(value, str):
+        try:
+            value = msgspec.json.decode(value)
+        except JSON_ERRORS:
+            if value:
+                out.append(value)
+            return
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, str):
+            if node:
+                out.append(node)
+        elif isinstance(node, list):
+            stack.extend(reversed(node))
+        elif isinstance(node, dict):
+            for key, item in reversed(node.items()):
+                stack.extend((item, key))
+
+
+def windows(text: str, size: int, overlap: int) -> list[str]:
+    """Split `text` into windows of `size` characters, each starting `size - overlap` after
+    the previous one; the last window ends at the end of the text (and is full-size too).
+
+    Any passage of at most `overlap` characters lies whole in some window, wherever it is:
+    long text is screened in pieces, never refused for its length. An empty text has no
+    windows."""
+    if not 0 <= overlap < size:
+        raise ValueError(f"need 0 <= overlap < size, got size={size}, overlap={overlap}")
+    if len(text) <= size:
+        return [text] if text else []
+    step = size - overlap
+    out = [text[start : start + size] for start in range(0, len(text) - size, step)]
+    out.append(text[-size:])
+    return out
