@@ -415,3 +415,41 @@ def test_route_send(benchmark, how):
     benchmark(lambda: loop.run_until_complete(batch(100)))  # per call: the time / 100
     loop.close()
     assert exchange.backend_id in ("", "up", "b1", "b2")
+
+
+# --- the semantic cache ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("entries", "dim"), [(1_000, 1_536), (10_000, 1_536), (10_000, 256)])
+def test_memory_index_nearest(benchmark, entries, dim):
+    """One lookup in a partition of `entries` unit vectors (README "Semantic cache")."""
+    import numpy as np
+
+    from proxy.cache.index import MemoryIndex
+
+    rng = np.random.default_rng(7)
+    vectors = rng.standard_normal((entries, dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    index = MemoryIndex(max_entries=entries)
+    for i, vector in enumerate(vectors):
+        index.put("p", vector, b"%d" % i, 3600)
+    loop = asyncio.new_event_loop()
+    found = benchmark(lambda: loop.run_until_complete(index.nearest("p", vectors[17], 0.01)))
+    loop.close()
+    assert found is not None and found[0] == b"17" and found[1] < 1e-5
+
+
+@pytest.mark.parametrize("size", ["short", "long"])
+def test_local_embedder(benchmark, size):
+    """The local embedder (extra [local-embeddings]) on one prompt, end to end: a question,
+    or ~500 tokens of prose (the model reads the last 256)."""
+    from proxy.cache.local import LocalEmbedder
+
+    embedder = LocalEmbedder()
+    loop = asyncio.new_event_loop()
+    question = "What is the capital of France, and why is it the capital?"
+    text = [question if size == "short" else " ".join([_SENTENCE] * 30)]
+    (vector,) = benchmark(lambda: loop.run_until_complete(embedder.embed(text)))
+    loop.run_until_complete(embedder.close())
+    loop.close()
+    assert vector.shape == (384,) and abs(float(vector @ vector) - 1.0) < 1e-4
