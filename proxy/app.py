@@ -425,9 +425,7 @@ class Gateway:
 
 def _cache_policies(config: Config) -> set[type]:
     """Which of the semantic-cache policies `config` holds anywhere."""
-    entries = [*config.policies, *(e for a in config.apis for e in a.policies)]
-    entries += [e for p in config.products for e in p.policies]
-    return {type(e.policy) for e in entries} & {CacheLookup, CacheStore}
+    return {type(e.policy) for _, e in config.policy_entries()} & {CacheLookup, CacheStore}
 
 
 def _file_state(path: str | None) -> tuple[int, int, int] | None:

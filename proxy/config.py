@@ -695,7 +695,7 @@ class Config(_Schema, kw_only=True, frozen=True, dict=True):
             known = apis if sub.scope_kind == "api" else products
             if sub.scope_kind != "all-apis" and sub.scope_id not in known:
                 yield missing(f"subscriptions[{i}].scope", sub.scope_kind, sub.scope_id, known)
-        for path, entry in self._policy_entries():
+        for path, entry in self.policy_entries():
             policy = entry.policy
             if isinstance(policy, CacheLookup) and policy.embeddings_backend_id:
                 field, ref = "embeddings-backend-id", policy.embeddings_backend_id
@@ -706,7 +706,8 @@ class Config(_Schema, kw_only=True, frozen=True, dict=True):
             if ref not in backends:
                 yield missing(f"{path}.{entry.name}.{field}", "backend", ref, backends)
 
-    def _policy_entries(self) -> Iterator[tuple[str, PolicyEntry]]:
+    def policy_entries(self) -> Iterator[tuple[str, PolicyEntry]]:
+        """Every policy entry of every pipeline (global, products, APIs), with its YAML path."""
         yield from ((f"policies[{k}]", entry) for k, entry in enumerate(self.policies))
         for kind in ("products", "apis"):
             for i, item in enumerate(getattr(self, kind)):
@@ -716,7 +717,7 @@ class Config(_Schema, kw_only=True, frozen=True, dict=True):
         """Token-metric policies sharing a namespace share its counters, so they must name the
         same dimensions (the gateway could not start otherwise)."""
         first: dict[str, tuple[str, tuple[str, ...]]] = {}
-        for path, entry in self._policy_entries():
+        for path, entry in self.policy_entries():
             if isinstance(policy := entry.policy, TokenMetric):
                 names = tuple(d.name for d in policy.dimensions)
                 other, known = first.setdefault(policy.namespace, (path, names))

@@ -346,11 +346,7 @@ def _conflicts(plan: _Plan, config: Config) -> Iterator[str]:
 
 
 def _metric_namespaces(config: Config) -> set[str]:
-    entries = [*config.policies]
-    for product in config.products:
-        entries.extend(product.policies)
-    for api in config.apis:
-        entries.extend(api.policies)
+    entries = [e for _, e in config.policy_entries()]
     return {e.policy.namespace for e in entries if isinstance(e.policy, TokenMetric)}
 
 

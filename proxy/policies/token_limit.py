@@ -278,6 +278,4 @@ def token_limits(
 
 def uses_token_limits(config: Config) -> bool:
     """Does any pipeline in `config` hold an llm-token-limit (so tokenizers must load)?"""
-    entries = [*config.policies, *(e for a in config.apis for e in a.policies)]
-    entries += [e for p in config.products for e in p.policies]
-    return any(isinstance(e.policy, TokenLimit) for e in entries)
+    return any(isinstance(e.policy, TokenLimit) for _, e in config.policy_entries())
