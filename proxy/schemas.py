@@ -175,6 +175,10 @@ _encoder = msgspec.json.Encoder()
 # RecursionError. Neither may escape as a 500.
 JSON_ERRORS = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
 
+# The roles whose messages instruct the model rather than ask it (OpenAI's `developer` is the
+# newer name of `system`).
+SYSTEM_ROLES = frozenset({"system", "developer"})
+
 
 def decode_request(operation: str, body: bytes) -> RequestView:
     """Validate and view a request body of an openai-type operation, or raise 400."""

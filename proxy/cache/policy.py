@@ -45,7 +45,14 @@ from proxy.config import Api, CacheLookup, CacheStore, Config, PolicyEntry, pars
 from proxy.exchange import Exchange
 from proxy.policies.templates import Template, render
 from proxy.relay import ChatStreamFilter
-from proxy.schemas import JSON_ERRORS, ChatRequest, CompletionRequest, Message, Reply
+from proxy.schemas import (
+    JSON_ERRORS,
+    SYSTEM_ROLES,
+    ChatRequest,
+    CompletionRequest,
+    Message,
+    Reply,
+)
 from proxy.telemetry import genai
 from proxy.telemetry.metrics import Counter, Registry
 from proxy.types import Headers, Scope
@@ -60,7 +67,6 @@ DISTANCE = "tollway.cache.distance"
 MAX_ENTRY_BYTES = 1 << 20  # a reply larger than this is not kept
 # Request fields that do not change the answer: not part of the partition.
 _NOT_PARAMETERS = frozenset({"messages", "prompt", "stream", "stream_options", "user"})
-_SYSTEM_ROLES = frozenset({"system", "developer"})
 _fields_decoder = msgspec.json.Decoder(dict[str, msgspec.Raw])
 
 HIT, MISS, SKIP, ERROR = "hit", "miss", "skip", "error"
@@ -269,7 +275,7 @@ class SemanticCache:
             return prompt if isinstance(prompt, str) and prompt.strip() else None
         messages = view.messages
         if self.spec.ignore_system_messages:
-            messages = [m for m in messages if m.role not in _SYSTEM_ROLES]
+            messages = [m for m in messages if m.role not in SYSTEM_ROLES]
         if not messages or len(messages) > self.spec.max_message_count:
             return None
         if len(messages) == 1:

@@ -19,14 +19,13 @@ is returned whole as user text.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 
-from proxy.schemas import JSON_ERRORS
-
-SYSTEM_ROLES = frozenset({"system", "developer"})
+from proxy.schemas import JSON_ERRORS, SYSTEM_ROLES
 
 # The keys of a message, part or item whose values are text (or hold text) the model reads.
 _TEXT_KEYS = ("text", "content", "refusal", "summary", "thinking", "output", "tool_calls")
@@ -82,6 +81,12 @@ def _collect(value: Any, out: list[str]) -> None:
     """Append the text in `value` (a string, a part, an item, or lists of them) to `out`.
 
     Iterative: a hostile body nests as deep as the JSON decoder allows."""
+    _walk(value, out, lambda node: _children(node, out))
+
+
+def _walk(value: Any, out: list[str], children: Callable[[dict[str, Any]], list[Any]]) -> None:
+    """Every non-empty string in `value`, in order, into `out`; an object contributes the
+    values `children` picks from it. Iterative (a stack), so no nesting depth overflows it."""
     stack = [value]
     while stack:
         node = stack.pop()
@@ -91,7 +96,7 @@ def _collect(value: Any, out: list[str]) -> None:
         elif isinstance(node, list):
             stack.extend(reversed(node))
         elif isinstance(node, dict):
-            stack.extend(reversed(_children(node, out)))
+            stack.extend(reversed(children(node)))
 
 
 def _children(node: dict[str, Any], out: list[str]) -> list[Any]:
@@ -117,17 +122,12 @@ def _arguments(value: Any, out: list[str]) -> None:
             if value:
                 out.append(value)
             return
-    stack = [value]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, str):
-            if node:
-                out.append(node)
-        elif isinstance(node, list):
-            stack.extend(reversed(node))
-        elif isinstance(node, dict):
-            for key, item in reversed(node.items()):
-                stack.extend((item, key))
+    _walk(value, out, _keys_and_values)
+
+
+def _keys_and_values(node: dict[str, Any]) -> list[Any]:
+    """An argument object's keys and values, each key before its value."""
+    return [x for key, item in node.items() for x in (key, item)]
 
 
 def windows(text: str, size: int, overlap: int) -> list[str]:
