@@ -52,7 +52,7 @@ from proxy.policies.token_metric import token_metrics
 from proxy.relay import Truncated, error_event
 from proxy.routing import Router
 from proxy.sharedbreakers import SharedBreakers
-from proxy.subscriptions import Subscriptions, open_store
+from proxy.subscriptions import Signature, Subscriptions, file_signature, open_store
 from proxy.telemetry import export, genai, otlp, otlpenv
 from proxy.telemetry.metrics import Gauge, Registry
 from proxy.telemetry.prometheus import CONTENT_TYPE as PROMETHEUS_TYPE
@@ -181,7 +181,7 @@ class Gateway:
         self.access_log = AccessLog(config.telemetry.access_log, log_stream)
         self.ready = False
         self._retired: set[asyncio.Task[Any]] = set()
-        self._echo: tuple[int, int, int] | None = None  # see admin_reload
+        self._echo: Signature | None = None  # see admin_reload
         self._endpoints = {"/healthz": self._healthz, "/readyz": self._readyz}
         if config.telemetry.prometheus:
             self._endpoints["/metrics"] = self._metrics
@@ -428,13 +428,12 @@ def _cache_policies(config: Config) -> set[type]:
     return {type(e.policy) for _, e in config.policy_entries()} & {CacheLookup, CacheStore}
 
 
-def _file_state(path: str | None) -> tuple[int, int, int] | None:
-    """A file's inode, mtime and size: what tells an unchanged file."""
+def _file_state(path: str | None) -> Signature | None:
+    """The config file's signature (None when there is none to read)."""
     try:
-        st = os.stat(path) if path is not None else None
+        return None if path is None else file_signature(path)
     except OSError:
         return None
-    return None if st is None else (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 async def _drain(runtime: Runtime) -> None:

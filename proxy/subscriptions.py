@@ -200,34 +200,42 @@ class MemoryStore:
 Signature = tuple[int, int, int]  # a file's inode, mtime (ns) and size
 
 
-class FileStore:
+def file_signature(path: str | os.PathLike[str]) -> Signature | None:
+    """What tells a changed file: its inode, mtime and size; None while it does not exist."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+class FileStore(MemoryStore):
     """The memory store shared by the workers of one `tollway serve`: a JSON object of
     records in `directory`, rewritten whole under an flock and swapped in by rename (so a
-    reader sees the old file or the new one), re-read when its signature changes."""
+    reader sees the old file or the new one), re-read when its signature changes. Reads are
+    MemoryStore's, on the records last read from the file."""
 
     shared = True
 
     def __init__(self, directory: str | os.PathLike[str], poll: float = FILE_POLL) -> None:
+        super().__init__()
         self._path = Path(directory) / "subscriptions.json"
         self._lock = Path(directory) / "subscriptions.lock"
         self._poll = poll
         self._seen: Signature | None = None
-        self._records: dict[str, bytes] = {}
-        self._owners: dict[bytes, str] = {}
         self._serial = asyncio.Lock()  # one read or write at a time, taken in their order
 
     async def load(self) -> dict[str, bytes]:
         await self._sync()
-        return dict(self._records)
+        return await super().load()
 
     async def get(self, id: str) -> bytes | None:
         await self._sync()
-        return self._records.get(id)
+        return await super().get(id)
 
     async def owner(self, digest: bytes) -> tuple[str, bytes] | None:
         await self._sync()
-        id = self._owners.get(digest)
-        return None if id is None else (id, self._records[id])
+        return await super().owner(digest)
 
     async def put(
         self,
@@ -246,9 +254,6 @@ class FileStore:
             if self._signature() != self._seen:
                 await changed(None)
 
-    async def close(self) -> None:
-        return
-
     async def _sync(self) -> None:
         async with self._serial:
             if self._signature() != self._seen:
@@ -264,11 +269,7 @@ class FileStore:
             raise StoreUnavailableError(f"{self._path}: {exc}") from exc
 
     def _signature(self) -> Signature | None:
-        try:
-            st = os.stat(self._path)
-        except FileNotFoundError:
-            return None
-        return st.st_ino, st.st_mtime_ns, st.st_size
+        return file_signature(self._path)
 
     def _read(self) -> tuple[dict[str, bytes], Signature | None]:
         try:
