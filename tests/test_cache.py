@@ -161,7 +161,7 @@ class Reply:
 def run(config: str, scenario: Scenario) -> Gateway:
     async def main() -> Gateway:
         app = create_app(loads(config))
-        await app.startup(telemetry=False)
+        await app.startup(telemetry=False)  # keeps the registry: metrics count, nothing exported
         try:
             await scenario(Client(app))
         finally:
@@ -414,19 +414,6 @@ def _lookups(app: Gateway) -> dict[tuple[object, ...], float]:
     return dict(instrument.series)
 
 
-def run_with_metrics(config: str, scenario: Scenario) -> Gateway:
-    async def main() -> Gateway:
-        app = create_app(loads(config))
-        await app.startup(telemetry=False)  # keeps the registry: metrics count, nothing exported
-        try:
-            await scenario(Client(app))
-        finally:
-            await app.shutdown()
-        return app
-
-    return asyncio.run(main())
-
-
 def test_embeddings_backend_down_is_a_miss_logged_once_and_counted(
     backend: MockProc, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -439,7 +426,7 @@ def test_embeddings_backend_down_is_a_miss_logged_once_and_counted(
             assert reply.json()["usage"]["completion_tokens"] == 16
 
     with caplog.at_level(logging.WARNING, logger="tollway"):
-        app = run_with_metrics(config_text(backend.url, embeddings_url=dead), scenario)
+        app = run(config_text(backend.url, embeddings_url=dead), scenario)
     assert _errors(app) == {("lookup",): 3}
     assert _lookups(app) == {("chat", "error"): 3}
     lines = [r.getMessage() for r in caplog.records if "semantic cache" in r.getMessage()]
@@ -461,9 +448,7 @@ def test_a_hung_embeddings_backend_costs_at_most_the_timeout(backend: MockProc) 
                 assert (reply.status, reply.cache) == (200, "MISS")
                 assert 0.2 <= took < 1.0  # the 200 ms bound plus the backend's reply
 
-        app = run_with_metrics(
-            config_text(backend.url, lookup=", timeout: 200ms", embeddings_url=url), scenario
-        )
+        app = run(config_text(backend.url, lookup=", timeout: 200ms", embeddings_url=url), scenario)
     assert _errors(app) == {("lookup",): 2}
 
 
@@ -493,7 +478,7 @@ def test_a_failing_index_never_fails_the_request(backend: MockProc) -> None:
         assert (await client.post(chat(FRANCE))).cache == "MISS"  # its store fails, counted
         assert (await client.post(chat(FRANCE, stream=True))).cache == "MISS"
 
-    app = run_with_metrics(config_text(backend.url), scenario)
+    app = run(config_text(backend.url), scenario)
     assert _errors(app) == {("lookup",): 1, ("store",): 2}
 
 
@@ -517,7 +502,7 @@ def test_lookups_are_counted_by_result_and_hits_are_span_events(backend: MockPro
         ((name, _, attributes),) = exchange.events
         assert name == "tollway.cache.hit" and attributes == (("tollway.cache.distance", 0.0),)
 
-    app = run_with_metrics(config_text(backend.url), scenario)
+    app = run(config_text(backend.url), scenario)
     assert _lookups(app) == {("chat", "miss"): 1, ("chat", "hit"): 2, ("chat", "skip"): 1}
 
 
@@ -980,7 +965,7 @@ def test_embeddings_are_asked_as_base64_and_as_floats_from_a_backend_that_refuse
         assert (await client.post(chat(FRANCE_2))).cache == "HIT"
 
     try:
-        run_with_metrics(config_text(backend.url, embeddings_url=url), scenario)
+        run(config_text(backend.url, embeddings_url=url), scenario)
     finally:
         server.shutdown()
         server.server_close()
@@ -996,5 +981,5 @@ def test_embeddings_are_asked_as_base64_and_as_floats_from_a_backend_that_refuse
             if record["path"] == "/v1/embeddings":
                 seen.append(json.loads(record["body"]).get("encoding_format", "float"))
 
-    run_with_metrics(config_text(backend.url), direct)
+    run(config_text(backend.url), direct)
     assert seen and set(seen) == {"base64"}  # the mock takes it: never floats
