@@ -51,7 +51,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
-from bench import procs, stack
+from bench import loadgen, procs, stack
 from bench.machine import environment
 from bench.measure import Guard, Row, median, with_cpu
 
@@ -63,7 +63,6 @@ HIT_BODY = stack.CHAT_BODY  # its user message is what a hit's lookup embeds
 EMBED_MODEL = "text-embedding-3-small"
 THRESHOLD = 0.05
 HIT_TARGET_MS, MISS_TARGET_MS = 2.0, 0.3
-PERCENTILES = (50, 90, 99, 99.9, 100)
 # The gateway's log lines that make a measurement void: the Redis index fell back to the
 # in-process one, or a lookup failed (fail-open: it answered MISS without looking).
 FALLBACK_LOG = "keeps its vectors in process"
@@ -259,29 +258,14 @@ threads = {}
 setup = function(thread) table.insert(threads, thread) end
 local function encode(t)
   local parts = {}
-  for k, v in pairs(t) do parts[#parts + 1] = string.format('"%%s":%%d', k, v) end
+  for k, v in pairs(t) do parts[#parts + 1] = string.format('"%s":%d', k, v) end
   return "{" .. table.concat(parts, ",") .. "}"
 end
-done = function(summary, latency, requests)
-  local points = {}
-  for _, p in ipairs({%s}) do
-    points[#points + 1] = string.format('"%%g":%%d', p, latency:percentile(p))
-  end
-  local e = summary.errors
-  io.write(string.format(
-    'TOLLWAY {"requests":%%d,"duration_us":%%d,"status_errors":%%d,"socket_errors":%%d,' ..
-    '"pct_us":{%%s}}\\n', summary.requests, summary.duration, e.status,
-    e.connect + e.read + e.write + e.timeout, table.concat(points, ",")))
-  for _, t in ipairs(threads) do
+"""
+_THEN = """  for _, t in ipairs(threads) do
     io.write("TOLLWAY_HIST " .. encode(t:get("hist")) .. "\\n")
     io.write("TOLLWAY_XCACHE " .. encode(t:get("xcache")) .. "\\n")
-  end
-end
-"""
-
-
-def _lua(data: bytes) -> str:
-    return '"' + "".join(f"\\{b:03d}" for b in data) + '"'
+  end"""
 
 
 def write_script(
@@ -289,12 +273,15 @@ def write_script(
 ) -> Path:
     """A wrk script POSTing `body`; with `seed`, `marker` in `body` is replaced per request by
     a counter and ten random words (the sequence fixed by `seed`)."""
-    lines = ['wrk.method = "POST"', f"wrk.body = {_lua(body)}"]
-    lines += [f"wrk.headers[{_lua(k.encode())}] = {_lua(v.encode())}" for k, v in headers.items()]
+    lines = ['wrk.method = "POST"', f"wrk.body = {loadgen.lua_string(body)}"]
+    lines += [
+        f"wrk.headers[{loadgen.lua_string(k.encode())}] = {loadgen.lua_string(v.encode())}"
+        for k, v in headers.items()
+    ]
     if seed is not None:
         head, tail = body.split(marker)
-        lines.append(_UNIQUE % (seed, _lua(head), _lua(tail)))
-    lines.append(_HOOKS % ", ".join(f"{p:g}" for p in PERCENTILES))
+        lines.append(_UNIQUE % (seed, loadgen.lua_string(head), loadgen.lua_string(tail)))
+    lines.append(_HOOKS + loadgen.done_hook(_THEN))
     path.write_text("\n".join(lines))
     return path
 

@@ -37,22 +37,30 @@ done = function(summary, latency, requests)
     '"bytes":%%d,"pct_us":{%%s}}\\n',
     summary.requests, summary.duration, e.status, e.connect + e.read + e.write + e.timeout,
     summary.bytes, table.concat(points, ",")))
+%s
 end
 """
 
 
-def _lua_string(data: bytes) -> str:
+def done_hook(then: str = "") -> str:
+    """wrk's `done` function printing the TOLLWAY summary line `wrk()` reads, then the Lua
+    statements `then` (a script printing more lines of its own)."""
+    return _DONE_HOOK % (", ".join(f"{p:g}" for p in PERCENTILES), then)
+
+
+def lua_string(data: bytes) -> str:
+    """`data` as a Lua string literal (every byte escaped)."""
     return '"' + "".join(f"\\{b:03d}" for b in data) + '"'
 
 
 def write_wrk_script(path: Path, method: str, body: bytes, headers: dict[str, str]) -> Path:
     """A wrk Lua script sending `method` with `body` and `headers`, reporting percentiles."""
-    lines = [f'wrk.method = "{method}"', f"wrk.body = {_lua_string(body)}"]
+    lines = [f'wrk.method = "{method}"', f"wrk.body = {lua_string(body)}"]
     lines += [
-        f"wrk.headers[{_lua_string(k.encode())}] = {_lua_string(v.encode())}"
+        f"wrk.headers[{lua_string(k.encode())}] = {lua_string(v.encode())}"
         for k, v in headers.items()
     ]
-    lines.append(_DONE_HOOK % ", ".join(f"{p:g}" for p in PERCENTILES))
+    lines.append(done_hook())
     path.write_text("\n".join(lines))
     return path
 
