@@ -64,6 +64,13 @@ def _parser() -> argparse.ArgumentParser:
     mock.add_argument("--itl", type=float, default=0.0, help="inter-token latency, ms")
     mock.add_argument("--tokens", type=int, default=16, help="completion tokens per response")
     mock.add_argument("--workers", type=int, default=1)
+    mock.add_argument(
+        "--content-safety-key",
+        default=os.environ.get("TOLLWAY_MOCK_CONTENT_SAFETY_KEY") or None,
+        metavar="KEY",
+        help="demand this Ocp-Apim-Subscription-Key on /contentsafety/ "
+        "(default: $TOLLWAY_MOCK_CONTENT_SAFETY_KEY, else none)",
+    )
     mock.set_defaults(run=_mock_llm)
 
     check = commands.add_parser("check-config", help="validate a config file")
@@ -328,6 +335,7 @@ def _mock_llm(args: argparse.Namespace) -> int:
         itl_ms=args.itl,
         tokens=args.tokens,
         workers=args.workers,
+        content_safety_key=args.content_safety_key,
     )
     return 0
 

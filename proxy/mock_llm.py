@@ -16,6 +16,10 @@ Fault injection by request header:
   x-mock-delay-ms: MS    wait before sending the response headers
   x-mock-close-after: N  send N SSE events (none for JSON) then abort the connection
   x-mock-garbage: 1      mix comments, junk lines and invalid JSON events into a stream
+  x-mock-reply: TEXT     chat/completions, completions and responses answer TEXT (UTF-8, else
+                         latin-1) instead of the usual words: split on single spaces, one token
+                         per piece (later ones keep their leading space), so the streamed
+                         deltas join to TEXT; capped and paced like the usual words
 
 Sticky faults, for one process to play several failing backends: `PUT /_mock/faults` with a
 JSON list of rules `{"faults": {"status": "503", "retry-after": "2"}, "when": {"x-member":
@@ -27,6 +31,11 @@ Observability: `GET /_mock/requests` lists the last 200 requests (newest last), 
 method, path, query, headers, body (first 64 KiB), status and monotonic timestamps
 `started`, `finished` (the whole response was sent), `disconnected` (the client went away
 first) and `events_sent`; `DELETE /_mock/requests` clears the list.
+
+Content safety: the mock also plays Azure AI Content Safety under `/contentsafety/` (text
+analysis by keywords, prompt shields, blocklists; see proxy/mock_safety.py), with the same
+fault injection (rendered as Azure errors) and recording; `content_safety_key` makes it
+demand `Ocp-Apim-Subscription-Key`.
 """
 
 from __future__ import annotations
@@ -49,6 +58,7 @@ from typing import Any, NamedTuple
 
 import msgspec
 
+from proxy import mock_safety
 from proxy.types import ASGIApp, Headers, Receive, Scope, Send
 
 # Each is one token with a leading space in cl100k/o200k, so a tokenizer's count of the
@@ -61,6 +71,7 @@ WORDS = tuple(_SENTENCE.split())
 MODELS = ("gpt-4o-mini", "gpt-4o", "text-embedding-3-small", "llama-3-8b")
 RECORD_LIMIT = 200
 BODY_RECORD_LIMIT = 64 * 1024
+CONTENT_SAFETY_KEY_ENV = "TOLLWAY_MOCK_CONTENT_SAFETY_KEY"
 
 _SSE_HEADERS: Headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
 _DONE = b"data: [DONE]\n\n"
@@ -150,8 +161,41 @@ class _Stream(NamedTuple):
         return self.prefix + self.prefix.join(self.parts) + self.trailer
 
 
+class _Script:
+    """The tokens of a reply with their SSE delta bytes: made once, or per x-mock-reply."""
+
+    __slots__ = ("chat_deltas", "pieces", "text_deltas")
+
+    def __init__(self, pieces: list[str]) -> None:
+        self.pieces = pieces
+        self.chat_deltas = [
+            b'"choices":[{"index":0,"delta":{"content":%s},"logprobs":null,"finish_reason":null}]}'
+            b"\n\n" % _encode(piece)
+            for piece in pieces
+        ]
+        self.text_deltas = [
+            b'"choices":[{"index":0,"text":%s,"logprobs":null,"finish_reason":null}]}\n\n'
+            % _encode(piece)
+            for piece in pieces
+        ]
+
+    @classmethod
+    def of_text(cls, text: str) -> _Script:
+        """`text` split on single spaces, each later token keeping its space: they join to it."""
+        tokens = text.split(" ") if text else []
+        return cls(tokens[:1] + [" " + token for token in tokens[1:]])
+
+    def size(self, *caps: int | None) -> tuple[int, str]:
+        """How many tokens to send under the first cap given, and the finish reason."""
+        cap = next((c for c in caps if c is not None), None)
+        if cap is not None and cap < len(self.pieces):
+            return max(cap, 0), "length"
+        return len(self.pieces), "stop"
+
+
 _Reply = _Json | _Stream
-_Op = Callable[[bytes], _Reply]
+_Op = Callable[[bytes, _Script | None], _Reply]  # the body, and the x-mock-reply script if any
+_ErrorJson = Callable[[int, str, Headers | None], _Json]
 
 
 _MODELS_REPLY = _Json(
@@ -171,7 +215,7 @@ _MODELS_REPLY = _Json(
 class _Faults:
     """The x-mock-* headers of one request."""
 
-    __slots__ = ("close_after", "delay", "garbage", "retry_after", "status")
+    __slots__ = ("close_after", "delay", "garbage", "retry_after", "script", "status")
 
     def __init__(self) -> None:
         self.status = 0
@@ -179,6 +223,7 @@ class _Faults:
         self.delay = 0.0
         self.close_after: int | None = None
         self.garbage = False
+        self.script: _Script | None = None
 
     def set(self, name: bytes, value: bytes) -> None:
         try:
@@ -192,6 +237,8 @@ class _Faults:
                 self.close_after = int(value)
             elif name == b"garbage":
                 self.garbage = value not in (b"", b"0", b"false")
+            elif name == b"reply":
+                self.script = _Script.of_text(_header_text(value))
         except ValueError:
             raise _BadRequestError(f"invalid x-mock-{name.decode()} header") from None
 
@@ -227,6 +274,13 @@ class _Rule:
             "when": {k.decode(): v.decode() for k, v in self.when.items()},
             "times": self.times,
         }
+
+
+def _header_text(value: bytes) -> str:
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        return value.decode("latin-1")
 
 
 def _parse_faults(headers: Headers) -> _Faults | None:
@@ -288,6 +342,12 @@ def _error_json(status: int, message: str, headers: Headers | None = None) -> _J
     return _Json(status, body, tuple(headers or ()))
 
 
+def _azure_error_json(status: int, message: str, headers: Headers | None = None) -> _Json:
+    """An error in Azure's shape, for the content-safety routes."""
+    answer = mock_safety.error(status, message)
+    return _Json(status, answer.body, tuple(headers or ()))
+
+
 def _not_routed(scope: Scope, methods: dict[str, Any] | None) -> _Json:
     if methods is None:
         return _error_json(404, f"no such operation: {scope['method']} {scope['path']}")
@@ -295,9 +355,9 @@ def _not_routed(scope: Scope, methods: dict[str, Any] | None) -> _Json:
     return _error_json(405, f"method {scope['method']} not allowed", allow)
 
 
-def _injected_error(faults: _Faults) -> _Json:
+def _injected_error(faults: _Faults, error: _ErrorJson) -> _Json:
     headers = [(b"retry-after", faults.retry_after)] if faults.retry_after else []
-    return _error_json(faults.status, f"mock error {faults.status}", headers)
+    return error(faults.status, f"mock error {faults.status}", headers)
 
 
 def _json_headers(body: bytes, extra: tuple[tuple[bytes, bytes], ...]) -> Headers:
@@ -352,23 +412,22 @@ def _usage(prompt: int, completion: int) -> dict[str, Any]:
 class MockLLM:
     """The mock backend as an ASGI app; see the module docstring for what it serves."""
 
-    def __init__(self, *, ttft_ms: float, itl_ms: float, tokens: int, embedding_dim: int) -> None:
+    def __init__(
+        self,
+        *,
+        ttft_ms: float,
+        itl_ms: float,
+        tokens: int,
+        embedding_dim: int,
+        content_safety_key: str | None = None,
+    ) -> None:
         self._ttft = ttft_ms / 1000
         self._itl = itl_ms / 1000
         self._paced = ttft_ms > 0 or itl_ms > 0
-        self._tokens = tokens
         self._embedding_dim = embedding_dim
-        self._pieces = [WORDS[0]] + [" " + WORDS[i % len(WORDS)] for i in range(1, tokens)]
-        self._chat_deltas = [
-            b'"choices":[{"index":0,"delta":{"content":%s},"logprobs":null,"finish_reason":null}]}'
-            b"\n\n" % _encode(piece)
-            for piece in self._pieces
-        ]
-        self._text_deltas = [
-            b'"choices":[{"index":0,"text":%s,"logprobs":null,"finish_reason":null}]}\n\n'
-            % _encode(piece)
-            for piece in self._pieces
-        ]
+        pieces = [WORDS[0]] + [" " + WORDS[i % len(WORDS)] for i in range(1, tokens)]
+        self._script = _Script(pieces[:tokens])
+        self._safety = mock_safety.ContentSafety(content_safety_key)
         self._tails: dict[tuple[Any, ...], bytes] = {}
         self._id_prefix = secrets.token_hex(4).encode()
         self._ids = itertools.count(1)
@@ -388,7 +447,7 @@ class MockLLM:
             "completions": ("POST", self._completions),
             "embeddings": ("POST", self._embeddings),
             "responses": ("POST", self._responses),
-            "models": ("GET", lambda raw: _MODELS_REPLY),
+            "models": ("GET", lambda raw, script: _MODELS_REPLY),
         }
         routes: dict[str, dict[str, Callable[..., Awaitable[None]]]] = {}
         for path, (method, op) in ops.items():
@@ -403,10 +462,20 @@ class MockLLM:
     async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
         methods = self._routes.get(scope["path"])
         handler = methods.get(scope["method"]) if methods else None
-        if handler is None:  # still served (and recorded) like an operation, by a fixed reply
-            reply = _not_routed(scope, methods)
-            handler = partial(self._serve, op=lambda raw: reply)
+        if handler is None:
+            handler = self._unrouted(scope, methods)
         await handler(scope, receive, send)
+
+    def _unrouted(
+        self, scope: Scope, methods: dict[str, Any] | None
+    ) -> Callable[..., Awaitable[None]]:
+        """Content safety (by prefix), else a fixed 404/405 served and recorded like an op."""
+        if methods is None and scope["path"].startswith(mock_safety.PREFIX):
+            return partial(
+                self._serve, op=partial(self._content_safety, scope), error=_azure_error_json
+            )
+        reply = _not_routed(scope, methods)
+        return partial(self._serve, op=lambda raw, script: reply)
 
     async def _list_records(self, scope: Scope, receive: Receive, send: Send) -> None:
         await _read_body(scope, receive)
@@ -445,7 +514,15 @@ class MockLLM:
 
     # -- serving: fast path, faults, pacing, disconnect watch ----------------------------------
 
-    async def _serve(self, scope: Scope, receive: Receive, send: Send, *, op: _Op) -> None:
+    async def _serve(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        *,
+        op: _Op,
+        error: _ErrorJson = _error_json,
+    ) -> None:
         raw = await _read_body(scope, receive)
         record = _Record(scope, raw)
         self._records.append(record)
@@ -453,9 +530,12 @@ class MockLLM:
             faults = _parse_faults(scope["headers"])
             if self._rules:
                 faults = self._sticky_faults(scope["headers"], faults)
-            reply = _injected_error(faults) if faults and faults.status else op(raw)
+            if faults is None:
+                reply = op(raw, None)
+            else:
+                reply = _injected_error(faults, error) if faults.status else op(raw, faults.script)
         except _BadRequestError as exc:
-            faults, reply = None, _error_json(400, str(exc))
+            faults, reply = None, error(400, str(exc), None)
         record.status = reply.status if isinstance(reply, _Json) else 200
         if faults is None and not (self._paced and reply.tokens):
             await self._send_at_once(send, reply, record)
@@ -522,17 +602,18 @@ class MockLLM:
 
     # -- operations: request bytes -> reply ----------------------------------------------------
 
-    def _completion_size(self, *caps: int | None) -> tuple[int, str]:
-        cap = next((c for c in caps if c is not None), None)
-        if cap is not None and cap < self._tokens:
-            return max(cap, 0), "length"
-        return self._tokens, "stop"
-
     def _new_id(self) -> bytes:
         return b"%s%x" % (self._id_prefix, next(self._ids))
 
-    def _cached_tail(self, key: tuple[Any, ...], build: Callable[[], dict[str, Any]]) -> bytes:
-        """JSON of `build()` without its opening brace, cached: only id/created vary per call."""
+    def _cached_tail(
+        self, key: tuple[Any, ...], build: Callable[[], dict[str, Any]], script: _Script
+    ) -> bytes:
+        """JSON of `build()` without its opening brace, cached: only id/created vary per call.
+
+        Only replies of the usual words are cached; an x-mock-reply one is built each time.
+        """
+        if script is not self._script:
+            return _encode(build())[1:]
         tail = self._tails.get(key)
         if tail is None:
             if len(self._tails) >= _CACHE_LIMIT:
@@ -540,12 +621,13 @@ class MockLLM:
             tail = self._tails[key] = _encode(build())[1:]
         return tail
 
-    def _chat(self, raw: bytes) -> _Reply:
+    def _chat(self, raw: bytes, script: _Script | None) -> _Reply:
         body = _decode(raw)
-        n, finish = self._completion_size(body.max_completion_tokens, body.max_tokens)
+        script = script or self._script
+        n, finish = script.size(body.max_completion_tokens, body.max_tokens)
         prompt = _chat_prompt_tokens(body.messages)
         if body.stream:
-            return self._chat_stream(body, n, finish, prompt)
+            return self._chat_stream(body, script, n, finish, prompt)
         tail = self._cached_tail(
             ("chat", body.model, n, finish, prompt),
             lambda: {
@@ -555,7 +637,7 @@ class MockLLM:
                         "index": 0,
                         "message": {
                             "role": "assistant",
-                            "content": "".join(self._pieces[:n]),
+                            "content": "".join(script.pieces[:n]),
                             "refusal": None,
                         },
                         "logprobs": None,
@@ -564,31 +646,35 @@ class MockLLM:
                 ],
                 "usage": _usage(prompt, n),
             },
+            script,
         )
         head = b'{"id":"chatcmpl-%s","object":"chat.completion","created":%d,'
         return _Json(200, head % (self._new_id(), time.time()) + tail, tokens=n)
 
-    def _chat_stream(self, body: _Body, n: int, finish: str, prompt: int) -> _Stream:
+    def _chat_stream(
+        self, body: _Body, script: _Script, n: int, finish: str, prompt: int
+    ) -> _Stream:
         prefix = (
             b'data: {"id":"chatcmpl-%s","object":"chat.completion.chunk","created":%d,'
             b'"model":%s,' % (self._new_id(), time.time(), _encode(body.model))
         )
-        parts = [_CHAT_ROLE, *self._chat_deltas[:n], _CHAT_FINISH[finish]]
+        parts = [_CHAT_ROLE, *script.chat_deltas[:n], _CHAT_FINISH[finish]]
         return _Stream(prefix, self._with_usage(parts, body, prompt, n), _DONE, 1, n)
 
-    def _completions(self, raw: bytes) -> _Reply:
+    def _completions(self, raw: bytes, script: _Script | None) -> _Reply:
         body = _decode(raw)
-        n, finish = self._completion_size(body.max_tokens)
+        script = script or self._script
+        n, finish = script.size(body.max_tokens)
         prompt = max(_count_words(body.prompt), 1)
         if body.stream:
-            return self._completions_stream(body, n, finish, prompt)
+            return self._completions_stream(body, script, n, finish, prompt)
         tail = self._cached_tail(
             ("text", body.model, n, finish, prompt),
             lambda: {
                 "model": body.model,
                 "choices": [
                     {
-                        "text": "".join(self._pieces[:n]),
+                        "text": "".join(script.pieces[:n]),
                         "index": 0,
                         "logprobs": None,
                         "finish_reason": finish,
@@ -596,17 +682,20 @@ class MockLLM:
                 ],
                 "usage": _usage(prompt, n),
             },
+            script,
         )
         head = b'{"id":"cmpl-%s","object":"text_completion","created":%d,'
         return _Json(200, head % (self._new_id(), time.time()) + tail, tokens=n)
 
-    def _completions_stream(self, body: _Body, n: int, finish: str, prompt: int) -> _Stream:
+    def _completions_stream(
+        self, body: _Body, script: _Script, n: int, finish: str, prompt: int
+    ) -> _Stream:
         prefix = b'data: {"id":"cmpl-%s","object":"text_completion","created":%d,"model":%s,' % (
             self._new_id(),
             time.time(),
             _encode(body.model),
         )
-        parts = [*self._text_deltas[:n], _TEXT_FINISH[finish]]
+        parts = [*script.text_deltas[:n], _TEXT_FINISH[finish]]
         return _Stream(prefix, self._with_usage(parts, body, prompt, n), _DONE, 0, n)
 
     @staticmethod
@@ -615,7 +704,7 @@ class MockLLM:
             parts.append(b'"choices":[],"usage":%s}\n\n' % _encode(_usage(prompt, n)))
         return parts
 
-    def _embeddings(self, raw: bytes) -> _Reply:
+    def _embeddings(self, raw: bytes, script: _Script | None) -> _Reply:
         body = _decode(raw)
         texts = _embedding_texts(body.input)
         dim = self._embedding_dim if body.dimensions is None else body.dimensions
@@ -634,15 +723,22 @@ class MockLLM:
             200, _encode({"object": "list", "data": data, "model": body.model, "usage": usage})
         )
 
-    def _responses(self, raw: bytes) -> _Reply:
+    def _responses(self, raw: bytes, script: _Script | None) -> _Reply:
         body = _decode(raw)
-        n, _ = self._completion_size(body.max_output_tokens)
+        script = script or self._script
+        n, finish = script.size(body.max_output_tokens)
         prompt = max(_count_words(body.input) + _count_words(body.instructions), 1)
         ids = self._new_id().decode()
-        made = _ResponseMaker(body, ids, n < self._tokens, prompt, self._pieces[:n])
+        made = _ResponseMaker(body, ids, finish == "length", prompt, script.pieces[:n])
         if body.stream:
             return _Stream(b"", made.events(), b"", 4, n)
         return _Json(200, _encode(made.response(final=True)), tokens=n)
+
+    def _content_safety(self, scope: Scope, raw: bytes, script: _Script | None) -> _Reply:
+        answer = self._safety.answer(
+            scope["method"], scope["path"], scope["query_string"], scope["headers"], raw
+        )
+        return _Json(answer.status, answer.body, answer.headers)
 
 
 class _ResponseMaker:
@@ -850,19 +946,36 @@ async def _lifespan(receive: Receive, send: Send) -> None:
 
 
 def create_app(
-    *, ttft_ms: float = 0.0, itl_ms: float = 0.0, tokens: int = 16, embedding_dim: int = 256
+    *,
+    ttft_ms: float = 0.0,
+    itl_ms: float = 0.0,
+    tokens: int = 16,
+    embedding_dim: int = 256,
+    content_safety_key: str | None = None,
 ) -> ASGIApp:
-    """Build the mock backend ASGI app (see the module docstring)."""
-    return MockLLM(ttft_ms=ttft_ms, itl_ms=itl_ms, tokens=tokens, embedding_dim=embedding_dim)
+    """Build the mock backend ASGI app (see the module docstring).
+
+    With `content_safety_key`, the content-safety routes demand it in
+    `Ocp-Apim-Subscription-Key`; without, they accept any request.
+    """
+    return MockLLM(
+        ttft_ms=ttft_ms,
+        itl_ms=itl_ms,
+        tokens=tokens,
+        embedding_dim=embedding_dim,
+        content_safety_key=content_safety_key,
+    )
 
 
 def app_factory() -> ASGIApp:
-    """The app configured from the TOLLWAY_MOCK_{TTFT_MS,ITL_MS,TOKENS} environment (Granian)."""
+    """The app configured from the environment (Granian): TOLLWAY_MOCK_{TTFT_MS,ITL_MS,TOKENS}
+    and TOLLWAY_MOCK_CONTENT_SAFETY_KEY (unset or empty: no key)."""
     env = os.environ
     return create_app(
         ttft_ms=float(env.get("TOLLWAY_MOCK_TTFT_MS", "0")),
         itl_ms=float(env.get("TOLLWAY_MOCK_ITL_MS", "0")),
         tokens=int(env.get("TOLLWAY_MOCK_TOKENS", "16")),
+        content_safety_key=env.get(CONTENT_SAFETY_KEY_ENV) or None,
     )
 
 
@@ -874,16 +987,19 @@ def run(
     itl_ms: float = 0.0,
     tokens: int = 16,
     workers: int = 1,
+    content_safety_key: str | None = None,
 ) -> None:
     """Serve the mock with Granian until interrupted.
 
-    Each worker keeps its own `/_mock/requests` list; tests want `workers=1`.
+    Each worker keeps its own `/_mock/requests` list and content-safety blocklists; tests
+    want `workers=1`. `content_safety_key` as for `create_app`.
     """
     from granian import Granian  # imported here so the app itself can be used without it
 
     os.environ["TOLLWAY_MOCK_TTFT_MS"] = str(ttft_ms)
     os.environ["TOLLWAY_MOCK_ITL_MS"] = str(itl_ms)
     os.environ["TOLLWAY_MOCK_TOKENS"] = str(tokens)
+    os.environ[CONTENT_SAFETY_KEY_ENV] = content_safety_key or ""
     Granian(
         "proxy.mock_llm:app_factory",
         address=host,

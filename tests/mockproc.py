@@ -77,13 +77,18 @@ class MockProc:
 
 
 def start_mock(
-    port: int | None = None, ttft_ms: float = 0, itl_ms: float = 0, tokens: int = 16
+    port: int | None = None,
+    ttft_ms: float = 0,
+    itl_ms: float = 0,
+    tokens: int = 16,
+    content_safety_key: str | None = None,
 ) -> MockProc:
     """Start `proxy.mock_llm.run` in a subprocess; return once `GET /v1/models` answers."""
     port = port or free_port()
     code = (
         "from proxy.mock_llm import run; "
-        f"run(port={port}, ttft_ms={ttft_ms!r}, itl_ms={itl_ms!r}, tokens={tokens!r})"
+        f"run(port={port}, ttft_ms={ttft_ms!r}, itl_ms={itl_ms!r}, tokens={tokens!r}, "
+        f"content_safety_key={content_safety_key!r})"
     )
     env = {
         **os.environ,

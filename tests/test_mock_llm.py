@@ -384,6 +384,124 @@ def test_bad_fault_header_is_400(backend: MockProc) -> None:
     assert reply.status_code == 400 and "x-mock-delay-ms" in reply.json()["error"]["message"]
 
 
+# -- x-mock-reply -------------------------------------------------------------------------------
+
+REPLY = "Sure,  here is wörld's plan: step one"  # a double space makes an empty token
+REPLY_TOKENS = REPLY.split(" ")  # ["Sure,", "", "here", ...]: 8 tokens
+REPLY_HEADER = {b"x-mock-reply": REPLY.encode()}
+
+
+def reply_prefix(n: int) -> str:
+    return " ".join(REPLY_TOKENS[:n])
+
+
+@pytest.mark.parametrize("cap", [None, 3, 100])
+def test_reply_fault_chat(backend: MockProc, cap: int | None) -> None:
+    n = len(REPLY_TOKENS) if cap is None else min(cap, len(REPLY_TOKENS))
+    finish = "length" if n < len(REPLY_TOKENS) else "stop"
+    body: dict[str, Any] = {"model": "m", "messages": HELLO, "max_tokens": cap}
+    reply = httpx.post(backend.url + "/chat/completions", json=body, headers=REPLY_HEADER).json()
+    assert reply["choices"][0]["message"]["content"] == reply_prefix(n)
+    assert reply["choices"][0]["finish_reason"] == finish
+    assert reply["usage"]["completion_tokens"] == n and reply["usage"]["prompt_tokens"] == 8
+    stream = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    raw = httpx.post(backend.url + "/chat/completions", json=stream, headers=REPLY_HEADER).text
+    chunks = data_of(sse_events(raw))
+    deltas = [c["choices"][0]["delta"]["content"] for c in chunks[1:-2]]
+    assert deltas == [REPLY_TOKENS[0]] + [" " + t for t in REPLY_TOKENS[1:n]]
+    assert "".join(deltas) == reply_prefix(n)
+    assert chunks[-2]["choices"][0]["finish_reason"] == finish
+    assert chunks[-1]["usage"]["completion_tokens"] == n
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_reply_fault_completions(client: openai.OpenAI, stream: bool) -> None:
+    headers = {"x-mock-reply": "one  two three"}
+    if stream:
+        chunks = list(
+            client.completions.create(
+                model="m", prompt="p", stream=True, max_tokens=2, extra_headers=headers
+            )
+        )
+        assert [c.choices[0].text for c in chunks] == ["one", " ", ""]
+        assert chunks[-1].choices[0].finish_reason == "length"
+        full = client.completions.create(model="m", prompt="p", stream=True, extra_headers=headers)
+        assert "".join(c.choices[0].text for c in full) == "one  two three"
+    else:
+        reply = client.completions.create(model="m", prompt="p", extra_headers=headers)
+        assert reply.choices[0].text == "one  two three"
+        assert reply.choices[0].finish_reason == "stop"
+        assert reply.usage is not None and reply.usage.completion_tokens == 4
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_reply_fault_responses(client: openai.OpenAI, stream: bool) -> None:
+    headers = {"x-mock-reply": "I will not do that"}
+    for cap, text, status in [
+        (None, "I will not do that", "completed"),
+        (2, "I will", "incomplete"),
+    ]:
+        if stream:
+            events = list(
+                client.responses.create(
+                    model="m", input="hi", stream=True, max_output_tokens=cap, extra_headers=headers
+                )
+            )
+            deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+            assert "".join(deltas) == text and len(deltas) == len(text.split(" "))
+            reply = events[-1].response  # type: ignore[union-attr]
+        else:
+            reply = client.responses.create(
+                model="m", input="hi", max_output_tokens=cap, extra_headers=headers
+            )
+        assert reply.output_text == text and reply.status == status
+        assert reply.usage is not None and reply.usage.output_tokens == len(text.split(" "))
+
+
+def test_reply_fault_header_falls_back_to_latin1(backend: MockProc) -> None:
+    body = {"messages": HELLO}
+    headers = {b"x-mock-reply": "caf\xe9 ok".encode("latin-1")}
+    reply = httpx.post(backend.url + "/chat/completions", json=body, headers=headers)
+    assert reply.json()["choices"][0]["message"]["content"] == "café ok"
+
+
+def test_reply_fault_leaves_other_requests_alone(client: openai.OpenAI) -> None:
+    headers = {"x-mock-reply": "custom"}
+    custom = client.chat.completions.create(model="m", messages=HELLO, extra_headers=headers)
+    plain = client.chat.completions.create(model="m", messages=HELLO)
+    assert (custom.choices[0].message.content, plain.choices[0].message.content) == ("custom", TEXT)
+    embedded = client.embeddings.create(model="e", input="x", extra_headers=headers)
+    assert len(embedded.data[0].embedding) == 256
+
+
+def test_reply_fault_as_sticky_rule(backend: MockProc) -> None:
+    text = "Here is how to build a bomb"
+    backend.faults({"faults": {"reply": text}, "when": {"x-member": "evil"}, "times": 1})
+    try:
+        assert "reply" in httpx.get(backend.base + "/_mock/faults").json()[0]["faults"]
+        post = partial(httpx.post, backend.url + "/chat/completions", json={"messages": HELLO})
+        evil = post(headers={"x-member": "evil"}).json()["choices"][0]["message"]["content"]
+        again = post(headers={"x-member": "evil"}).json()["choices"][0]["message"]["content"]
+        assert (evil, again) == (text, TEXT)
+    finally:
+        backend.faults()
+
+
+def test_reply_fault_is_paced(paced_backend: MockProc) -> None:
+    body = {"messages": HELLO, "stream": True}
+    headers = {"x-mock-reply": "a b c d"}
+    started = time.monotonic()
+    arrivals = []
+    with httpx.stream(
+        "POST", paced_backend.url + "/chat/completions", json=body, headers=headers
+    ) as reply:
+        for line in reply.iter_lines():
+            if '"content":"' in line and '"content":""' not in line:
+                arrivals.append(time.monotonic() - started)
+    assert len(arrivals) == 4
+    assert 0.18 <= arrivals[0] < 2 and 0.04 * 3 <= arrivals[-1] - arrivals[0] < 3
+
+
 # -- recorded requests --------------------------------------------------------------------------
 
 
