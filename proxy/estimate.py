@@ -35,6 +35,7 @@ from proxy.schemas import (
     Message,
     RequestView,
     ResponsesRequest,
+    delta_texts,
     max_tokens_of,
 )
 
@@ -348,46 +349,6 @@ def _item_tokens(item: _InputItem, count: Count, model: str) -> int:
 # -- streamed completions --------------------------------------------------------------
 
 
-class _CallFunction(msgspec.Struct):
-    name: str | None = None
-    arguments: str | None = None
-
-
-class _Call(msgspec.Struct):
-    function: _CallFunction | None = None
-
-
-class _Delta(msgspec.Struct):
-    content: str | None = None
-    reasoning_content: str | None = None  # vLLM, DeepSeek
-    reasoning: str | None = None  # OpenRouter, Ollama
-    refusal: str | None = None
-    tool_calls: list[_Call] | None = None
-
-
-class _Choice(msgspec.Struct):
-    delta: _Delta | None = None
-    text: str | None = None  # completions
-
-
-class _Chunk(msgspec.Struct):
-    choices: list[_Choice] | None = None
-    type: str = ""  # Responses API events
-    delta: str | None = None
-
-
-_chunk_decoder = msgspec.json.Decoder(_Chunk)
-_DELTA_EVENTS = frozenset(
-    (
-        "response.output_text.delta",
-        "response.refusal.delta",
-        "response.function_call_arguments.delta",
-        "response.reasoning_text.delta",
-        "response.reasoning_summary_text.delta",
-    )
-)
-
-
 class CompletionCounter:
     """Completion tokens of a stream, counted from its deltas with the model's tokenizer.
 
@@ -405,26 +366,7 @@ class CompletionCounter:
         self._total = 0
 
     def feed(self, data: bytes) -> None:
-        try:
-            chunk = _chunk_decoder.decode(data)
-        except JSON_ERRORS:
-            return
-        pending = self._pending
-        if chunk.delta is not None and chunk.type in _DELTA_EVENTS:
-            pending.append(chunk.delta)
-        for choice in chunk.choices or ():
-            if choice.text:
-                pending.append(choice.text)
-            delta = choice.delta
-            if delta is None:
-                continue
-            for text in (delta.content, delta.reasoning_content, delta.reasoning, delta.refusal):
-                if text:
-                    pending.append(text)
-            for call in delta.tool_calls or ():
-                function = call.function
-                if function is not None:
-                    pending += [t for t in (function.name, function.arguments) if t]
+        delta_texts(data, self._pending)
 
     def tokens(self) -> int:
         if self._pending:

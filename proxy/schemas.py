@@ -293,3 +293,78 @@ def read_response_event(data: bytes) -> tuple[str, Reply | None] | None:
     if response is None or response.usage is None:
         return event.type, None
     return event.type, (response.usage.normalise(), response.model or "", ())
+
+
+# -- the text of streamed output ----------------------------------------------------------
+
+
+class _CallFunction(msgspec.Struct):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class _Call(msgspec.Struct):
+    function: _CallFunction | None = None
+
+
+class _Delta(msgspec.Struct):
+    content: str | None = None
+    reasoning_content: str | None = None  # vLLM, DeepSeek
+    reasoning: str | None = None  # OpenRouter, Ollama
+    refusal: str | None = None
+    tool_calls: list[_Call] | None = None
+
+
+class _DeltaChoice(msgspec.Struct):
+    index: int = 0
+    delta: _Delta | None = None
+    text: str | None = None  # completions
+
+
+class _DeltaChunk(msgspec.Struct):
+    choices: list[_DeltaChoice] | None = None
+    type: str = ""  # Responses API events
+    delta: str | None = None
+
+
+_chunk_decoder = msgspec.json.Decoder(_DeltaChunk)
+_DELTA_EVENTS = frozenset(
+    (
+        "response.output_text.delta",
+        "response.refusal.delta",
+        "response.function_call_arguments.delta",
+        "response.reasoning_text.delta",
+        "response.reasoning_summary_text.delta",
+    )
+)
+
+
+def delta_texts(data: bytes, out: list[str], choices: list[int] | None = None) -> None:
+    """Append the output text one streamed event's data carries to `out` (and, given
+    `choices`, each text's choice index to it): chat deltas (content, reasoning, refusal,
+    tool-call names and arguments), completions text, Responses API text and argument deltas
+    (choice 0). Nothing when it is not JSON. Appends rather than returns: the token counter
+    calls it on every event of every stream."""
+    try:
+        chunk = _chunk_decoder.decode(data)
+    except JSON_ERRORS:
+        return
+    if chunk.delta is not None and chunk.type in _DELTA_EVENTS:
+        out.append(chunk.delta)
+        if choices is not None:
+            choices.append(0)
+    for choice in chunk.choices or ():
+        before = len(out)
+        if choice.text:
+            out.append(choice.text)
+        delta = choice.delta
+        if delta is not None:
+            for text in (delta.content, delta.reasoning_content, delta.reasoning, delta.refusal):
+                if text:
+                    out.append(text)
+            for call in delta.tool_calls or ():
+                function = call.function
+                if function is not None:
+                    out += [t for t in (function.name, function.arguments) if t]
+        if choices is not None and len(out) > before:
+            choices += [choice.index] * (len(out) - before)
