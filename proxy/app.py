@@ -35,7 +35,7 @@ from proxy.asgi import JSON_TYPE, ClientDisconnected, error_body, error_headers,
 from proxy.auth import ApiGuard, KeyRing
 from proxy.cache.parts import CacheParts
 from proxy.clients import ClientAddress
-from proxy.config import CacheLookup, CacheStore, Config, Subscription
+from proxy.config import CacheLookup, CacheStore, Config, ContentSafety, Subscription
 from proxy.console import ConsoleEndpoint
 from proxy.dispatch import BackendHealth, Backends, per_backend
 from proxy.errors import GatewayError, MethodNotAllowedError
@@ -51,6 +51,8 @@ from proxy.policies.token_limit import token_limits, uses_token_limits
 from proxy.policies.token_metric import token_metrics
 from proxy.relay import Truncated, error_event
 from proxy.routing import Router
+from proxy.safety.azure import ContentSafetyClient
+from proxy.safety.policy import SafetyMetrics, SafetyPolicy, local_screen, safety_policies
 from proxy.sharedbreakers import SharedBreakers
 from proxy.subscriptions import Signature, Subscriptions, file_signature, open_store
 from proxy.telemetry import export, genai, otlp, otlpenv
@@ -95,6 +97,9 @@ class Runtime:
         self.caches: list[SemanticCaches] = []
         self.cache_sizes: set[int] = set()  # the in-process indexes its caches use
         self._embedders: dict[tuple[str, str], Embedder] = {}
+        self._registry = registry
+        self._safety_clients: dict[str, ContentSafetyClient] = {}
+        self._safety_metrics: SafetyMetrics | None = None
         self._cache_parts = cache_parts or CacheParts(config, registry)
         cached = _cache_policies(config)
         if CacheStore in cached and CacheLookup not in cached:
@@ -125,7 +130,9 @@ class Runtime:
                     caches = semantic_caches(config, api, self._semantic_cache)
                 if caches is not None:
                     self.caches.append(caches)
-                openai = OpenAIHandler(api, guard, self.backends, max_body, limits, metrics, caches)
+                safety = safety_policies(config, api, self._safety_policy)
+                openai = OpenAIHandler(api, guard, self.backends, max_body, limits, metrics, caches,
+                                       safety)  # fmt: skip
                 self.router.add_openai(api.path, openai)
             else:
                 handler = PassthroughHandler(api, guard, self.backends, max_body)
@@ -147,6 +154,18 @@ class Runtime:
         index = parts.index(lookup.max_entries)
         self.cache_sizes.add(lookup.max_entries)
         return SemanticCache(lookup, store, embedder, index, parts.metrics, parts.outage)
+
+    def _safety_policy(self, spec: ContentSafety) -> SafetyPolicy:
+        if self._safety_metrics is None:
+            self._safety_metrics = SafetyMetrics(self._registry)
+        client = None
+        if spec.backend_id:
+            if spec.backend_id not in self._safety_clients:
+                route = self.backends.route(spec.backend_id)
+                self._safety_clients[spec.backend_id] = ContentSafetyClient(route, spec.backend_id)
+            client = self._safety_clients[spec.backend_id]
+        local = local_screen(spec, self.config)
+        return SafetyPolicy(spec, local, client, self._safety_metrics)
 
     def use_subscriptions(self, subscriptions: tuple[Subscription, ...]) -> None:
         """Put another set of subscriptions in force (index and grants rebuilt whole)."""

@@ -46,9 +46,10 @@ import yaml  # type: ignore[import-untyped, unused-ignore]
 from proxy.units import Duration, Size
 
 __all__ = [
-    "ALL_ACCESS_ID", "DEFAULT_DIMENSIONS", "DEFAULT_TOKENIZERS", "RESERVED_PATHS",
+    "ALL_ACCESS_ID", "DEFAULT_DIMENSIONS", "DEFAULT_TOKENIZERS", "MAX_WINDOW", "RESERVED_PATHS",
     "TEMPLATE_NAMES", "TIKTOKEN_ENCODINGS",
-    "Api", "Backend", "CacheLookup", "CacheStore", "Categories", "CircuitBreaker", "Config",
+    "Api", "Backend", "Blocklist", "CacheLookup", "CacheStore", "Categories", "CircuitBreaker",
+    "Config",
     "ConfigError", "ContentSafety", "Credentials", "Dimension", "Duration", "FailureCondition",
     "Gateway", "KeyNames", "Policy", "PolicyEntry", "PoolService", "Product", "Retry", "Size",
     "StatusRange", "Subscription", "Telemetry", "TemplateVar", "Timeout", "TokenLimit",
@@ -444,6 +445,7 @@ class CacheStore(_Schema, kw_only=True, frozen=True):
 
 
 _Severity = Annotated[int, msgspec.Meta(ge=0, le=7)]
+MAX_WINDOW = 10_000  # characters: Azure AI Content Safety's limit per text:analyze call
 
 
 class Categories(_Schema, kw_only=True, frozen=True):
@@ -459,13 +461,25 @@ class Categories(_Schema, kw_only=True, frozen=True):
 
 
 class ContentSafety(_Schema, kw_only=True, frozen=True):
-    """``backend-id`` empty means the local blocklist/regex screen only."""
+    """`llm-content-safety` (proxy/safety/policy.py). `backend-id` names an Azure AI Content
+    Safety-compatible backend; without one only the local blocklists screen. A name in
+    `blocklists` is a local list when the top-level `blocklists:` defines it, else a list the
+    backend holds (sent as `blocklistNames`)."""
 
     backend_id: str = ""
     shield_prompt: bool = False
     enforce_on_completions: bool = False
     categories: Categories | None = None
     blocklists: tuple[str, ...] = ()
+    # Text is sent to the backend in windows of at most this many characters, each starting
+    # `window-size - window-overlap-size` after the previous one: long input is screened in
+    # pieces, never refused for its length (10,000 is the service's limit per call).
+    window_size: Annotated[int, msgspec.Meta(ge=100, le=MAX_WINDOW)] = MAX_WINDOW
+    window_overlap_size: Annotated[int, msgspec.Meta(ge=0)] = 500
+    # Streamed completions are screened every this many characters (held back meanwhile).
+    stream_window_size: Annotated[int, msgspec.Meta(ge=1, le=MAX_WINDOW)] = 100
+    on_error: Literal["block", "allow"] = "block"  # when the backend fails or is too slow
+    timeout: Duration = Duration("3s")  # the whole screening of one request or reply
 
     def __post_init__(self) -> None:
         # Severities and prompt shields come from the analysis backend; the local screen has
@@ -475,6 +489,28 @@ class ContentSafety(_Schema, kw_only=True, frozen=True):
                 raise ValueError(
                     f"{field}: needs backend-id (the local screen has only blocklists)"
                 )
+        if not self.backend_id and not self.blocklists:
+            raise ValueError("give backend-id, blocklists or both (nothing would be screened)")
+        if self.window_overlap_size >= self.window_size:
+            raise ValueError(
+                f"window-overlap-size: must be less than window-size ({self.window_size}), "
+                f"got {self.window_overlap_size}"
+            )
+        if not 0 < float(self.timeout) <= 60:
+            raise ValueError(f"timeout: more than 0 and at most 60s, got {self.timeout}")
+        for i, name in enumerate(self.blocklists):
+            if name in self.blocklists[:i]:
+                raise ValueError(f"blocklists[{i}]: {name!r} is listed twice")
+
+
+class Blocklist(_Schema, kw_only=True, frozen=True):
+    """A local blocklist (top-level `blocklists:`): terms matched as whole words and regular
+    expressions, on case- and Unicode-normalised text (proxy/safety/screen.py)."""
+
+    terms: tuple[str, ...] = ()
+    patterns: tuple[str, ...] = ()
+
+    # Checked by Config._blocklist_errors, which knows the list's name for the error's path.
 
 
 Policy = TokenLimit | TokenMetric | CacheLookup | CacheStore | ContentSafety
@@ -615,11 +651,12 @@ class Config(_Schema, kw_only=True, frozen=True, dict=True):
     products: tuple[Product, ...] = ()
     subscriptions: tuple[Subscription, ...] = ()
     policies: tuple[PolicyEntry, ...] = ()
+    blocklists: dict[str, Blocklist] = msgspec.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         errors = [*self._tokenizer_errors(), *self._duplicate_errors(), *self._path_errors(),
                   *self._reference_errors(), *self._key_errors(),
-                  *self._metric_errors()]  # fmt: skip
+                  *self._metric_errors(), *self._blocklist_errors()]  # fmt: skip
         if errors:
             raise ConfigError(errors)
 
@@ -724,6 +761,31 @@ class Config(_Schema, kw_only=True, frozen=True, dict=True):
                 if known != names:
                     yield (f"{path}.{entry.name}.dimensions: namespace {policy.namespace!r} has "
                            f"other dimensions in {other} (give it another namespace)")  # fmt: skip
+
+    def _blocklist_errors(self) -> Iterator[str]:
+        from proxy.safety.screen import LocalScreen  # pure; compiles each list once here
+
+        for name, blocklist in self.blocklists.items():
+            if not blocklist.terms and not blocklist.patterns:
+                yield f"blocklists.{name}: give terms, patterns or both"
+            for i, term in enumerate(blocklist.terms):
+                if not term.strip():
+                    yield f"blocklists.{name}.terms[{i}]: must not be blank"
+            try:
+                LocalScreen({name: blocklist.terms}, {name: blocklist.patterns})
+            except ValueError as exc:
+                yield f"blocklists.{name}: {str(exc).removeprefix(name + ': ')}"
+        for path, entry in self.policy_entries():
+            policy = entry.policy
+            if not isinstance(policy, ContentSafety) or policy.backend_id:
+                continue
+            for k, name in enumerate(policy.blocklists):
+                if name not in self.blocklists:
+                    close = difflib.get_close_matches(name, list(self.blocklists), 1)
+                    hint = f" (did you mean {close[0]!r}?)" if close else ""
+                    yield (f"{path}.{entry.name}.blocklists[{k}]: {name!r} is not in the "
+                           "top-level blocklists and there is no backend-id to hold it"
+                           f"{hint}")  # fmt: skip
 
     def _key_errors(self) -> Iterator[str]:
         # Compared as digests, so a literal key and its sha256: form collide too.

@@ -141,6 +141,19 @@ class ContentBlockedError(GatewayError):
     default_message = "The request was blocked by the content safety policy."
 
 
+class ContentSafetyUnavailableError(GatewayError):
+    """The content-safety backend failed or was too slow and the policy says `on-error:
+    block`: the request is refused unscreened, not called harmful."""
+
+    status = 503
+    code = "ContentSafetyUnavailable"
+    type = "server_error"
+    default_message = (
+        "The content safety service did not answer in time, and the policy refuses what it "
+        "cannot screen (on-error: block). Try again later."
+    )
+
+
 class BackendError(GatewayError):
     """A failure reaching or hearing from a backend. Messages never name the backend's address."""
 

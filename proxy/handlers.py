@@ -34,6 +34,16 @@ from proxy.relay import (
     sse_headers,
 )
 from proxy.routing import Match, confine
+from proxy.safety.flatten import reply_texts
+from proxy.safety.policy import (
+    SafetyPolicies,
+    SafetyPolicy,
+    StreamGuard,
+    check_reply,
+    check_request,
+    completion_policies,
+    stream_texts,
+)
 from proxy.schemas import (
     ChatRequest,
     CompletionRequest,
@@ -186,12 +196,14 @@ class OpenAIHandler(ApiHandler):
         limits: TokenLimits | None = None,
         token_metrics: TokenMetrics | None = None,
         caches: SemanticCaches | None = None,
+        safety: SafetyPolicies | None = None,
     ):
         # The gateway reads every response for usage, so it asks for identity encoding.
         super().__init__(api, guard, backends, max_body, frozenset({b"accept-encoding"}))
         self.limits = limits if limits else None
         self.token_metrics = token_metrics
         self.caches = caches if caches else None  # None: no per-request cache work at all
+        self.safety = safety if safety else None
 
     async def __call__(
         self, exchange: Exchange, match: Match[Any], scope: Scope, receive: Receive, send: Send
@@ -205,16 +217,24 @@ class OpenAIHandler(ApiHandler):
         stream_filter: StreamFilter | None = None
         view: RequestView | None = None
         lookup: Lookup | None = None
+        outputs: tuple[SafetyPolicy, ...] = ()
         name = identity.subscription.display_name if identity.subscription else ""
         if operation != "models":
             view = decode_request(operation, body)
             exchange.model = view.model or ""
             exchange.max_tokens = max_tokens_of(view)
+            if self.safety is not None:  # first: a blocked request is never looked up or
+                screens = self.safety.for_product(exchange.product_id)  # charged
+                if screens:
+                    await check_request(screens, body, exchange)
+                    outputs = completion_policies(screens)
             if self.caches is not None and isinstance(view, ChatRequest | CompletionRequest):
                 cache = self.caches.for_product(exchange.product_id)
                 if cache is not None:  # before the token limits: a hit costs no tokens
                     lookup = await cache.lookup(view, body, exchange, scope, name)
                     if lookup.entry is not None:
+                        if outputs:
+                            await check_reply(outputs, _entry_texts(lookup), exchange)
                         await replay(exchange, lookup, view, send)
                         return
             if isinstance(view, ChatRequest | CompletionRequest) and view.stream:
@@ -239,7 +259,7 @@ class OpenAIHandler(ApiHandler):
         try:
             await self._forward(
                 exchange, match.subpath, self.query(scope, identity), b"".join(headers), body,
-                stream_filter, metering, lookup, send, receive,
+                stream_filter, metering, lookup, outputs, send, receive,
             )  # fmt: skip
         except BaseException as exc:
             error = exc
@@ -260,6 +280,7 @@ class OpenAIHandler(ApiHandler):
         stream_filter: StreamFilter | None,
         metering: Metering | None,
         lookup: Lookup | None,
+        outputs: tuple[SafetyPolicy, ...],
         send: Send,
         receive: Receive,
     ) -> None:
@@ -283,15 +304,18 @@ class OpenAIHandler(ApiHandler):
                         out += lookup.headers()
                         if isinstance(stream_filter, ChatStreamFilter):
                             keep = lookup.recording(keep, stream_filter)
+                    guard = StreamGuard(outputs, exchange) if outputs else None
                     await exchange.start(send, 200, sse_headers(out))
                     try:
-                        await relay_events(response, send, keep, exchange)
+                        await relay_events(response, send, keep, exchange, guard)
                     finally:  # what the stream told, however it ended: a client that
                         # leaves right after the usage chunk is still billed by it
                         exchange.usage = stream_filter.usage
                         exchange.response_model = stream_filter.model
                         exchange.finish_reasons = stream_filter.finish_reasons
-                    if lookup is not None and isinstance(stream_filter, ChatStreamFilter):
+                    if guard is not None and guard.blocked:
+                        exchange.error_code = "ContentBlocked"
+                    elif lookup is not None and isinstance(stream_filter, ChatStreamFilter):
                         lookup.stream_ended(stream_filter)
                 else:
                     payload = await response.read()
@@ -299,6 +323,8 @@ class OpenAIHandler(ApiHandler):
                     reply = None
                     if response.status == 200 and (reply := read_reply(payload)) is not None:
                         exchange.usage, exchange.response_model, exchange.finish_reasons = reply
+                    if outputs and response.status == 200:
+                        await check_reply(outputs, reply_texts(payload), exchange)
                     await self._send_whole(exchange, response, payload, metering, lookup, send)
                     if lookup is not None:
                         kind = response.content_type
@@ -351,6 +377,13 @@ async def replay(
             await send({"type": "http.response.body", "body": event, "more_body": True})
             exchange.chunk(time.perf_counter())
     await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _entry_texts(lookup: Lookup) -> list[list[str]]:
+    """The output text of a cached reply, one list per choice."""
+    entry = lookup.entry
+    assert entry is not None
+    return stream_texts(entry.events) if entry.streamed else reply_texts(entry.body)
 
 
 class PassthroughHandler(ApiHandler):

@@ -569,8 +569,6 @@ def _notes(spec: ImportSpec, plan: _Plan, stand_ins: Mapping[str, str]) -> tuple
         notes.append(f"checked with stand-ins for {names}: not set here; the gateway needs them")
     if spec.access_key:
         notes.append("the access key is in the file in the clear (--access-key-env keeps it out)")
-    if any(isinstance(p.policy, ContentSafety) for p in plan.api.policies):
-        notes.append("llm-content-safety is validated but not yet enforced by this version")
     return tuple(notes)
 
 

@@ -80,6 +80,7 @@ ERRORS: tuple[Error, ...] = (
     errors.BackendConnectionError,
     errors.BackendUnavailableError,
     errors.TokenStoreUnavailableError,
+    errors.ContentSafetyUnavailableError,
     errors.BackendTimeoutError,
 )
 _encoder = msgspec.json.Encoder()
@@ -192,8 +193,11 @@ def _policy_errors(config: Config, api: Api) -> list[Error]:
         out.append(errors.TokenLimitExceededError)
     if any(p.token_quota is not None for p in limits):
         out.append(errors.TokenQuotaExceededError)
-    if any(isinstance(p, ContentSafety) for p in policies):
+    safety = [p for p in policies if isinstance(p, ContentSafety)]
+    if safety:
         out.append(errors.ContentBlockedError)
+    if any(p.backend_id and p.on_error == "block" for p in safety):
+        out.append(errors.ContentSafetyUnavailableError)
     gateway = config.gateway
     if limits and gateway.store != "memory" and gateway.store_failure_mode == "closed":
         out.append(errors.TokenStoreUnavailableError)
@@ -637,7 +641,9 @@ _WHEN = {
     "SubscriptionKeyNotFound": "no subscription key.",
     "SubscriptionKeyInvalid": "an unknown or suspended key, or one whose scope excludes this API.",
     "TokenQuotaExceeded": "the token quota of the period is used up.",
-    "ContentBlocked": "the content-safety policy blocked the request.",
+    "ContentBlocked": "the content-safety policy blocked the request or, with "
+    "enforce-on-completions, the completion (a stream ends with this error event); the "
+    "message names the categories, blocklists or prompt attack, never the text.",
     "OperationNotFound": "no API or operation at this path.",
     "MethodNotAllowed": "the path exists, the method does not.",
     "RequestTooLarge": "the body is over gateway.max-request-body (refused before it is read).",
@@ -645,6 +651,8 @@ _WHEN = {
     "BackendConnectionFailure": "the backend is unreachable or reset the connection.",
     "BackendUnavailable": "no backend is available (circuit open, pool exhausted).",
     "StoreUnavailable": "the shared token store is down (store-failure-mode: closed).",
+    "ContentSafetyUnavailable": "the content-safety backend failed or passed its timeout "
+    "(on-error: block).",
     "BackendTimeout": "the backend was silent past its read timeout.",
 }
 _INFO = (

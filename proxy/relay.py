@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -22,6 +22,9 @@ from proxy.http1 import Response
 from proxy.schemas import Usage, read_chunk, read_response_event
 from proxy.sse import EventSplitter, parse_event
 from proxy.types import Headers, Receive, Send
+
+if TYPE_CHECKING:
+    from proxy.safety.policy import StreamGuard
 
 SSE_HEADERS: Headers = [
     (b"content-type", b"text/event-stream"),
@@ -158,10 +161,16 @@ StreamFilter = ChatStreamFilter | ResponsesStreamFilter
 
 
 async def relay_events(
-    response: Response, send: Send, keep: Callable[[bytes], bool], exchange: Exchange
+    response: Response,
+    send: Send,
+    keep: Callable[[bytes], bool],
+    exchange: Exchange,
+    guard: StreamGuard | None = None,
 ) -> None:
     """Forward an SSE body event by event; a backend failure ends it with one error event.
-    The exchange learns the time spent waiting on the backend and when each chunk left."""
+    The exchange learns the time spent waiting on the backend and when each chunk left.
+    A content-safety `guard` decides when the kept events may go out (it may hold them back
+    while they are screened) and ends the stream with an error event when it blocks."""
     splitter = EventSplitter()
     more = {"type": "http.response.body", "body": b"", "more_body": True}
     try:
@@ -171,16 +180,20 @@ async def relay_events(
             exchange.backend_seconds += now - waited
             events = splitter.feed(chunk)
             kept = [e for e in events if keep(e)]
+            if kept and guard is not None:
+                kept = await guard.admit(kept)
             if kept:
                 await send({**more, "body": kept[0] if len(kept) == 1 else b"".join(kept)})
                 exchange.chunk(now)
             waited = time.perf_counter()
+        rest = splitter.flush()
+        kept = [rest] if rest.strip() and keep(rest) else []
+        if guard is not None:
+            kept = await guard.admit(kept) + await guard.end()
+        if kept:
+            await send({**more, "body": b"".join(kept)})
     except GatewayError as error:
         await send({**more, "body": error_event(error)})
-    else:
-        rest = splitter.flush()
-        if rest.strip() and keep(rest):
-            await send({**more, "body": rest})
     await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 

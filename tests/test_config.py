@@ -260,9 +260,16 @@ VALID: list[tuple[str, str, Callable[[Config], Any], Any]] = [
     ),
     (
         "local content screen",
-        policy("llm-content-safety: {blocklists: [banned]}"),
-        lambda c: (c.policies[0].policy.backend_id, c.policies[0].policy.blocklists),
-        ("", ("banned",)),
+        policy("llm-content-safety: {blocklists: [banned]}")
+        + "blocklists:\n  banned: {terms: [make a bomb], patterns: ['\\b\\d{16}\\b']}\n",
+        lambda c: (
+            c.policies[0].policy.backend_id,
+            c.policies[0].policy.blocklists,
+            c.blocklists["banned"].terms,
+            c.policies[0].policy.window_size,
+            c.policies[0].policy.on_error,
+        ),
+        ("", ("banned",), ("make a bomb",), 10_000, "block"),
     ),
     (
         "semantic cache",
@@ -582,6 +589,45 @@ INVALID: list[tuple[str, str, str]] = [
         "categories without backend",
         policy("llm-content-safety: {categories: {Hate: 2}}"),
         "policies[0].llm-content-safety.categories: needs backend-id",
+    ),
+    (
+        "local blocklist not defined",
+        policy("llm-content-safety: {blocklists: [banned]}")
+        + "blocklists:\n  baned: {terms: [x]}\n",
+        "policies[0].llm-content-safety.blocklists[0]: 'banned' is not in the top-level "
+        "blocklists and there is no backend-id to hold it (did you mean 'baned'?)",
+    ),
+    (
+        "blocklist pattern invalid",
+        "blocklists:\n  cards: {patterns: ['(unclosed']}\n",
+        "blocklists.cards: invalid pattern '(unclosed'",
+    ),
+    (
+        "blocklist empty",
+        "blocklists:\n  empty: {}\n",
+        "blocklists.empty: give terms, patterns or both",
+    ),
+    (
+        "content safety with nothing to screen",
+        policy("llm-content-safety: {}"),
+        "policies[0].llm-content-safety: give backend-id, blocklists or both",
+    ),
+    (
+        "window overlap not below size",
+        policy(
+            "llm-content-safety: {backend-id: openai, window-size: 1000, window-overlap-size: 1000}"
+        ),
+        "policies[0].llm-content-safety.window-overlap-size: must be less than window-size",
+    ),
+    (
+        "window over the service limit",
+        policy("llm-content-safety: {backend-id: openai, window-size: 20000}"),
+        "policies[0].llm-content-safety.window-size: expected int <= 10000",
+    ),
+    (
+        "on-error unknown",
+        policy("llm-content-safety: {backend-id: openai, on-error: ignore}"),
+        "policies[0].llm-content-safety.on-error: invalid enum value 'ignore'",
     ),
     (
         "lowercase category key",

@@ -515,6 +515,8 @@ policies:
   - llm-content-safety: {blocklists: [forbidden]}
   - llm-semantic-cache-lookup: {score-threshold: 0.1, embeddings-backend-id: openai}
   - llm-semantic-cache-store: {duration: 5m}
+blocklists:
+  forbidden: {terms: [make a bomb], patterns: ['\\d{16}']}
 """
 BASE = yaml.safe_load(BASE_YAML)
 SCHEMA_KEYS = s.schema_keys()

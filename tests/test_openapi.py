@@ -122,8 +122,10 @@ apis:
   - {id: free-api, path: /free, backend: b, products: [free]}
 products:
   - id: paid
-    policies: [{llm-token-limit: {token-quota: 1000}}, {llm-content-safety: {blocklists: [x]}}]
+    policies: [{llm-token-limit: {token-quota: 1000}},
+               {llm-content-safety: {backend-id: b, blocklists: [x, held-by-the-service]}}]
   - {id: free, subscription-required: false}
+blocklists: {x: {terms: [x]}}
 """
 
 
@@ -136,7 +138,12 @@ def test_policies_and_key_names_shape_the_operations() -> None:
     assert set(chat["429"]["headers"]) == {"X-Retry-In", "X-Request-Id", "x-tollway-overhead-ms"}
     assert _codes(chat["403"]) == {"TokenQuotaExceeded", "ContentBlocked"}
     assert set(chat["403"]["headers"]) == {"Retry-After", "X-Request-Id", "x-tollway-overhead-ms"}
-    assert _codes(chat["503"]) == {"BackendUnavailable", "StoreUnavailable"}  # closed mode
+    # closed mode; a content-safety backend with on-error: block (the default)
+    assert _codes(chat["503"]) == {
+        "BackendUnavailable",
+        "StoreUnavailable",
+        "ContentSafetyUnavailable",
+    }
     assert "X-Tokens-Left" in chat["200"]["headers"]
     assert "429" not in ops["free-api.chat-completions"]["responses"]
     assert "security" not in ops["free-api.models"]  # open through its product

@@ -28,7 +28,8 @@ import msgspec
 from proxy.schemas import JSON_ERRORS, SYSTEM_ROLES
 
 # The keys of a message, part or item whose values are text (or hold text) the model reads.
-_TEXT_KEYS = ("text", "content", "refusal", "summary", "thinking", "output", "tool_calls")
+_TEXT_KEYS = ("text", "content", "refusal", "summary", "thinking", "output", "tool_calls",
+              "reasoning_content", "reasoning")  # fmt: skip
 # The keys whose values are tool arguments: every string in them is collected, keys included.
 _ARGUMENT_KEYS = ("arguments", "input")
 _FUNCTION_KEYS = ("function", "function_call")
@@ -64,6 +65,30 @@ def flatten(body: bytes) -> Texts:
     for key in ("prompt", "suffix"):
         _collect(doc.get(key), texts.user)
     return texts
+
+
+def reply_texts(payload: bytes) -> list[list[str]]:
+    """The output texts of a whole reply, one list per choice: chat messages (content,
+    refusal, reasoning, tool-call arguments), completions text, or a Responses API `output`
+    (one list). Empty when the payload is not a JSON object."""
+    try:
+        doc = msgspec.json.decode(payload)
+    except JSON_ERRORS:
+        return []
+    if not isinstance(doc, dict):
+        return []
+    out: list[list[str]] = []
+    choices = doc.get("choices")
+    for choice in choices if isinstance(choices, list) else ():
+        if isinstance(choice, dict):
+            texts: list[str] = []
+            _collect([choice.get("message"), choice.get("text")], texts)
+            out.append(texts)
+    if "output" in doc:
+        texts = []
+        _collect(doc["output"], texts)
+        out.append(texts)
+    return out
 
 
 def _items(value: Any, texts: Texts) -> None:

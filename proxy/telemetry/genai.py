@@ -41,6 +41,7 @@ METRIC_FOLDED = "tollway.telemetry.metric.folded"  # measurements sent to an ove
 CACHE_LOOKUPS = "tollway.cache.lookups"  # semantic-cache lookups by API and result
 CACHE_ERRORS = "tollway.cache.errors"  # embedder or index failures, by stage (fail-open)
 CACHE_ENTRIES = "tollway.cache.entries"  # gauge: entries in the in-process index
+SAFETY_CHECKS = "tollway.content_safety.checks"  # screenings by API, target and result
 CACHE_EVICTIONS = "tollway.cache.evictions"  # entries the in-process index dropped for room
 
 # --- attributes ------------------------------------------------------------------------------

@@ -1,0 +1,155 @@
+"""A client for the Azure AI Content Safety text API, through a configured backend: its pool
+members, retries, breakers and credentials (`Ocp-Apim-Subscription-Key`, or whatever the
+backend's `credentials` set) apply as to any request (proxy/dispatch.py).
+
+- `analyze(text, ...)`: `POST /contentsafety/text:analyze` with the categories, output type
+  and blocklist names; returns each category's severity and the blocklists that matched.
+- `shield(text)`: `POST /contentsafety/text:shieldPrompt` with the text as the user prompt;
+  returns whether Prompt Shields detected an attack.
+
+Anything but a 200 in the documented shape is `SafetyUnavailableError`, whose message names
+what went wrong (a status, a code) and never the text screened; the policy decides whether
+that blocks (proxy/safety/policy.py, `on-error`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import msgspec
+
+from proxy.dispatch import Route
+from proxy.errors import GatewayError
+from proxy.exchange import Exchange
+
+API_VERSION = "2024-09-01"
+_QUERY = f"api-version={API_VERSION}"
+_HEADERS = b"content-type: application/json\r\naccept-encoding: identity\r\n"
+_ANALYZE = "contentsafety/text:analyze"
+_SHIELD = "contentsafety/text:shieldPrompt"
+
+
+class SafetyUnavailableError(Exception):
+    """The Content Safety backend could not screen a text (unreachable, an error status,
+    an answer not in the documented shape)."""
+
+
+class _AnalyzeRequest(msgspec.Struct, rename="camel", omit_defaults=True):
+    text: str
+    categories: list[str]
+    output_type: str
+    blocklist_names: list[str] = []
+    halt_on_blocklist_hit: bool = False
+
+
+class _CategoryAnalysis(msgspec.Struct):
+    category: str
+    severity: int | None = 0
+
+
+class _BlocklistMatch(msgspec.Struct, rename="camel"):
+    blocklist_name: str
+
+
+class _AnalyzeReply(msgspec.Struct, rename="camel"):
+    categories_analysis: list[_CategoryAnalysis] = []
+    blocklists_match: list[_BlocklistMatch] | None = None
+
+
+class _ShieldRequest(msgspec.Struct, rename="camel"):
+    user_prompt: str
+    documents: list[str]
+
+
+class _Detection(msgspec.Struct, rename="camel"):
+    attack_detected: bool
+
+
+class _ShieldReply(msgspec.Struct, rename="camel"):
+    user_prompt_analysis: _Detection | None = None
+    documents_analysis: list[_Detection] = []
+
+
+class Analysis(msgspec.Struct, frozen=True):
+    """What `text:analyze` found: severity by category, and the blocklists that matched."""
+
+    severities: dict[str, int]
+    blocklists: tuple[str, ...]
+
+
+_encoder = msgspec.json.Encoder()
+_analysis_decoder = msgspec.json.Decoder(_AnalyzeReply)
+_shield_decoder = msgspec.json.Decoder(_ShieldReply)
+_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError)
+
+
+class ContentSafetyClient:
+    """The text API of the Content Safety backend `backend_id`, reached through `route`."""
+
+    def __init__(self, route: Route, backend_id: str):
+        self._route = route
+        self.backend_id = backend_id
+
+    async def analyze(
+        self,
+        text: str,
+        categories: Sequence[str],
+        output_type: str,
+        blocklists: Sequence[str] = (),
+    ) -> Analysis:
+        request = _AnalyzeRequest(text, list(categories), output_type, list(blocklists),
+                                  halt_on_blocklist_hit=bool(blocklists))  # fmt: skip
+        payload = await self._post(_ANALYZE, _encoder.encode(request))
+        try:
+            reply = _analysis_decoder.decode(payload)
+        except _ERRORS:
+            raise SafetyUnavailableError("text:analyze: not an analysis reply") from None
+        severities = {c.category: c.severity or 0 for c in reply.categories_analysis}
+        matched = tuple(dict.fromkeys(m.blocklist_name for m in reply.blocklists_match or ()))
+        return Analysis(severities, matched)
+
+    async def shield(self, text: str) -> bool:
+        """Did Prompt Shields find a user-prompt attack in `text`?"""
+        payload = await self._post(_SHIELD, _encoder.encode(_ShieldRequest(text, [])))
+        try:
+            reply = _shield_decoder.decode(payload)
+        except _ERRORS:
+            raise SafetyUnavailableError("text:shieldPrompt: not a Prompt Shields reply") from None
+        if reply.user_prompt_analysis is None:
+            raise SafetyUnavailableError("text:shieldPrompt: no userPromptAnalysis")
+        return reply.user_prompt_analysis.attack_detected or any(
+            d.attack_detected for d in reply.documents_analysis
+        )
+
+    async def _post(self, subpath: str, body: bytes) -> bytes:
+        # Its own record: the route notes the member it chose on it, and the caller's
+        # exchange must keep naming the backend of the request itself.
+        exchange = Exchange("POST", "", "", "")
+        try:
+            response = await self._route.send(exchange, "POST", subpath, _QUERY, _HEADERS, body)
+            try:
+                payload = await response.read()
+            finally:
+                response.close()
+        except GatewayError as exc:
+            raise SafetyUnavailableError(f"{subpath}: {exc.code}") from exc
+        if response.status != 200:
+            raise SafetyUnavailableError(f"{subpath}: answered {response.status}{_code(payload)}")
+        return payload
+
+
+class _ErrorBody(msgspec.Struct):
+    code: str = ""
+
+
+class _Error(msgspec.Struct):
+    error: _ErrorBody
+
+
+def _code(payload: bytes) -> str:
+    """` (code X)` from an Azure error body, if it has one (its message may quote the text)."""
+    try:
+        code = msgspec.json.decode(payload, type=_Error).error.code
+    except _ERRORS:
+        return ""
+    return f" (code {code[:60]})" if code else ""
