@@ -80,6 +80,28 @@ apis:
 """
     + _AUTH_SUBSCRIPTIONS
 )
+# The content-safety local screen on requests and whole replies: a 60-term, 3-pattern list
+# (bench/micro's), never matched by the bench's traffic, so this is the screen's full cost.
+_SAFETY_TERMS = [f"forbidden term {i}" for i in range(50)] + [
+    "make a bomb", "credit card dump", "wire the money", "bypass the filter", "stolen login",
+    "untraceable gun", "fake passport", "buy followers", "cheat code", "exam answers",
+]  # fmt: skip
+_SAFETY_PATTERNS = [r"\b(?:\d[ -]?){15}\d\b", r"\b[a-z0-9._%+-]+@[a-z0-9.-]+\.[a-z]{2,}\b",
+                    r"\bsk-[a-z0-9]{20,}\b"]  # fmt: skip
+PROFILES["safety-local"] = (
+    """
+apis:
+  - id: chat
+    path: /openai
+    backend: up
+    policies:
+      - llm-content-safety: {blocklists: [banned], enforce-on-completions: true}
+blocklists:
+  banned:
+"""
+    + f"    terms: {json.dumps(_SAFETY_TERMS)}\n    patterns: {json.dumps(_SAFETY_PATTERNS)}\n"
+    + _AUTH_SUBSCRIPTIONS
+)
 NEEDS_REDIS = frozenset({"limit-redis"})
 # The telemetry each profile runs with: by default what a config that says nothing gets
 # (GenAI metrics recorded for /metrics, no export); the telemetry scenario's profiles add

@@ -222,13 +222,27 @@ def test_overlapping_terms_in_one_list() -> None:
         ("(unclosed", "invalid pattern"),
         (r"(a)\1", "backreference"),
         ("(?P<name>a)", "named group"),
-        ("(?i)ab", "cannot be combined"),
+        ("(?<!a)b", "no lookaround"),
+        ("(?=a)", "no lookaround"),
     ],
 )
 def test_a_bad_pattern_is_refused_naming_its_list(pattern: str, message: str) -> None:
     with pytest.raises(ValueError, match=message) as raised:
         LocalScreen(patterns={"my-list": ["ok", pattern]})
     assert "my-list" in str(raised.value)
+
+
+def test_a_flag_in_a_pattern_stays_in_that_pattern() -> None:
+    screen = LocalScreen(patterns={"p": ["(?s)a.b", "c.d"]})  # (?s): . matches a newline
+    # (raw texts: normalising would turn the newline into a space)
+    assert screen._search(["a\nb"]) == {"p"}
+    assert screen._search(["c\nd"]) == frozenset()  # the other pattern's dot is unchanged
+
+
+def test_a_pattern_that_backtracks_exponentially_in_re_runs_in_linear_time() -> None:
+    # (a+)+b on "aaa...c" takes Python's re exponential time; RE2 answers at once
+    screen = LocalScreen(patterns={"p": ["(?:a+)+b"]})
+    assert screen.screen("a" * 5_000 + "c") == frozenset()
 
 
 def test_patterns_see_normalised_text() -> None:

@@ -453,3 +453,70 @@ def test_local_embedder(benchmark, size):
     loop.run_until_complete(embedder.close())
     loop.close()
     assert vector.shape == (384,) and abs(float(vector @ vector) - 1.0) < 1e-4
+
+
+# --- content safety: the local screen (README "Content safety") ------------------------------
+
+# A blocklist as a user might keep one: 60 terms (phrases among them) and 3 patterns.
+_TERMS = [f"forbidden term {i}" for i in range(50)] + [
+    "make a bomb", "credit card dump", "wire the money", "bypass the filter", "stolen login",
+    "untraceable gun", "fake passport", "buy followers", "cheat code", "exam answers",
+]  # fmt: skip
+_PATTERNS = [r"\b(?:\d[ -]?){15}\d\b", r"\b[a-z0-9._%+-]+@[a-z0-9.-]+\.[a-z]{2,}\b",
+             r"\bsk-[a-z0-9]{20,}\b"]  # fmt: skip
+_PASTE = " ".join(_paragraph(i, 200) for i in range(40))[:30_000]
+_NON_ASCII = ("Grüße aus Köln, ça va très bien — naïve café déjà vu. " * 600)[:30_000]
+SCREENED = {
+    "chat-small": CHAT_SMALL,
+    "chat-20kb": CHAT_LARGE,
+    "paste-30kb": _encode({"model": MODEL, "messages": [{"role": "user", "content": _PASTE}]}),
+    "paste-30kb-non-ascii": _encode(
+        {"model": MODEL, "messages": [{"role": "user", "content": _NON_ASCII}]}
+    ),
+}
+
+
+def _local_policy(step: int = 100) -> object:
+    from proxy.config import ContentSafety
+    from proxy.safety.policy import SafetyMetrics, SafetyPolicy
+    from proxy.safety.screen import LocalScreen
+
+    spec = ContentSafety(blocklists=("banned",), enforce_on_completions=True,
+                         stream_window_size=step)  # fmt: skip
+    screen = LocalScreen({"banned": _TERMS}, {"banned": _PATTERNS})
+    return SafetyPolicy(spec, screen, None, SafetyMetrics(None))
+
+
+@pytest.mark.benchmark(group="safety")
+@pytest.mark.parametrize("body", list(SCREENED))
+def test_content_screen_request(benchmark, body):
+    """A request through `check_request` with the local screen: flatten, normalise, match."""
+    from proxy.safety.policy import check_request
+
+    policies = [_local_policy()]
+    raw = SCREENED[body]
+    loop = asyncio.new_event_loop()
+    ex = Exchange("POST", "/v1/chat/completions", "id", "127.0.0.1")
+    benchmark(lambda: loop.run_until_complete(check_request(policies, raw, ex)))
+    loop.close()  # no exception: nothing matched
+
+
+@pytest.mark.benchmark(group="safety")
+@pytest.mark.parametrize("step", [100, 1], ids=["every-100-chars", "every-event"])
+def test_content_screen_stream(benchmark, step):
+    """A 64-token streamed reply through `StreamGuard` (enforce-on-completions, local)."""
+    from proxy.safety.policy import StreamGuard
+
+    policies = [_local_policy(step)]
+    loop = asyncio.new_event_loop()
+
+    async def stream() -> int:
+        guard = StreamGuard(policies, Exchange("POST", "/x", "id", "127.0.0.1"))
+        sent = 0
+        for event in STREAM_EVENTS:
+            sent += len(await guard.admit([event]))
+        return sent + len(await guard.end())
+
+    sent = benchmark(lambda: loop.run_until_complete(stream()))
+    loop.close()
+    assert sent == len(STREAM_EVENTS)

@@ -99,7 +99,12 @@ def _items(value: Any, texts: Texts) -> None:
     for item in value:
         role = item.get("role") if isinstance(item, dict) else None
         system = isinstance(role, str) and role in SYSTEM_ROLES  # a role may be any JSON
-        _collect(item, texts.system if system else texts.user)
+        out = texts.system if system else texts.user
+        if role is not None and len(item) == 2 and type(content := item.get("content")) is str:
+            if content:  # the usual message, {"role": ..., "content": "..."}: no walk
+                out.append(content)
+        else:
+            _collect(item, out)
 
 
 def _collect(value: Any, out: list[str]) -> None:

@@ -1,4 +1,4 @@
-"""The local screen: blocklists of terms and regular expressions, matched on normalised text,
+r"""The local screen: blocklists of terms and regular expressions, matched on normalised text,
 usable with no Content Safety service (SPEC §6 `llm-content-safety`, issue 9).
 
 Text and terms go through the same `normalise`: compatibility forms folded (NFKC: fullwidth
@@ -8,19 +8,25 @@ hyphens, bidi controls and variation selectors removed, whitespace runs collapse
 space. Unicode tag characters (U+E0020-E007E, invisible "ASCII smuggling") become the ASCII
 they encode.
 
-A term matches as whole words: not inside a longer word, and the spaces inside a term match
-any run of non-word characters (`make a bomb` matches `make-a_bomb`). A pattern is a Python
-regex searched, case-insensitively, in the normalised text (so it sees lower case and Latin
-look-alikes already folded). Each list is one regex compiled once (terms as a prefix trie),
-so screening is one linear pass per list. A result names the lists that matched, never the
-text that matched them.
+A term matches as whole words: not inside a longer word (letters and digits of any script
+count), and the spaces inside a term match any run of other characters (`make a bomb` matches
+`make-a_bomb`). A pattern is an RE2 regular expression (google-re2: the syntax of Envoy and
+Google Cloud; no lookaround or backreferences, and `\b`, `\w`, `\d` are ASCII: `\pL` is any
+letter) searched, case-insensitively, in the normalised text (so it sees lower case and Latin
+look-alikes already folded). Each list is one RE2 regex compiled once (terms as a prefix
+trie): RE2 runs in time linear in the text whatever the pattern, so no request text can make
+a pattern backtrack for seconds, and a list of 60 terms and 3 patterns screens 30 KB in about
+0.05 ms (Python's `re` took 2.4 ms). A result names the lists that matched, never the text
+that matched them.
 """
 
 from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+import re2
 
 # Look-alikes mapped to the Latin letters they pass for, upper and lower case, before case
 # folding: Greek capital nu looks like N but its lower case like v. Written as escapes (the
@@ -85,13 +91,13 @@ class LocalScreen:
         patterns: Mapping[str, Iterable[str]] | None = None,
     ):
         terms, patterns = terms or {}, patterns or {}
-        self._lists: list[tuple[str, re.Pattern[str]]] = []
+        self._lists: list[tuple[str, Callable[[bytes], bool]]] = []
         for name in dict.fromkeys([*terms, *patterns]):
             sources = [_terms_regex(terms.get(name, ()))]
             sources += [_checked(name, p) for p in patterns.get(name, ())]
             sources = [s for s in sources if s]
             if sources:
-                self._lists.append((name, _combined(name, sources)))
+                self._lists.append((name, _matcher(_combined(name, sources))))
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -103,34 +109,76 @@ class LocalScreen:
         return self._search([normalise(text)]) if self._lists else frozenset()
 
     def screen_all(self, texts: Sequence[str]) -> frozenset[str]:
-        """The lists that match any of `texts` (one role class's parts), or the parts joined
-        with a space (a phrase split across parts) or with nothing (a word split across
+        """The lists that match any of `texts` (one role class's parts): the parts joined
+        with a space (a phrase split across parts; a space is a word boundary, so whatever
+        matches in one part matches there too) and joined with nothing (a word split across
         parts). Screen system and user texts with separate calls."""
         if not self._lists:
             return frozenset()
         normal = [normalise(text) for text in texts]  # once each, then joined
         if len(normal) > 1:
-            normal += [" ".join(normal), "".join(normal)]
+            normal = [" ".join(normal), "".join(normal)]
         return self._search(normal)
 
     def _search(self, texts: list[str]) -> frozenset[str]:
+        encoded = [text.encode() for text in texts]
         return frozenset(
-            name for name, regex in self._lists if any(regex.search(text) for text in texts)
+            name for name, matches in self._lists if any(matches(text) for text in encoded)
         )
 
 
-def _combined(name: str, sources: list[str]) -> re.Pattern[str]:
+def _options() -> re2.Options:
+    options = re2.Options()
+    options.log_errors = False  # a refused pattern is a ValueError, not a line on stderr
+    options.max_mem = _MAX_MEM
+    return options
+
+
+_MAX_MEM = 64 << 20  # RE2 memory per list (its DFA); past it a huge list runs slower, still linear
+_OPTIONS = _options()
+
+
+def _compile(pattern: str) -> re2._Regexp[str]:
+    return re2.compile(pattern, _OPTIONS)
+
+
+def _matcher(pattern: str) -> Callable[[bytes], bool]:
+    """Does `pattern` occur in a UTF-8 text? Through an RE2 set of one pattern, which takes
+    the bytes as they are (a third of the cost of `re2.search` on a short text); a pattern
+    too large for a set's automaton goes through the regex API instead."""
+    one = re2.Set.SearchSet(_OPTIONS)
+    one.Add(pattern)
     try:
-        return re.compile("|".join(sources))
-    except re.error as exc:  # e.g. a global flag such as (?i) not at the very start
-        raise ValueError(f"{name}: the patterns cannot be combined: {exc}") from None
+        one.Compile()
+    except re2.error:
+        regex = re2.compile(pattern.encode(), _OPTIONS)
+        return lambda text: regex.search(text) is not None
+    return lambda text: bool(one.Match(text))
+
+
+def _combined(name: str, sources: list[str]) -> str:
+    """The list's one pattern, checked to compile on its own."""
+    combined = "|".join(sources)
+    try:
+        _compile(combined)
+    except re2.error as exc:
+        raise ValueError(f"{name}: the patterns cannot be combined: {_why(exc)}") from None
+    return combined
+
+
+def _why(exc: Exception) -> str:
+    text = str(exc.args[0] if exc.args else exc)
+    return text[2:-1] if text.startswith(("b'", 'b"')) else text
 
 
 def _checked(name: str, pattern: str) -> str:
     try:
-        compiled = re.compile(pattern)
-    except re.error as exc:
-        raise ValueError(f"{name}: invalid pattern {pattern!r}: {exc}") from None
+        compiled = _compile(pattern)
+    except re2.error as exc:
+        raise ValueError(
+            f"{name}: invalid pattern {pattern!r}: {_why(exc)} (patterns are RE2 regular "
+            "expressions: no lookaround or backreferences)"
+        ) from None
     if compiled.groupindex or _BACKREFERENCE.search(pattern):
         # A list's patterns are alternatives of one regex: they share one numbering of
         # groups and one namespace of group names.
@@ -141,7 +189,8 @@ def _checked(name: str, pattern: str) -> str:
     # The text is case-folded already: a pattern with no upper case in it (none of `\W`, `[A-Z]`)
     # matches it as it is; any other ignores case in its own scope (a regex ignoring case
     # costs about twice as much, and the terms are lower case already).
-    return pattern if pattern == pattern.lower() else f"(?i:{pattern})"
+    # A group of its own either way: a flag such as `(?s)` inside it stays inside it.
+    return f"(?:{pattern})" if pattern == pattern.lower() else f"(?i:{pattern})"
 
 
 _BACKREFERENCE = re.compile(r"\\[1-9]|\(\?P=|\(\?\(")
@@ -162,11 +211,16 @@ def _terms_regex(terms: Iterable[str]) -> str:
         node[""] = {}  # end of a term
     if not trie:
         return ""
-    return rf"(?<!\w){_trie_regex(trie)}(?!\w)"
+    # RE2 has no lookaround: the characters around a term are matched (the text's start or
+    # end, or a character that is neither a letter nor a digit nor `_`).
+    return rf"(?:^|[^\pL\pN_])(?:{_trie_regex(trie)})(?:$|[^\pL\pN_])"
 
 
 def _tokens(term: str) -> list[str]:
-    return [r"[\W_]+" if c == " " else re.escape(c) for c in term]
+    return [_SEPARATOR if c == " " else re.escape(c) for c in term]
+
+
+_SEPARATOR = r"[^\pL\pN]+"  # between the words of a term: anything but letters and digits
 
 
 def _trie_regex(node: _Trie) -> str:
