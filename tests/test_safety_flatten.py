@@ -52,7 +52,26 @@ SHAPES: list[tuple[str, dict[str, Any], list[str], list[str]]] = [
 def test_every_shape_is_flattened_by_role_class(
     body: dict[str, Any], system: list[str], user: list[str]
 ) -> None:
-    assert flatten(json.dumps(body).encode()) == Texts(system=system, user=user)
+    texts = flatten(json.dumps(body).encode())
+    assert (texts.system, texts.user) == (system, user)
+
+
+@pytest.mark.parametrize(
+    ("shape", "documents"),
+    [
+        ("tool result string", ["result"]),
+        ("tool result parts", ["r1"]),
+        ("responses tool items", ["out"]),
+        ("anthropic blocks", ["sunny", "doc text"]),
+        ("system string", []),
+        ("tool-call arguments, decoded", []),
+    ],
+)
+def test_tool_outputs_and_documents_are_also_kept_apart(shape: str, documents: list[str]) -> None:
+    body = next(case[1] for case in SHAPES if case[0] == shape)
+    texts = flatten(json.dumps(body).encode())
+    assert texts.documents == documents
+    assert all(d in texts.user for d in documents)  # screened as user text too
 
 
 def test_system_and_user_texts_never_mix() -> None:

@@ -4,8 +4,8 @@ backend's `credentials` set) apply as to any request (proxy/dispatch.py).
 
 - `analyze(text, ...)`: `POST /contentsafety/text:analyze` with the categories, output type
   and blocklist names; returns each category's severity and the blocklists that matched.
-- `shield(text)`: `POST /contentsafety/text:shieldPrompt` with the text as the user prompt;
-  returns whether Prompt Shields detected an attack.
+- `shield(user_prompt, documents)`: `POST /contentsafety/text:shieldPrompt`; returns whether
+  Prompt Shields detected a user-prompt attack and a document (indirect) attack.
 
 Anything but a 200 in the documented shape is `SafetyUnavailableError`, whose message names
 what went wrong (a status, a code) and never the text screened; the policy decides whether
@@ -56,9 +56,9 @@ class _AnalyzeReply(msgspec.Struct, rename="camel"):
     blocklists_match: list[_BlocklistMatch] | None = None
 
 
-class _ShieldRequest(msgspec.Struct, rename="camel"):
-    user_prompt: str
-    documents: list[str]
+class _ShieldRequest(msgspec.Struct, rename="camel", omit_defaults=True):
+    user_prompt: str | None = None
+    documents: list[str] = []
 
 
 class _Detection(msgspec.Struct, rename="camel"):
@@ -108,18 +108,22 @@ class ContentSafetyClient:
         matched = tuple(dict.fromkeys(m.blocklist_name for m in reply.blocklists_match or ()))
         return Analysis(severities, matched)
 
-    async def shield(self, text: str) -> bool:
-        """Did Prompt Shields find a user-prompt attack in `text`?"""
-        payload = await self._post(_SHIELD, _encoder.encode(_ShieldRequest(text, [])))
+    async def shield(
+        self, user_prompt: str | None, documents: Sequence[str] = ()
+    ) -> tuple[bool, bool]:
+        """Did Prompt Shields find an attack in the user prompt, in any of the documents?"""
+        request = _ShieldRequest(user_prompt, list(documents))
+        payload = await self._post(_SHIELD, _encoder.encode(request))
         try:
             reply = _shield_decoder.decode(payload)
         except _ERRORS:
             raise SafetyUnavailableError("text:shieldPrompt: not a Prompt Shields reply") from None
-        if reply.user_prompt_analysis is None:
+        if user_prompt is not None and reply.user_prompt_analysis is None:
             raise SafetyUnavailableError("text:shieldPrompt: no userPromptAnalysis")
-        return reply.user_prompt_analysis.attack_detected or any(
-            d.attack_detected for d in reply.documents_analysis
-        )
+        if len(reply.documents_analysis) != len(documents):
+            raise SafetyUnavailableError("text:shieldPrompt: not one analysis per document")
+        user = reply.user_prompt_analysis is not None and reply.user_prompt_analysis.attack_detected
+        return user, any(d.attack_detected for d in reply.documents_analysis)
 
     async def _post(self, subpath: str, body: bytes) -> bytes:
         # Its own record: the route notes the member it chose on it, and the caller's

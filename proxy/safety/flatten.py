@@ -42,6 +42,10 @@ class Texts:
 
     system: list[str] = field(default_factory=list)
     user: list[str] = field(default_factory=list)
+    # What tools and documents returned (tool and function messages, Responses
+    # function_call_output items, Anthropic tool_result and document blocks): in `user` too,
+    # and here again for Prompt Shields' document-attack check.
+    documents: list[str] = field(default_factory=list)
 
 
 def flatten(body: bytes) -> Texts:
@@ -105,6 +109,26 @@ def _items(value: Any, texts: Texts) -> None:
                 out.append(content)
         else:
             _collect(item, out)
+        if not system and isinstance(item, dict):
+            _documents(item, role, texts.documents)
+
+
+_TOOL_ROLES = frozenset({"tool", "function"})
+_DOCUMENT_BLOCKS = frozenset({"tool_result", "document"})
+
+
+def _documents(item: dict[str, Any], role: object, out: list[str]) -> None:
+    """The texts of `item` that a tool or a document supplied."""
+    tool = isinstance(role, str) and role in _TOOL_ROLES
+    if tool or item.get("type") == "function_call_output":
+        _collect(item, out)
+        return
+    content = item.get("content")
+    if isinstance(content, list):
+        for block in content:
+            kind = block.get("type") if isinstance(block, dict) else None
+            if isinstance(kind, str) and kind in _DOCUMENT_BLOCKS:  # a type may be any JSON
+                _collect(block, out)
 
 
 def _collect(value: Any, out: list[str]) -> None:

@@ -10,7 +10,9 @@ harmful user message:
 - the Content Safety backend (`backend-id`) gets each text as windows of `window-size`
   characters overlapping by `window-overlap-size` (a long paste is screened in pieces, never
   refused for its length): `text:analyze` for the categories and the backend's blocklists,
-  and with `shield-prompt` `text:shieldPrompt` for user-prompt attacks. The text is sent
+  and with `shield-prompt` `text:shieldPrompt` for user-prompt attacks in each window and
+  for indirect attacks in what tools and documents returned (sent as its `documents`,
+  within its limits of 5 and 10,000 characters a call). The text is sent
   normalised (look-alike letters folded, invisible characters removed, as the local screen
   sees it). The calls of one request run together, at most `_CONCURRENCY` at a time,
   bounded by `timeout` as a whole.
@@ -40,7 +42,7 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import partial
 
-from proxy.config import Api, Categories, Config, ContentSafety, PolicyEntry
+from proxy.config import MAX_WINDOW, Api, Categories, Config, ContentSafety, PolicyEntry
 from proxy.errors import ContentBlockedError, ContentSafetyUnavailableError, GatewayError
 from proxy.exchange import Exchange
 from proxy.safety.azure import ContentSafetyClient, SafetyUnavailableError
@@ -122,8 +124,10 @@ class SafetyPolicy:
         self._timeout = float(spec.timeout)
         self._analyze = client is not None and bool(self._thresholds or self._remote_lists)
 
-    async def screen(self, classes: Classes, *, shield: bool) -> list[str]:
-        """The reasons to block `classes` (empty: nothing found). Raises
+    async def screen(self, classes: Classes, documents: list[str] | None = None) -> list[str]:
+        """The reasons to block `classes` (empty: nothing found). `documents` (a request's
+        tool outputs and documents, already among `classes`) are also checked for indirect
+        attacks; None: no Prompt Shields at all (a completion). Raises
         `ContentSafetyUnavailableError` when the backend fails and on-error is block."""
         large = sum(len(t) for _, texts in classes for t in texts) > INLINE_SCREEN_CHARS
         reasons = []
@@ -134,7 +138,7 @@ class SafetyPolicy:
                 reasons = self._screen_locally(classes)
         if reasons or self.client is None:
             return reasons
-        shield = shield and self.spec.shield_prompt
+        shield = documents is not None and self.spec.shield_prompt
         if not (self._analyze or shield):
             return reasons
         client = self.client
@@ -144,7 +148,8 @@ class SafetyPolicy:
                     pieces = await asyncio.to_thread(self._windows, classes)
                 else:
                     pieces = self._windows(classes)
-                reasons = await self._screen_remotely(client, pieces, shield)
+                batches = _batches(self._windows([("", [d]) for d in documents or ()]))
+                reasons = await self._screen_remotely(client, pieces, shield, batches)
         except (SafetyUnavailableError, TimeoutError) as exc:
             why = str(exc) or f"no answer within {self._timeout:g} s"
             self.metrics.failed(client.backend_id, why, self.spec.on_error)
@@ -174,7 +179,11 @@ class SafetyPolicy:
         ]
 
     async def _screen_remotely(
-        self, client: ContentSafetyClient, pieces: list[tuple[str, str]], shield: bool
+        self,
+        client: ContentSafetyClient,
+        pieces: list[tuple[str, str]],
+        shield: bool,
+        documents: list[list[str]],
     ) -> list[str]:
         calls: list[Callable[[], Awaitable[list[str]]]] = []
         for label, window in pieces:
@@ -182,6 +191,8 @@ class SafetyPolicy:
                 calls.append(partial(self._analysis, client, window, label))
             if shield:
                 calls.append(partial(_attack, client, window, label))
+        if shield:
+            calls += [partial(_indirect_attack, client, batch) for batch in documents]
         gate = asyncio.Semaphore(_CONCURRENCY)
 
         async def call(make: Callable[[], Awaitable[list[str]]]) -> list[str]:
@@ -212,7 +223,29 @@ class SafetyPolicy:
 
 
 async def _attack(client: ContentSafetyClient, text: str, label: str) -> list[str]:
-    return [f"a prompt attack in the {label}"] if await client.shield(text) else []
+    user, _ = await client.shield(text)
+    return [f"a prompt attack in the {label}"] if user else []
+
+
+async def _indirect_attack(client: ContentSafetyClient, documents: list[str]) -> list[str]:
+    _, found = await client.shield(None, documents)
+    return ["a prompt attack in a tool output or document"] if found else []
+
+
+_DOCUMENTS_PER_CALL = 5  # Prompt Shields' limits: 5 documents, 10,000 characters in all
+
+
+def _batches(pieces: list[tuple[str, str]]) -> list[list[str]]:
+    """Document windows grouped into `text:shieldPrompt` calls within the service's limits."""
+    batches: list[list[str]] = []
+    size = MAX_WINDOW + 1
+    for _, window in pieces:
+        if size + len(window) > MAX_WINDOW or len(batches[-1]) == _DOCUMENTS_PER_CALL:
+            batches.append([])
+            size = 0
+        batches[-1].append(window)
+        size += len(window)
+    return batches
 
 
 class _Unscreened(Exception):
@@ -231,14 +264,13 @@ async def check(
     classes: Classes,
     exchange: Exchange,
     target: str,
-    *,
-    shield: bool = False,
+    documents: list[str] | None = None,
 ) -> None:
     """Screen `classes` with each policy in order; raise `ContentBlockedError` at the first
     that finds a reason (or `ContentSafetyUnavailableError`)."""
     for policy in policies:
         try:
-            reasons = await policy.screen(classes, shield=shield)
+            reasons = await policy.screen(classes, documents)
         except _Unscreened:
             policy.metrics.count(exchange.api_id, target, ERROR)
             exchange.event("tollway.content_safety.unscreened", ((TARGET, target),))
@@ -265,7 +297,7 @@ async def check_request(policies: Sequence[SafetyPolicy], body: bytes, exchange:
     classes = [(label, parts) for label, parts in
                (("system text", texts.system), ("user text", texts.user)) if parts]  # fmt: skip
     if classes:
-        await check(policies, classes, exchange, REQUEST, shield=True)
+        await check(policies, classes, exchange, REQUEST, texts.documents)
 
 
 async def check_reply(
