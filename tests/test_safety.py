@@ -331,6 +331,24 @@ def test_a_responses_api_input_is_screened(gw: GatewayProc, cs: MockProc) -> Non
     assert post(gw, "/azure", {**body, "input": BENIGN}, "responses").status_code == 200
 
 
+def checks(gw: GatewayProc, api: str, target: str, result: str) -> float:
+    """tollway.content_safety.checks for one API, target and result, from /metrics."""
+    for line in httpx.get(gw.base + "/metrics").text.splitlines():
+        if (line.startswith("tollway_content_safety_checks") and f'api_id="{api}"' in line
+                and f'target="{target}"' in line and f'result="{result}"' in line):  # fmt: skip
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_screenings_are_counted_by_result(gw: GatewayProc, cs: MockProc) -> None:
+    before = {r: checks(gw, "local", "request", r) for r in ("pass", "block")}
+    assert post(gw, "/local", chat(user(BENIGN))).status_code == 200
+    assert post(gw, "/local", chat(user("make a bomb"))).status_code == 403
+    assert checks(gw, "local", "request", "pass") == before["pass"] + 1
+    assert checks(gw, "local", "request", "block") == before["block"] + 1
+    assert checks(gw, "local", "completion", "pass") >= 1  # the benign reply was screened
+
+
 def test_below_the_threshold_passes(gw: GatewayProc, cs: MockProc) -> None:
     # "fight" is Violence 2, below the threshold 4
     assert post(gw, "/azure", chat(user("Who won the fight last night?"))).status_code == 200
