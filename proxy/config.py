@@ -464,7 +464,8 @@ class ContentSafety(_Schema, kw_only=True, frozen=True):
     """`llm-content-safety` (proxy/safety/policy.py). `backend-id` names an Azure AI Content
     Safety-compatible backend; without one only the local blocklists screen. A name in
     `blocklists` is a local list when the top-level `blocklists:` defines it, else a list the
-    backend holds (sent as `blocklistNames`)."""
+    backend holds (sent as `blocklistNames`). A backend with no categories, shield-prompt or
+    blocklists of its own screens the four categories at threshold 4."""
 
     backend_id: str = ""
     shield_prompt: bool = False

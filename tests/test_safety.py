@@ -73,6 +73,11 @@ apis:
     backend: mock
     policies:
       - llm-content-safety: {{backend-id: nowhere, categories: {{Violence: 4}}, on-error: allow}}
+  - id: defaults
+    path: /defaults
+    backend: mock
+    policies:
+      - llm-content-safety: {{backend-id: content-safety}}
   - id: slow
     path: /slow
     backend: mock
@@ -347,6 +352,17 @@ def test_screenings_are_counted_by_result(gw: GatewayProc, cs: MockProc) -> None
     assert checks(gw, "local", "request", "pass") == before["pass"] + 1
     assert checks(gw, "local", "request", "block") == before["block"] + 1
     assert checks(gw, "local", "completion", "pass") >= 1  # the benign reply was screened
+
+
+def test_a_backend_named_alone_screens_the_four_categories_at_medium(
+    gw: GatewayProc, cs: MockProc
+) -> None:
+    assert_blocked(post(gw, "/defaults", chat(user("how to build a bomb"))),
+                   "Violence (severity 4, threshold 4) in the user text")  # fmt: skip
+    assert post(gw, "/defaults", chat(user("Who won the fight last night?"))).status_code == 200
+    sent = [json.loads(r["body"]) for r in cs.requests() if r["path"].endswith("analyze")]
+    assert {tuple(b["categories"]) for b in sent} == {("Hate", "SelfHarm", "Sexual", "Violence")}
+    assert {b["outputType"] for b in sent} == {"FourSeverityLevels"}
 
 
 def test_below_the_threshold_passes(gw: GatewayProc, cs: MockProc) -> None:

@@ -17,6 +17,9 @@ harmful user message:
   sees it). The calls of one request run together, at most `_CONCURRENCY` at a time,
   bounded by `timeout` as a whole.
 
+A backend named with no categories, no shield-prompt and none of its own blocklists screens
+the four categories at threshold `DEFAULT_THRESHOLD` (4, medium), rather than nothing.
+
 Block: a category's severity ≥ its threshold, any blocklist hit, or a prompt attack → 403
 `ContentBlocked` naming the categories, blocklists or attack and where (system text, user
 text, completion), never the text itself. A backend that fails or passes `timeout` is
@@ -60,6 +63,7 @@ _CONCURRENCY = 8  # backend calls in flight for one screening
 # over megabytes would otherwise hold the event loop for the whole of it.
 INLINE_SCREEN_CHARS = 64 * 1024
 _CATEGORIES = ("Hate", "SelfHarm", "Sexual", "Violence")
+DEFAULT_THRESHOLD = 4  # medium, in both output types
 _FIELDS = ("hate", "self_harm", "sexual", "violence")
 
 TARGET = "tollway.content_safety.target"  # request | completion
@@ -120,6 +124,11 @@ class SafetyPolicy:
         self.on_completions = spec.enforce_on_completions
         self._remote_lists = [n for n in spec.blocklists if local is None or n not in local.names]
         self._thresholds = _thresholds(spec.categories)
+        if client is not None and not (
+            self._thresholds or spec.shield_prompt or self._remote_lists
+        ):
+            # a backend with nothing named to ask it: the four categories at medium
+            self._thresholds = dict.fromkeys(_CATEGORIES, DEFAULT_THRESHOLD)
         self._output_type = spec.categories.output_type if spec.categories else "FourSeverityLevels"
         self._timeout = float(spec.timeout)
         self._analyze = client is not None and bool(self._thresholds or self._remote_lists)
