@@ -82,11 +82,11 @@ apis:
 )
 # The content-safety local screen on requests and whole replies: a 60-term, 3-pattern list
 # (bench/micro's), never matched by the bench's traffic, so this is the screen's full cost.
-_SAFETY_TERMS = [f"forbidden term {i}" for i in range(50)] + [
+SAFETY_TERMS = [f"forbidden term {i}" for i in range(50)] + [
     "make a bomb", "credit card dump", "wire the money", "bypass the filter", "stolen login",
     "untraceable gun", "fake passport", "buy followers", "cheat code", "exam answers",
 ]  # fmt: skip
-_SAFETY_PATTERNS = [r"\b(?:\d[ -]?){15}\d\b", r"\b[a-z0-9._%+-]+@[a-z0-9.-]+\.[a-z]{2,}\b",
+SAFETY_PATTERNS = [r"\b(?:\d[ -]?){15}\d\b", r"\b[a-z0-9._%+-]+@[a-z0-9.-]+\.[a-z]{2,}\b",
                     r"\bsk-[a-z0-9]{20,}\b"]  # fmt: skip
 PROFILES["safety-local"] = (
     """
@@ -99,7 +99,7 @@ apis:
 blocklists:
   banned:
 """
-    + f"    terms: {json.dumps(_SAFETY_TERMS)}\n    patterns: {json.dumps(_SAFETY_PATTERNS)}\n"
+    + f"    terms: {json.dumps(SAFETY_TERMS)}\n    patterns: {json.dumps(SAFETY_PATTERNS)}\n"
     + _AUTH_SUBSCRIPTIONS
 )
 NEEDS_REDIS = frozenset({"limit-redis"})

@@ -159,6 +159,20 @@ class Route:
             record(breaker, probe, False)
         return response
 
+    async def fetch(
+        self, subpath: str, query: str, headers: bytes, body: bytes
+    ) -> tuple[int, bytes]:
+        """POST `body` for the gateway's own use (embeddings, content safety) and read the
+        whole answer: `(status, body)`. Its own record: the route notes the member it chose
+        on it, and the request being served must keep naming its own backend. Raises as
+        `send` does."""
+        response = await self.send(Exchange("POST", "", "", ""), "POST", subpath, query,
+                                   headers, body)  # fmt: skip
+        try:
+            return response.status, await response.read()
+        finally:
+            response.close()
+
     def _wait_before_retry(
         self, member: Member, tried: list[Member], response: Response | None
     ) -> float | None:

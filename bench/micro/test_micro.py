@@ -12,6 +12,7 @@ import asyncio
 import msgspec
 import pytest
 
+from bench import stack
 from proxy import config as config_module
 from proxy.auth import ApiGuard, KeyRing
 from proxy.dispatch import Backends
@@ -458,12 +459,7 @@ def test_local_embedder(benchmark, size):
 # --- content safety: the local screen (README "Content safety") ------------------------------
 
 # A blocklist as a user might keep one: 60 terms (phrases among them) and 3 patterns.
-_TERMS = [f"forbidden term {i}" for i in range(50)] + [
-    "make a bomb", "credit card dump", "wire the money", "bypass the filter", "stolen login",
-    "untraceable gun", "fake passport", "buy followers", "cheat code", "exam answers",
-]  # fmt: skip
-_PATTERNS = [r"\b(?:\d[ -]?){15}\d\b", r"\b[a-z0-9._%+-]+@[a-z0-9.-]+\.[a-z]{2,}\b",
-             r"\bsk-[a-z0-9]{20,}\b"]  # fmt: skip
+_TERMS, _PATTERNS = stack.SAFETY_TERMS, stack.SAFETY_PATTERNS
 _PASTE = " ".join(_paragraph(i, 200) for i in range(40))[:30_000]
 _NON_ASCII = ("Grüße aus Köln, ça va très bien — naïve café déjà vu. " * 600)[:30_000]
 SCREENED = {

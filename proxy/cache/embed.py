@@ -20,7 +20,6 @@ import numpy as np
 from proxy.cache.base import CacheUnavailableError, Vector
 from proxy.dispatch import Route
 from proxy.errors import GatewayError
-from proxy.exchange import Exchange
 
 log = logging.getLogger("tollway")
 
@@ -63,21 +62,14 @@ class BackendEmbedder:
 
     async def _embed(self, texts: list[str], encoding: str) -> list[Vector]:
         body = _encoder.encode({"model": self._model, "input": texts, "encoding_format": encoding})
-        # Its own record: the route notes the member it chose on it, and the caller's
-        # exchange must keep naming the backend of the request itself.
-        exchange = Exchange("POST", "", "", "")
         try:
-            response = await self._route.send(exchange, "POST", "embeddings", "", _HEADERS, body)
-            try:
-                payload = await response.read()
-            finally:
-                response.close()
+            status, payload = await self._route.fetch("embeddings", "", _HEADERS, body)
         except GatewayError as exc:
             raise CacheUnavailableError(f"embeddings backend: {exc.code}") from exc
-        if response.status == 400 and encoding == "base64":
+        if status == 400 and encoding == "base64":
             raise _FormatRefusedError
-        if response.status != 200:
-            raise CacheUnavailableError(f"embeddings backend answered {response.status}")
+        if status != 200:
+            raise CacheUnavailableError(f"embeddings backend answered {status}")
         return _vectors(payload, len(texts))
 
     async def close(self) -> None:

@@ -20,7 +20,6 @@ import msgspec
 
 from proxy.dispatch import Route
 from proxy.errors import GatewayError
-from proxy.exchange import Exchange
 
 API_VERSION = "2024-09-01"
 _QUERY = f"api-version={API_VERSION}"
@@ -126,19 +125,12 @@ class ContentSafetyClient:
         return user, any(d.attack_detected for d in reply.documents_analysis)
 
     async def _post(self, subpath: str, body: bytes) -> bytes:
-        # Its own record: the route notes the member it chose on it, and the caller's
-        # exchange must keep naming the backend of the request itself.
-        exchange = Exchange("POST", "", "", "")
         try:
-            response = await self._route.send(exchange, "POST", subpath, _QUERY, _HEADERS, body)
-            try:
-                payload = await response.read()
-            finally:
-                response.close()
+            status, payload = await self._route.fetch(subpath, _QUERY, _HEADERS, body)
         except GatewayError as exc:
             raise SafetyUnavailableError(f"{subpath}: {exc.code}") from exc
-        if response.status != 200:
-            raise SafetyUnavailableError(f"{subpath}: answered {response.status}{_code(payload)}")
+        if status != 200:
+            raise SafetyUnavailableError(f"{subpath}: answered {status}{_code(payload)}")
         return payload
 
 

@@ -320,16 +320,21 @@ async def check_reply(
 
 def stream_texts(events: Sequence[bytes]) -> list[list[str]]:
     """The text of a whole recorded stream, one list per choice."""
+    by_choice: dict[int, list[str]] = {}
+    for index, text in _event_texts(events):
+        by_choice.setdefault(index, []).append(text)
+    return [["".join(by_choice[i])] for i in sorted(by_choice)]
+
+
+def _event_texts(events: Sequence[bytes]) -> list[tuple[int, str]]:
+    """`(choice, text)` for the output text the SSE `events` carry, in order."""
     texts: list[str] = []
     choices: list[int] = []
     for event in events:
         _, data = parse_event(event)
         if data:
             delta_texts(data, texts, choices)
-    by_choice: dict[int, list[str]] = {}
-    for index, text in zip(choices, texts, strict=True):
-        by_choice.setdefault(index, []).append(text)
-    return [["".join(by_choice[i])] for i in sorted(by_choice)]
+    return list(zip(choices, texts, strict=True))
 
 
 def _choice_label(index: int, count: int) -> str:
@@ -355,13 +360,7 @@ class StreamGuard:
 
     async def admit(self, events: list[bytes]) -> list[bytes]:
         """The events that may go out now (possibly none: held until screened)."""
-        texts: list[str] = []
-        choices: list[int] = []
-        for event in events:
-            _, data = parse_event(event)
-            if data:
-                delta_texts(data, texts, choices)
-        for index, text in zip(choices, texts, strict=True):
+        for index, text in _event_texts(events):
             self._pending.setdefault(index, []).append(text)
             self._new += len(text)
         if not self._held and not self._new:
