@@ -412,7 +412,8 @@ def test_a_harmful_completion_in_a_stream_ends_it_with_an_error_event(
         text, error = stream_text(gw, path, reply)
         assert error is not None, text
         assert "ContentBlocked" in str(error) or "content safety" in str(error)
-        assert "bomb" not in text  # held back until screened, then never sent
+        harmful = "build a bomb" if path == "/azure" else "make a bomb"  # what each blocks
+        assert harmful not in text  # held back until screened, then never sent
         assert text and reply.startswith(text)  # the benign start went out
     clean, error = stream_text(gw, "/azure", benign)
     assert error is None and clean == benign

@@ -61,11 +61,25 @@ def test_events_are_held_until_enough_text_then_released_in_order() -> None:
 def test_the_rest_is_screened_at_the_end() -> None:
     async def main() -> None:
         guard = StreamGuard([policy(step=100)], exchange())
-        held = [event("how to make"), event(" a bomb"), b"data: [DONE]\n\n"]
+        held = [event("make a"), event(" bomb"), b"data: [DONE]\n\n"]  # under FIRST_STEP
         assert await guard.admit(held) == []
         with pytest.raises(ContentBlockedError, match="blocklist banned in the completion"):
             await guard.end()
         assert guard.blocked
+
+    run(main())
+
+
+def test_the_first_text_goes_out_early_then_steps_double() -> None:
+    async def main() -> None:
+        guard = StreamGuard([policy(step=100, overlap=30)], exchange())
+        released = []
+        for _ in range(40):
+            sent = await guard.admit([event("abcd ")])  # 5 characters each
+            released.append(len(sent))
+        # screened after 16 characters (4 events), then 32 (7), 64 (13), 100 (20), 100 ...
+        assert [i for i, n in enumerate(released) if n] == [3, 10, 23]
+        assert sum(released) + len(await guard.end()) == 40
 
     run(main())
 

@@ -28,8 +28,9 @@ outage and counted either way.
 
 Completions (`enforce-on-completions`): a whole reply is screened before it is returned,
 each choice on its own; a stream is screened as it flows (`StreamGuard`): its events are held
-back until `stream-window-size` characters of new text have arrived, then that text and the
-`window-overlap-size` characters before it are screened and the held events go out. A
+back until enough new text has arrived (`FIRST_STEP` characters, then twice as many each
+time, up to `stream-window-size`), then that text and the `window-overlap-size` characters
+before it are screened and the held events go out. A
 violation ends the stream with one `ContentBlocked` error event; nothing after it is sent.
 A cache hit is screened as its reply would be.
 
@@ -64,6 +65,7 @@ _CONCURRENCY = 8  # backend calls in flight for one screening
 INLINE_SCREEN_CHARS = 64 * 1024
 _CATEGORIES = ("Hate", "SelfHarm", "Sexual", "Violence")
 DEFAULT_THRESHOLD = 4  # medium, in both output types
+FIRST_STEP = 16  # characters of a stream screened before its first text goes out
 _FIELDS = ("hate", "self_harm", "sexual", "violence")
 
 TARGET = "tollway.content_safety.target"  # request | completion
@@ -344,13 +346,17 @@ def _choice_label(index: int, count: int) -> str:
 class StreamGuard:
     """Screens a streamed completion as it flows (see the module docstring)."""
 
-    __slots__ = ("_exchange", "_held", "_new", "_overlap", "_pending", "_policies", "_step",
+    __slots__ = ("_exchange", "_held", "_max_step", "_new", "_overlap", "_pending", "_policies",
+                 "_step",
                  "_tail", "blocked")  # fmt: skip
 
     def __init__(self, policies: Sequence[SafetyPolicy], exchange: Exchange):
         self._policies = tuple(policies)
         self._exchange = exchange
-        self._step = min(p.spec.stream_window_size for p in policies)
+        # The first text goes out after FIRST_STEP characters (time to first token), each
+        # next step twice as long, up to stream-window-size: few more calls, a quick start.
+        self._max_step = min(p.spec.stream_window_size for p in policies)
+        self._step = min(FIRST_STEP, self._max_step)
         self._overlap = max(p.spec.window_overlap_size for p in policies)
         self._held: list[bytes] = []
         self._pending: dict[int, list[str]] = {}  # choice -> text not yet screened
@@ -376,6 +382,7 @@ class StreamGuard:
 
     async def _release(self) -> list[bytes]:
         pending, self._pending, self._new = self._pending, {}, 0
+        self._step = min(self._step * 2, self._max_step)
         count = max((*pending, *self._tail), default=0) + 1  # the choices seen so far
         classes: Classes = []
         for index, parts in sorted(pending.items()):
