@@ -153,8 +153,38 @@ def _add_import(commands: Any) -> None:
     )
     cache.add_argument("--semantic-cache-duration", metavar="D", help="default 1h")
     safety = imp.add_argument_group("AI content safety")
-    safety.add_argument("--content-safety-backend-id", default="", metavar="ID")
+    safety.add_argument(
+        "--content-safety-backend-id", default="", metavar="ID", help="the analysis backend"
+    )
+    safety.add_argument(
+        "--content-safety-category",
+        dest="content_safety_categories",
+        action="append",
+        default=[],
+        metavar="NAME=THRESHOLD",
+        help="block at this severity (0-7) or above; NAME: Hate, SelfHarm, Sexual, Violence "
+        "(repeatable)",
+    )
+    safety.add_argument(
+        "--content-safety-output-type",
+        metavar="FourSeverityLevels|EightSeverityLevels",
+        help="the severity scale (default FourSeverityLevels)",
+    )
     safety.add_argument("--content-safety-shield-prompt", action="store_true")
+    safety.add_argument(
+        "--content-safety-blocklist",
+        dest="content_safety_blocklists",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a list of the config's top-level blocklists, or else the service's (repeatable)",
+    )
+    safety.add_argument("--content-safety-enforce-on-completions", action="store_true")
+    safety.add_argument(
+        "--content-safety-on-error",
+        metavar="block|allow",
+        help="when the analysis backend fails (default block)",
+    )
     imp.add_argument(
         "--config", default=DEFAULT_CONFIG, help=f"default {DEFAULT_CONFIG}; created when missing"
     )
@@ -368,8 +398,11 @@ def _import(args: argparse.Namespace) -> int:
     from proxy import importer
 
     fields = {f.name for f in dataclasses.fields(importer.ImportSpec)}
-    values = {k: v for k, v in vars(args).items() if k in fields}
-    spec = importer.ImportSpec(**{**values, "products": tuple(args.products)})
+    # the repeatable flags (--product, --content-safety-category, ...) as tuples
+    values: dict[str, Any] = {
+        k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items()
+    }
+    spec = importer.ImportSpec(**{k: v for k, v in values.items() if k in fields})
     try:
         outcome = importer.import_api(spec, args.config, dry_run=args.dry_run)
     except importer.ImportRefusedError as exc:

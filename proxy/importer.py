@@ -40,6 +40,7 @@ from proxy import yamledit
 from proxy.config import (
     CacheLookup,
     CacheStore,
+    Categories,
     Config,
     ConfigError,
     ContentSafety,
@@ -111,6 +112,11 @@ class ImportSpec:
     semantic_cache_duration: str | None = None  # default 1h
     content_safety_backend_id: str = ""
     content_safety_shield_prompt: bool = False
+    content_safety_enforce_on_completions: bool = False
+    content_safety_categories: tuple[str, ...] = ()  # NAME=THRESHOLD, e.g. "Hate=4"
+    content_safety_output_type: str | None = None  # default FourSeverityLevels
+    content_safety_blocklists: tuple[str, ...] = ()
+    content_safety_on_error: str | None = None  # default block
     probe: bool = True
 
     def scrub(self, text: str) -> str:
@@ -231,11 +237,8 @@ def _policies(spec: ImportSpec) -> tuple[PolicyEntry, ...]:
     _check_policy_flags(spec)
     chosen: dict[str, Any] = {}  # PolicyEntry field -> policy, in order
     try:
-        if spec.content_safety_backend_id:
-            chosen["llm_content_safety"] = ContentSafety(
-                backend_id=spec.content_safety_backend_id,
-                shield_prompt=spec.content_safety_shield_prompt,
-            )
+        if spec.content_safety_backend_id or spec.content_safety_blocklists:
+            chosen["llm_content_safety"] = _content_safety(spec)
         if spec.semantic_cache_backend_id:
             threshold = spec.semantic_cache_score_threshold
             chosen["llm_semantic_cache_lookup"] = CacheLookup(
@@ -285,11 +288,98 @@ def _check_policy_flags(spec: ImportSpec) -> None:
             "--semantic-cache-score-threshold and --semantic-cache-duration need "
             "--semantic-cache-backend-id (the embeddings backend)"
         )
-    if spec.content_safety_shield_prompt and not spec.content_safety_backend_id:
+    _check_safety_flags(spec)
+
+
+# The schema's own choices and category names (``Hate``, ``SelfHarm``, ...: Categories'
+# fields but output-type), so the flags cannot drift from what the loader accepts.
+_OUTPUT_TYPES: tuple[str, ...] = typing.get_args(
+    next(f.type for f in msgspec.structs.fields(Categories) if f.name == "output_type")
+)
+_ON_ERROR: tuple[str, ...] = typing.get_args(
+    next(f.type for f in msgspec.structs.fields(ContentSafety) if f.name == "on_error")
+)
+_CATEGORY_FIELDS = {
+    f.encode_name: f.name for f in msgspec.structs.fields(Categories) if f.name != "output_type"
+}
+
+
+def _check_safety_flags(spec: ImportSpec) -> None:
+    """The content-safety tab: severities, prompt shields and the service's failures belong
+    to the analysis backend (the local screen has only blocklists)."""
+    for flag, value, choices in (
+        ("--content-safety-output-type", spec.content_safety_output_type, _OUTPUT_TYPES),
+        ("--content-safety-on-error", spec.content_safety_on_error, _ON_ERROR),
+    ):
+        if value is not None and _choice(value, choices) is None:
+            raise ImportRefusedError(f"{flag}: {value!r} is not one of {', '.join(choices)}")
+    if spec.content_safety_output_type is not None and not spec.content_safety_categories:
+        raise ImportRefusedError("--content-safety-output-type: needs --content-safety-category")
+    if not spec.content_safety_backend_id:
+        for flag, given in (
+            ("--content-safety-category", bool(spec.content_safety_categories)),
+            ("--content-safety-output-type", spec.content_safety_output_type is not None),
+            ("--content-safety-shield-prompt", spec.content_safety_shield_prompt),
+            ("--content-safety-on-error", spec.content_safety_on_error is not None),
+        ):
+            if given:
+                raise ImportRefusedError(
+                    f"{flag}: needs --content-safety-backend-id (the analysis backend; the "
+                    "local screen has only blocklists)"
+                )
+    if spec.content_safety_enforce_on_completions and not (
+        spec.content_safety_backend_id or spec.content_safety_blocklists
+    ):
         raise ImportRefusedError(
-            "--content-safety-shield-prompt: needs --content-safety-backend-id (the analysis "
-            "backend)"
+            "--content-safety-enforce-on-completions: needs --content-safety-backend-id or "
+            "--content-safety-blocklist (nothing would screen the completions)"
         )
+    for i, name in enumerate(spec.content_safety_blocklists):
+        if not name.strip():
+            raise ImportRefusedError("--content-safety-blocklist: a name must not be blank")
+        if name in spec.content_safety_blocklists[:i]:
+            raise ImportRefusedError(f"--content-safety-blocklist: {name!r} is given twice")
+
+
+def _choice(value: str, choices: tuple[str, ...]) -> str | None:
+    """The one of ``choices`` that ``value`` names, in any case; None for none."""
+    return next((c for c in choices if c.lower() == value.lower()), None)
+
+
+def _content_safety(spec: ImportSpec) -> ContentSafety:
+    """The ``llm-content-safety`` policy of the flags (checked by _check_safety_flags)."""
+    thresholds = _thresholds(spec.content_safety_categories)
+    output_type = _choice(spec.content_safety_output_type or _OUTPUT_TYPES[0], _OUTPUT_TYPES)
+    categories = Categories(output_type=output_type, **thresholds) if thresholds else None  # type: ignore[arg-type]
+    return ContentSafety(
+        backend_id=spec.content_safety_backend_id,
+        shield_prompt=spec.content_safety_shield_prompt,
+        enforce_on_completions=spec.content_safety_enforce_on_completions,
+        categories=categories,
+        blocklists=spec.content_safety_blocklists,
+        on_error=_choice(spec.content_safety_on_error or "block", _ON_ERROR),  # type: ignore[arg-type]
+    )
+
+
+def _thresholds(items: tuple[str, ...]) -> dict[str, int]:
+    """``("hate=4", "Violence=2")`` as Categories' keyword arguments ``{"hate": 4, ...}``."""
+    thresholds: dict[str, int] = {}
+    for item in items:
+        name, equals, threshold = (part.strip() for part in item.partition("="))
+        canonical = _choice(name, tuple(_CATEGORY_FIELDS))
+        if not equals:
+            problem = "is not NAME=THRESHOLD, e.g. Hate=4"
+        elif canonical is None:
+            problem = f"NAME is one of {', '.join(_CATEGORY_FIELDS)}"
+        elif not re.fullmatch(r"[0-7]", threshold):
+            problem = "THRESHOLD is a severity from 0 to 7"
+        elif _CATEGORY_FIELDS[canonical] in thresholds:
+            problem = f"{canonical} is given twice"
+        else:
+            thresholds[_CATEGORY_FIELDS[canonical]] = int(threshold)
+            continue
+        raise ImportRefusedError(f"--content-safety-category: {item!r}: {problem}")
+    return thresholds
 
 
 _POLICY_FLAGS = {
@@ -335,6 +425,7 @@ def _conflicts(plan: _Plan, config: Config) -> Iterator[str]:
             ref, flag = policy.embeddings_backend_id, "--semantic-cache-backend-id"
         elif isinstance(policy, ContentSafety):
             ref, flag = policy.backend_id, "--content-safety-backend-id"
+            yield from _unheld_blocklists(policy, config)
         if ref and ref not in backends:
             yield f"{flag}: no backend {ref!r} in the config (nor the one being imported)"
         if isinstance(policy, TokenMetric) and _metric_namespaces(config) & {policy.namespace}:
@@ -342,6 +433,20 @@ def _conflicts(plan: _Plan, config: Config) -> Iterator[str]:
                 f"--emit-token-metric: an llm-emit-token-metric with namespace "
                 f"{policy.namespace!r} is configured already (it would count tokens twice); "
                 "leave the flag out or give --token-metric-namespace"
+            )
+
+
+def _unheld_blocklists(policy: ContentSafety, config: Config) -> Iterator[str]:
+    """Blocklists nothing would hold: not defined locally, and no service to ask."""
+    if policy.backend_id:
+        return  # a name the config does not define is the service's own list
+    local = ", ".join(config.blocklists) or "none"
+    for name in policy.blocklists:
+        if name not in config.blocklists:
+            yield (
+                f"--content-safety-blocklist: {name!r} is not in the config's top-level "
+                f"blocklists (local lists: {local}), and without --content-safety-backend-id "
+                "no service holds it"
             )
 
 
@@ -353,9 +458,9 @@ def _metric_namespaces(config: Config) -> set[str]:
 # --- the edit: the plan as YAML nodes, appended by proxy.yamledit ----------------------------
 
 
-def _edit(text: str, plan: _Plan) -> str:
+def _edit(text: str, plan: _Plan, spec: ImportSpec) -> str:
     """``text`` with the plan's backend and API appended, layout kept, or ImportRefusedError."""
-    additions = [("backends", _backend_entry(plan)), ("apis", _api_entry(plan))]
+    additions = [("backends", _backend_entry(plan)), ("apis", _api_entry(plan, spec))]
     try:
         return yamledit.append_to_lists(text, additions)
     except yamledit.ParseError as exc:
@@ -378,7 +483,7 @@ def _backend_entry(plan: _Plan) -> CommentedMap:
     return entry
 
 
-def _api_entry(plan: _Plan) -> CommentedMap:
+def _api_entry(plan: _Plan, spec: ImportSpec) -> CommentedMap:
     api = plan.api
     entry = CommentedMap([("id", api.id), ("display-name", api.display_name)])
     if api.description:
@@ -389,11 +494,11 @@ def _api_entry(plan: _Plan) -> CommentedMap:
     if api.products:
         entry["products"] = _flow(CommentedSeq(api.products))
     if api.policies:
-        entry["policies"] = CommentedSeq(_policy_entry(p) for p in api.policies)
+        entry["policies"] = CommentedSeq(_policy_entry(p, spec) for p in api.policies)
     return entry
 
 
-def _policy_entry(entry: PolicyEntry) -> CommentedMap:
+def _policy_entry(entry: PolicyEntry, spec: ImportSpec) -> CommentedMap:
     """``entry`` as a block mapping with the settings the flags gave (defaults unsaid)."""
     policy = entry.policy
     given = {
@@ -401,17 +506,40 @@ def _policy_entry(entry: PolicyEntry) -> CommentedMap:
         TokenMetric: ("namespace",),
         CacheLookup: ("score-threshold", "embeddings-backend-id"),
         CacheStore: ("duration",),
-        ContentSafety: ("backend-id", "shield-prompt"),
+        ContentSafety: (
+            "backend-id",
+            "shield-prompt",
+            "enforce-on-completions",
+            "categories",
+            "blocklists",
+            "on-error",
+        ),
     }[type(policy)]
     data: dict[str, Any] = msgspec.to_builtins(policy, enc_hook=str)
-    settings = CommentedMap((k, data[k]) for k in given if data[k] not in (None, "", False))
+    settings = CommentedMap((k, data[k]) for k in given if data[k] not in (None, "", False, ()))
     if isinstance(policy, TokenLimit):
         settings["counter-key"] = DoubleQuotedScalarString(policy.counter_key)  # "{...}"
         if policy.token_quota is None:
             del settings["token-quota-period"]
+    if isinstance(policy, ContentSafety):
+        _safety_settings(settings, spec)
     if len(settings) == 1:  # {duration: 1h}, {namespace: tollway}
         _flow(settings)
     return CommentedMap([(entry.name, settings)])
+
+
+def _safety_settings(settings: CommentedMap, spec: ImportSpec) -> None:
+    """Content safety's settings as the flags gave them: on-error and output-type only when
+    given (their defaults are always there), categories and blocklists on one line each."""
+    if spec.content_safety_on_error is None:
+        del settings["on-error"]
+    if "categories" in settings:  # {output-type: ..., Hate: 4, SelfHarm: None, ...}
+        given = {k: v for k, v in settings["categories"].items() if v is not None}
+        if spec.content_safety_output_type is None:
+            del given["output-type"]
+        settings["categories"] = _flow(CommentedMap(given))
+    if "blocklists" in settings:
+        settings["blocklists"] = _flow(CommentedSeq(settings["blocklists"]))
 
 
 def _flow(node: CommentedMap | CommentedSeq) -> Any:
@@ -527,7 +655,7 @@ def import_api(
         ) from None
     if problems := list(_conflicts(plan, current)):
         raise ImportRefusedError("; ".join(problems))
-    new = _edit(old, plan)
+    new = _edit(old, plan, spec)
     models = _probe(spec, plan, env)
     try:
         _load(new, env, stand_ins)

@@ -25,7 +25,15 @@ import httpx
 import openai
 import pytest
 
-from proxy.config import CacheLookup, CacheStore, ContentSafety, TokenLimit, TokenMetric, load
+from proxy.config import (
+    CacheLookup,
+    CacheStore,
+    Categories,
+    ContentSafety,
+    TokenLimit,
+    TokenMetric,
+    load,
+)
 from tests.conftest import KEY
 from tests.gatewayproc import start_gateway
 from tests.mockproc import ROOT, MockProc, free_port
@@ -285,6 +293,117 @@ def test_the_portal_tabs_become_policies(config: Path, mock: MockProc) -> None:
         CacheStore(duration=600),
     ]  # fmt: skip
     assert "llm-semantic-cache-store: {duration: 10m}" in config.read_text()
+
+
+# A local list for the content-safety tab; any other blocklist name is the service's.
+LOCAL_BLOCKLIST = "blocklists:\n  banned:\n    terms: [make a bomb]\n"
+SAFETY = "--content-safety-"
+
+
+@pytest.mark.parametrize(
+    ("flags", "written", "policy"),
+    [
+        (  # the whole tab; names and choices in any case, written as the schema spells them
+            [SAFETY + "backend-id", "mock", SAFETY + "category", "hate=4",
+             SAFETY + "category", "VIOLENCE=2", SAFETY + "output-type", "eightseveritylevels",
+             SAFETY + "shield-prompt", SAFETY + "blocklist", "banned",
+             SAFETY + "blocklist", "service-list", SAFETY + "enforce-on-completions",
+             SAFETY + "on-error", "allow"],
+            "      - llm-content-safety:\n"
+            "          backend-id: mock\n"
+            "          shield-prompt: true\n"
+            "          enforce-on-completions: true\n"
+            "          categories: {output-type: EightSeverityLevels, Hate: 4, Violence: 2}\n"
+            "          blocklists: [banned, service-list]\n"
+            "          on-error: allow\n",
+            ContentSafety(backend_id="mock", shield_prompt=True, enforce_on_completions=True,
+                          categories=Categories(output_type="EightSeverityLevels", hate=4, violence=2),
+                          blocklists=("banned", "service-list"), on_error="allow"),
+        ),
+        (  # only what is given: no output-type, no on-error; a threshold of 0 is kept
+            [SAFETY + "backend-id", "mock", SAFETY + "category", "Sexual=0",
+             SAFETY + "category", "selfharm=6"],
+            "      - llm-content-safety:\n"
+            "          backend-id: mock\n"
+            "          categories: {SelfHarm: 6, Sexual: 0}\n",
+            ContentSafety(backend_id="mock", categories=Categories(self_harm=6, sexual=0)),
+        ),
+        (  # defaults given explicitly are written
+            [SAFETY + "backend-id", "mock", SAFETY + "category", "Hate=2",
+             SAFETY + "output-type", "FourSeverityLevels", SAFETY + "on-error", "block"],
+            "      - llm-content-safety:\n"
+            "          backend-id: mock\n"
+            "          categories: {output-type: FourSeverityLevels, Hate: 2}\n"
+            "          on-error: block\n",
+            ContentSafety(backend_id="mock", categories=Categories(hate=2)),
+        ),
+        (  # a list of the config's own: no backend needed
+            [SAFETY + "blocklist", "banned", SAFETY + "enforce-on-completions"],
+            "      - llm-content-safety:\n"
+            "          enforce-on-completions: true\n"
+            "          blocklists: [banned]\n",
+            ContentSafety(blocklists=("banned",), enforce_on_completions=True),
+        ),
+        (
+            [SAFETY + "blocklist", "banned"],
+            "      - llm-content-safety: {blocklists: [banned]}\n",
+            ContentSafety(blocklists=("banned",)),
+        ),
+    ],
+    ids=["whole-tab", "only-what-is-given", "defaults-given", "local-list", "local-list-alone"],
+)  # fmt: skip
+def test_the_content_safety_tab(
+    config: Path, flags: list[str], written: str, policy: ContentSafety
+) -> None:
+    config.write_text(config.read_text() + LOCAL_BLOCKLIST)
+    old = config.read_text()
+    result = import_(config, "--name", "Safe", "--url", "http://127.0.0.1:9/v1", "--path",
+                     "/safe", "--no-probe", *flags)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    (_, api_block) = inserted(old, config.read_text())
+    assert api_block.strip("\n") == (
+        "  - id: safe\n    display-name: Safe\n    path: /safe\n    type: openai\n"
+        "    backend: safe\n    policies:\n" + written.rstrip("\n")
+    )
+    (entry,) = load(config, env=SERVE_ENV).api("safe").policies
+    assert entry.policy == policy
+    checked = tollway("check-config", str(config), env=SERVE_ENV)
+    assert checked.returncode == 0, checked.stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ([SAFETY + "category", "Hate=4"], "--content-safety-category: needs --content-safety-backend-id"),
+        ([SAFETY + "blocklist", "banned", SAFETY + "category", "Hate=4"], "--content-safety-category: needs --content-safety-backend-id"),
+        ([SAFETY + "output-type", "EightSeverityLevels"], "--content-safety-output-type: needs --content-safety-category"),
+        ([SAFETY + "shield-prompt"], "--content-safety-shield-prompt: needs --content-safety-backend-id"),
+        ([SAFETY + "blocklist", "banned", SAFETY + "on-error", "allow"], "--content-safety-on-error: needs --content-safety-backend-id"),
+        ([SAFETY + "enforce-on-completions"], "--content-safety-enforce-on-completions: needs --content-safety-backend-id or --content-safety-blocklist"),
+        ([SAFETY + "blocklist", "banned-terms"], "--content-safety-blocklist: 'banned-terms' is not in the config's top-level blocklists (local lists: banned), and without --content-safety-backend-id no service holds it"),
+        ([SAFETY + "blocklist", "banned", SAFETY + "blocklist", "banned"], "--content-safety-blocklist: 'banned' is given twice"),
+        ([SAFETY + "blocklist", " "], "--content-safety-blocklist: a name must not be blank"),
+        ([SAFETY + "backend-id", "nope"], "--content-safety-backend-id: no backend 'nope' in the config"),
+        ([SAFETY + "backend-id", "mock", SAFETY + "category", "Hate"], "--content-safety-category: 'Hate': is not NAME=THRESHOLD, e.g. Hate=4"),
+        ([SAFETY + "backend-id", "mock", SAFETY + "category", "Rage=4"], "--content-safety-category: 'Rage=4': NAME is one of Hate, SelfHarm, Sexual, Violence"),
+        ([SAFETY + "backend-id", "mock", SAFETY + "category", "Hate=8"], "--content-safety-category: 'Hate=8': THRESHOLD is a severity from 0 to 7"),
+        ([SAFETY + "backend-id", "mock", SAFETY + "category", "Hate=-1"], "--content-safety-category: 'Hate=-1': THRESHOLD is a severity from 0 to 7"),
+        ([SAFETY + "backend-id", "mock", SAFETY + "category", "Hate=4", SAFETY + "category", "hate=2"], "--content-safety-category: 'hate=2': Hate is given twice"),
+        ([SAFETY + "backend-id", "mock", SAFETY + "category", "Hate=4", SAFETY + "output-type", "Six"], "--content-safety-output-type: 'Six' is not one of FourSeverityLevels, EightSeverityLevels"),
+        ([SAFETY + "backend-id", "mock", SAFETY + "on-error", "ignore"], "--content-safety-on-error: 'ignore' is not one of block, allow"),
+    ],
+)  # fmt: skip
+def test_bad_content_safety_flags_are_refused(
+    config: Path, flags: list[str], expected: str
+) -> None:
+    config.write_text(config.read_text() + LOCAL_BLOCKLIST)
+    before = config.read_bytes()
+    result = import_(config, "--name", "New", "--url", "http://127.0.0.1:9/v1", "--path", "/new",
+                     "--no-probe", *flags)  # fmt: skip
+    assert result.returncode == 2, result.stdout
+    assert result.stderr.startswith(f"tollway: import refused: {expected}"), result.stderr
+    assert result.stderr.count("\n") == 1
+    assert config.read_bytes() == before
 
 
 def test_an_import_into_the_shipped_config_keeps_every_line(tmp_path: Path, mock: MockProc) -> None:
