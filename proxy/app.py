@@ -38,7 +38,7 @@ from proxy.clients import ClientAddress
 from proxy.config import CacheLookup, CacheStore, Config, ContentSafety, Subscription
 from proxy.console import ConsoleEndpoint
 from proxy.dispatch import BackendHealth, Backends, per_backend
-from proxy.errors import GatewayError, MethodNotAllowedError
+from proxy.errors import GatewayError, InvalidRequestError, MethodNotAllowedError
 from proxy.exchange import Exchange
 from proxy.handlers import ApiHandler, OpenAIHandler, PassthroughHandler
 from proxy.limits.base import Limiter
@@ -64,7 +64,7 @@ from proxy.telemetry.shared import ENV as SHARED_ENV
 from proxy.telemetry.shared import Snapshots
 from proxy.telemetry.tracecontext import Sampler
 from proxy.tokens import TokenizerRegistry
-from proxy.types import Receive, Scope, Send
+from proxy.types import Message, Receive, Scope, Send
 
 if TYPE_CHECKING:  # proxy.cache (numpy) is imported only when a config has a lookup
     from proxy.cache.base import Embedder
@@ -74,7 +74,9 @@ log = logging.getLogger("tollway")
 _ENDPOINT_METHODS = ("GET", "HEAD")  # of /healthz, /readyz, /metrics, /openapi.json
 _SECTIONS = ("/console", "/admin")  # whole path trees served by their own modules
 Section = Callable[[Scope, Receive, Send], Awaitable[None]]
+Endpoint = Callable[[Scope, Send], Awaitable[None]]
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
+_BODY_BROKEN = "The request body is malformed or ended early."
 # `tollway serve` puts its own pid here: the Granian parent that forwards SIGHUP to every worker.
 SERVER_ENV = "TOLLWAY_SERVER_PID"
 _encoder = msgspec.json.Encoder()
@@ -201,7 +203,7 @@ class Gateway:
         self.ready = False
         self._retired: set[asyncio.Task[Any]] = set()
         self._echo: Signature | None = None  # see admin_reload
-        self._endpoints = {"/healthz": self._healthz, "/readyz": self._readyz}
+        self._endpoints: dict[str, Endpoint] = {"/healthz": self._healthz, "/readyz": self._readyz}
         if config.telemetry.prometheus:
             self._endpoints["/metrics"] = self._metrics
         self._endpoints[OPENAPI_PATH] = OpenAPIEndpoint(config)
@@ -219,14 +221,10 @@ class Gateway:
         path: str = scope["path"]
         endpoint = self._endpoints.get(path)
         if endpoint is not None:
-            if scope["method"] not in _ENDPOINT_METHODS:
-                error = MethodNotAllowedError(_ENDPOINT_METHODS)
-                await send_response(send, 405, error_headers(error), error_body(error))
-                return
-            await endpoint(scope, send)
+            await _endpoint(endpoint, scope, _stamped(scope, send))
             return
         if path.startswith(_SECTIONS) and (section := self._section(path)) is not None:
-            await section(scope, receive, send)
+            await section(scope, receive, _stamped(scope, send))
             return
         runtime, telemetry = self.runtime, self.telemetry
         runtime.active += 1
@@ -253,7 +251,17 @@ class Gateway:
         except GatewayError as error:
             ex.error_code = error.code
             await _render(ex, error, send)
-        except (ClientDisconnected, Truncated) as exc:
+        except ClientDisconnected:
+            if ex.started:  # the backend answered before the request body was all read
+                ex.error_code = "ClientDisconnected"
+            else:
+                # Only a request body read raises it, and Granian reports a malformed body
+                # (a bad chunk-size line, a chunk that does not match its size) as `http.disconnect`
+                # too, with the client still waiting: answer it. A client that really left
+                # gets nothing either way (ASGI 2.3: a send to a dead client goes nowhere).
+                ex.error_code = "InvalidRequest"
+                await _render(ex, InvalidRequestError(_BODY_BROKEN), send)
+        except Truncated as exc:
             ex.error_code = type(exc).__name__
             ex.status = ex.status or 499
         except asyncio.CancelledError:
@@ -276,6 +284,18 @@ class Gateway:
             if path == prefix or path.startswith(prefix + "/"):
                 return section
         return None
+
+    def _use_prometheus(self, config: Config) -> None:
+        """Serve `/metrics` or not, as a reloaded `telemetry.prometheus` says (off: it is 404
+        like any unknown path). The telemetry is made once per process, so a process that
+        started with none has no metrics to show until it restarts."""
+        if not config.telemetry.prometheus:
+            self._endpoints.pop("/metrics", None)
+        elif isinstance(self.telemetry, NoTelemetry):
+            log.warning("tollway: telemetry.prometheus takes effect on restart (this process "
+                        "started with telemetry off); /metrics stays off")  # fmt: skip
+        else:
+            self._endpoints["/metrics"] = self._metrics
 
     def _make_sections(self, config: Config) -> list[tuple[str, Section]]:
         sections: list[tuple[str, Section]] = []
@@ -434,6 +454,7 @@ class Gateway:
         self.cache_parts.retain(runtime.cache_sizes)
         runtime.use_subscriptions(self.subscriptions.effective(config))  # changed meanwhile?
         self._endpoints[OPENAPI_PATH] = OpenAPIEndpoint(config)
+        self._use_prometheus(config)
         self._sections = self._make_sections(config)
         self.telemetry.use_backends(backend_urls(config))
         self.access_log = AccessLog(config.telemetry.access_log, self.access_log.stream)
@@ -473,6 +494,32 @@ async def _render(ex: Exchange, error: GatewayError, send: Send) -> None:
         await send({"type": "http.response.body", "body": error_event(error), "more_body": True})
         await send({"type": "http.response.body", "body": b""})
     # else: a whole-body response already started; nothing honest can be added.
+
+
+async def _endpoint(endpoint: Endpoint, scope: Scope, send: Send) -> None:
+    """One of the gateway's own endpoints (GET or HEAD only)."""
+    if scope["method"] not in _ENDPOINT_METHODS:
+        error = MethodNotAllowedError(_ENDPOINT_METHODS)
+        await send_response(send, 405, error_headers(error), error_body(error))
+        return
+    await endpoint(scope, send)
+
+
+def _stamped(scope: Scope, send: Send) -> Send:
+    """`send` adding the request id and the overhead to the response start, for what is served
+    without an Exchange (the endpoints, the console, the admin API): SPEC §4's "always"."""
+    t0 = time.perf_counter()
+    request_id = _request_id(scope).encode("latin-1")
+
+    async def stamped(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            overhead = b"%.3f" % ((time.perf_counter() - t0) * 1000.0)
+            headers = [*message.get("headers", ()), (b"x-request-id", request_id),
+                       (b"x-tollway-overhead-ms", overhead)]  # fmt: skip
+            message = {**message, "headers": headers}
+        await send(message)
+
+    return stamped
 
 
 def _request_id(scope: Scope) -> str:

@@ -23,6 +23,8 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
     """Read the whole request body, refusing (413) past `limit` bytes.
 
     A declared Content-Length over the limit is refused before any of the body is read.
+    `http.disconnect` before the end raises ClientDisconnected: the client left, or (Granian)
+    its body could not be parsed, e.g. a bad chunk-size line.
     """
     declared = header(scope, b"content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -30,6 +32,8 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
     message = await receive()
     body: bytes = message.get("body", b"")
     if not message.get("more_body", False):
+        if not body and message["type"] == "http.disconnect":  # gone, or a malformed body
+            raise ClientDisconnected
         if len(body) > limit:
             raise RequestTooLargeError(limit)
         return body

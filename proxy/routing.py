@@ -71,7 +71,8 @@ def confine(subpath: str) -> str:
 
     The backend URL is the base URL plus this subpath, so the only way out of the base path
     would be a dot segment, literal or percent-encoded (`..`, `%2e%2e`, `..%2f`, doubly
-    encoded): any such segment, a backslash or a control character is refused with 400.
+    encoded, or before a `;` path parameter: `..;x`, `%2e%2e%3b`): any such segment, a
+    backslash or a control character is refused with 400.
     Leading slashes (`//host`) stay under the base path because nothing is URL-joined.
     """
     decoded = subpath
@@ -90,5 +91,6 @@ def _check_segments(path: str) -> None:
     if any(c in path for c in _FORBIDDEN_CHARS):
         raise InvalidRequestError("The request path contains a forbidden character.")
     for segment in path.split("/"):
-        if segment.strip(" ") in (".", ".."):
+        # Java servers (Tomcat, Jetty) take `..;jsessionid=x` as the segment `..` (path params)
+        if segment.partition(";")[0].strip(" ") in (".", ".."):
             raise InvalidRequestError("The request path may not contain dot segments.")

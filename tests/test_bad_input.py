@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import socket
 import threading
 import time
@@ -10,8 +12,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.conftest import KEY, SUSPENDED_KEY
-from tests.gatewayproc import GatewayProc
+from tests.conftest import KEY, SUSPENDED_KEY, gateway_config
+from tests.gatewayproc import GatewayProc, start_gateway
 from tests.mockproc import MockProc
 
 CHAT_PATH = "/openai/chat/completions"
@@ -135,6 +137,14 @@ def test_unknown_path_and_wrong_verb(
         "/passthrough/a/%2E%2e/%2e%2e/etc/passwd",
         "/passthrough/%252e%252e/x",
         "/passthrough/a\\..\\b",
+        # path parameters: Tomcat and Jetty read `..;x` as the segment `..`
+        "/passthrough/..;/admin",
+        "/passthrough/a/..;jsessionid=x/b",
+        "/passthrough/.;x/b",
+        "/passthrough/%2e%2e;/x",
+        "/passthrough/..%3b/x",
+        "/passthrough/%2e%2e%3Bjsessionid=x/y",
+        "/passthrough/%252e%252e%253b/x",
     ],
 )
 def test_passthrough_traversal_is_refused(gateway: GatewayProc, mock: MockProc, path: str) -> None:
@@ -143,7 +153,20 @@ def test_passthrough_traversal_is_refused(gateway: GatewayProc, mock: MockProc, 
         sock.sendall(f"GET {path} HTTP/1.1\r\nhost: x\r\napi-key: {KEY}\r\n\r\n".encode())
         reply = sock.recv(65536)
     assert reply.startswith(b"HTTP/1.1 400") or reply.startswith(b"HTTP/1.1 404"), reply[:100]
+    if ";" in path or "%3b" in path.lower():
+        assert reply.startswith(b"HTTP/1.1 400") and b'"InvalidRequest"' in reply, reply[:100]
     assert mock.requests() == [], "a traversal attempt reached the backend"
+
+
+@pytest.mark.parametrize("path", ["/passthrough/a;b/c", "/passthrough/...;x", "/passthrough/a..;x"])
+def test_passthrough_path_parameters_that_stay_put_are_forwarded(
+    gateway: GatewayProc, mock: MockProc, path: str
+) -> None:
+    mock.clear()
+    response = httpx.get(gateway.base + path, headers={"api-key": KEY})
+    assert response.status_code == 404  # the mock's own answer
+    (seen,) = mock.requests()
+    assert seen["path"] == "/v1/" + path.removeprefix("/passthrough/")
 
 
 @pytest.mark.parametrize("path", ["//evil.example/x", "/http://evil.example/x", "/@evil.example"])
@@ -241,3 +264,93 @@ def test_backend_timeout_is_504(gateway: GatewayProc) -> None:
     response = httpx.post(gateway.base + CHAT_PATH, json=GOOD, timeout=10,
                           headers={"api-key": KEY, "x-mock-delay-ms": "4000"})  # fmt: skip
     _error(response, 504, "BackendTimeout")
+
+
+def _raw_reply(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send `request` on a fresh connection; the reply's status, headers and body."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(request)
+        reply = b""
+        while b"\r\n\r\n" not in reply or len(reply.partition(b"\r\n\r\n")[2]) < _length(reply):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    return int(status_line.split()[1]), headers, body
+
+
+def _length(reply: bytes) -> int:
+    for line in reply.partition(b"\r\n\r\n")[0].split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            return int(line.partition(b":")[2])
+    return 0
+
+
+@pytest.mark.parametrize("path", [CHAT_PATH, "/passthrough/upload"])
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(b"zz\r\nabc\r\n0\r\n\r\n", id="bad-size-line"),
+        pytest.param(b"-1\r\n", id="negative-size"),
+        pytest.param(b"5\r\n{\"a\":\r\nQQ\r\n", id="good-then-bad-size"),
+        pytest.param(b"3\r\n{\"a\": 1}\r\n0\r\n\r\n", id="chunk-longer-than-its-size"),
+    ],
+)  # fmt: skip
+def test_malformed_chunked_body_is_400(gateway: GatewayProc, path: str, body: bytes) -> None:
+    # Granian reports a body it cannot parse as `http.disconnect` with the client still
+    # waiting; the client gets the documented error, not Granian's plain-text 500.
+    head = (f"POST {path} HTTP/1.1\r\nhost: x\r\napi-key: {KEY}\r\nx-request-id: chunky-1\r\n"
+            "content-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n")  # fmt: skip
+    status, headers, reply = _raw_reply(gateway.port, head.encode() + body)
+    assert status == 400, reply
+    assert headers["content-type"] == "application/json"
+    assert headers["x-request-id"] == "chunky-1" and "x-tollway-overhead-ms" in headers
+    error = json.loads(reply)["error"]
+    assert error["code"] == "InvalidRequest" and "malformed" in error["message"]
+
+
+ADMIN_KEY = "admin-key-for-bad-input-0123456789"
+
+
+@pytest.fixture(scope="module")
+def sections(mock: MockProc) -> Iterator[GatewayProc]:
+    """The test gateway with the console and the admin API on."""
+    text = gateway_config(mock.url).replace("gateway:\n", f"gateway:\n  admin-key: {ADMIN_KEY}\n")
+    proc = start_gateway(text)
+    yield proc
+    proc.stop()
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "headers", "status"),
+    [
+        ("GET", "/healthz", {}, 200),
+        ("HEAD", "/healthz", {}, 200),
+        ("GET", "/readyz", {}, 200),
+        ("GET", "/metrics", {}, 200),
+        ("GET", "/openapi.json", {}, 200),
+        ("POST", "/healthz", {}, 405),
+        ("DELETE", "/metrics", {}, 405),
+        ("GET", "/console", {}, 200),
+        ("GET", "/console/nothing-here", {}, 404),
+        ("GET", "/admin/subscriptions", {}, 401),
+        ("GET", "/admin/subscriptions", {"authorization": f"Bearer {ADMIN_KEY}"}, 200),
+        ("GET", "/admin/nothing-here", {"authorization": f"Bearer {ADMIN_KEY}"}, 404),
+        ("GET", "/nowhere", {}, 404),
+    ],
+)
+def test_every_response_carries_the_request_id_and_the_overhead(
+    sections: GatewayProc, method: str, path: str, headers: dict[str, str], status: int
+) -> None:
+    kept = httpx.request(method, sections.base + path, headers={**headers, "x-request-id": "own-1"})
+    assert kept.status_code == status, kept.text
+    assert kept.headers["x-request-id"] == "own-1"
+    assert float(kept.headers["x-tollway-overhead-ms"]) >= 0
+    assert len(kept.headers.get_list("x-request-id")) == 1
+    made = httpx.request(method, sections.base + path, headers={**headers, "x-request-id": "a b"})
+    assert made.status_code == status
+    assert re.fullmatch(r"[0-9a-f]{32}", made.headers["x-request-id"])
+    assert "x-tollway-overhead-ms" in made.headers

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,6 +27,7 @@ from proxy.telemetry.tracecontext import (
     parse_traceparent,
     traceparent,
 )
+from tests.gatewayproc import GatewayProc, start_gateway
 from tests.inprocess import run_app
 from tests.mockproc import MockProc, start_mock
 
@@ -508,3 +510,47 @@ def test_spans_keep_their_attributes_when_metrics_fold(mock: MockProc) -> None:
         assert folded["tollway.subscription.id"] == "team-a"
 
     run_app(make_config(mock.url), scenario)
+
+
+# -- /metrics follows a reloaded `telemetry.prometheus` -----------------------------------------
+
+
+def _served_config(mock_url: str, prometheus: bool) -> str:
+    return f"""
+telemetry: {{prometheus: {str(prometheus).lower()}, access-log: "off"}}
+backends: [{{id: mock, url: "{mock_url}"}}]
+apis: [{{id: chat, path: /openai, backend: mock, subscription-required: false}}]
+"""
+
+
+def _reloaded(gw: GatewayProc, text: str, times: int) -> None:
+    """SIGHUP with `text` as the config; back once the worker logged its `times`th reload."""
+    gw.reload(text)
+    deadline = time.monotonic() + 10
+    while gw.log().count("config reloaded from") < times:
+        assert time.monotonic() < deadline, gw.log()
+        time.sleep(0.02)
+
+
+def test_metrics_endpoint_follows_a_reload(mock: MockProc) -> None:
+    gw = start_gateway(_served_config(mock.url, prometheus=True))
+    try:
+        assert httpx.get(gw.base + "/metrics").status_code == 200
+        _reloaded(gw, _served_config(mock.url, prometheus=False), 1)
+        off = httpx.get(gw.base + "/metrics")
+        assert off.status_code == 404 and off.json()["error"]["code"] == "OperationNotFound"
+        _reloaded(gw, _served_config(mock.url, prometheus=True), 2)
+        back = httpx.get(gw.base + "/metrics")
+        assert back.status_code == 200 and "tollway_requests" in families(back.content)
+    finally:
+        gw.stop()
+
+
+def test_metrics_switched_on_without_telemetry_waits_for_a_restart(mock: MockProc) -> None:
+    gw = start_gateway(_served_config(mock.url, prometheus=False))
+    try:
+        _reloaded(gw, _served_config(mock.url, prometheus=True), 1)
+        assert httpx.get(gw.base + "/metrics").status_code == 404
+        assert gw.log().count("telemetry.prometheus takes effect on restart") == 1
+    finally:
+        gw.stop()
