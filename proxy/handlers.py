@@ -38,12 +38,11 @@ from proxy.safety.flatten import reply_texts
 from proxy.safety.policy import (
     SafetyPolicies,
     SafetyPolicy,
-    StreamGuard,
     check_reply,
     check_request,
     completion_policies,
-    stream_texts,
 )
+from proxy.safety.stream import StreamGuard, stream_texts
 from proxy.schemas import (
     ChatRequest,
     CompletionRequest,

@@ -24,7 +24,7 @@ from proxy.sse import EventSplitter, parse_event
 from proxy.types import Headers, Receive, Send
 
 if TYPE_CHECKING:
-    from proxy.safety.policy import StreamGuard
+    from proxy.safety.stream import StreamGuard
 
 SSE_HEADERS: Headers = [
     (b"content-type", b"text/event-stream"),

@@ -13,15 +13,9 @@ import pytest
 from proxy.config import ContentSafety
 from proxy.errors import ContentBlockedError
 from proxy.exchange import Exchange
-from proxy.safety.policy import (
-    SafetyMetrics,
-    SafetyPolicy,
-    StreamGuard,
-    check_reply,
-    check_request,
-    stream_texts,
-)
+from proxy.safety.policy import SafetyMetrics, SafetyPolicy, check_reply, check_request
 from proxy.safety.screen import LocalScreen
+from proxy.safety.stream import StreamGuard, stream_texts
 
 
 def policy(step: int = 20, overlap: int = 30) -> SafetyPolicy:

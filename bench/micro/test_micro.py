@@ -501,7 +501,7 @@ def test_content_screen_request(benchmark, body):
 @pytest.mark.parametrize("step", [100, 1], ids=["every-100-chars", "every-event"])
 def test_content_screen_stream(benchmark, step):
     """A 64-token streamed reply through `StreamGuard` (enforce-on-completions, local)."""
-    from proxy.safety.policy import StreamGuard
+    from proxy.safety.stream import StreamGuard
 
     policies = [_local_policy(step)]
     loop = asyncio.new_event_loop()

@@ -52,8 +52,6 @@ from proxy.exchange import Exchange
 from proxy.safety.azure import ContentSafetyClient, SafetyUnavailableError
 from proxy.safety.flatten import flatten, windows
 from proxy.safety.screen import LocalScreen, normalise
-from proxy.schemas import delta_texts
-from proxy.sse import parse_event
 from proxy.telemetry import genai
 from proxy.telemetry.metrics import Counter, Registry
 
@@ -65,7 +63,6 @@ _CONCURRENCY = 8  # backend calls in flight for one screening
 INLINE_SCREEN_CHARS = 64 * 1024
 _CATEGORIES = ("Hate", "SelfHarm", "Sexual", "Violence")
 DEFAULT_THRESHOLD = 4  # medium, in both output types
-FIRST_STEP = 16  # characters of a stream screened before its first text goes out
 _FIELDS = ("hate", "self_harm", "sexual", "violence")
 
 TARGET = "tollway.content_safety.target"  # request | completion
@@ -315,88 +312,13 @@ async def check_reply(
     policies: Sequence[SafetyPolicy], choices: list[list[str]], exchange: Exchange
 ) -> None:
     """Screen a whole completion, each choice on its own."""
-    classes = [(_choice_label(i, len(choices)), parts) for i, parts in enumerate(choices) if parts]
+    classes = [(choice_label(i, len(choices)), parts) for i, parts in enumerate(choices) if parts]
     if classes:
         await check(policies, classes, exchange, COMPLETION)
 
 
-def stream_texts(events: Sequence[bytes]) -> list[list[str]]:
-    """The text of a whole recorded stream, one list per choice."""
-    by_choice: dict[int, list[str]] = {}
-    for index, text in _event_texts(events):
-        by_choice.setdefault(index, []).append(text)
-    return [["".join(by_choice[i])] for i in sorted(by_choice)]
-
-
-def _event_texts(events: Sequence[bytes]) -> list[tuple[int, str]]:
-    """`(choice, text)` for the output text the SSE `events` carry, in order."""
-    texts: list[str] = []
-    choices: list[int] = []
-    for event in events:
-        _, data = parse_event(event)
-        if data:
-            delta_texts(data, texts, choices)
-    return list(zip(choices, texts, strict=True))
-
-
-def _choice_label(index: int, count: int) -> str:
+def choice_label(index: int, count: int) -> str:
     return "completion" if count == 1 else f"completion (choice {index})"
-
-
-class StreamGuard:
-    """Screens a streamed completion as it flows (see the module docstring)."""
-
-    __slots__ = ("_exchange", "_held", "_max_step", "_new", "_overlap", "_pending", "_policies",
-                 "_step",
-                 "_tail", "blocked")  # fmt: skip
-
-    def __init__(self, policies: Sequence[SafetyPolicy], exchange: Exchange):
-        self._policies = tuple(policies)
-        self._exchange = exchange
-        # The first text goes out after FIRST_STEP characters (time to first token), each
-        # next step twice as long, up to stream-window-size: few more calls, a quick start.
-        self._max_step = min(p.spec.stream_window_size for p in policies)
-        self._step = min(FIRST_STEP, self._max_step)
-        self._overlap = max(p.spec.window_overlap_size for p in policies)
-        self._held: list[bytes] = []
-        self._pending: dict[int, list[str]] = {}  # choice -> text not yet screened
-        self._tail: dict[int, str] = {}  # choice -> the screened text's last `overlap` chars
-        self._new = 0  # characters pending
-        self.blocked = False
-
-    async def admit(self, events: list[bytes]) -> list[bytes]:
-        """The events that may go out now (possibly none: held until screened)."""
-        for index, text in _event_texts(events):
-            self._pending.setdefault(index, []).append(text)
-            self._new += len(text)
-        if not self._held and not self._new:
-            return events  # no text waiting: nothing to hold these behind
-        self._held += events
-        if self._new < self._step:
-            return []
-        return await self._release()
-
-    async def end(self) -> list[bytes]:
-        """The stream ended: screen what is left and release the rest."""
-        return await self._release() if self._held or self._new else []
-
-    async def _release(self) -> list[bytes]:
-        pending, self._pending, self._new = self._pending, {}, 0
-        self._step = min(self._step * 2, self._max_step)
-        count = max((*pending, *self._tail), default=0) + 1  # the choices seen so far
-        classes: Classes = []
-        for index, parts in sorted(pending.items()):
-            text = self._tail.get(index, "") + "".join(parts)
-            self._tail[index] = text[-self._overlap :] if self._overlap else ""
-            classes.append((_choice_label(index, count), [text]))
-        try:
-            await check(self._policies, classes, self._exchange, COMPLETION)
-        except ContentBlockedError:
-            self.blocked = True
-            self._held = []
-            raise
-        held, self._held = self._held, []
-        return held
 
 
 class SafetyPolicies:
