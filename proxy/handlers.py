@@ -60,6 +60,8 @@ from proxy.types import Headers, Receive, Scope, Send
 if TYPE_CHECKING:  # the cache (numpy) is imported only when a config has a lookup
     from proxy.cache.policy import Lookup, SemanticCaches
 
+Cached = ChatRequest | CompletionRequest | ResponsesRequest  # what the semantic cache serves
+
 # Never forwarded in either direction (RFC 9110 §7.6.1), plus what the gateway sets itself.
 HOP_BY_HOP = frozenset(
     {
@@ -227,7 +229,7 @@ class OpenAIHandler(ApiHandler):
                 if screens:
                     await check_request(screens, body, exchange)
                     outputs = completion_policies(screens)
-            if self.caches is not None and isinstance(view, ChatRequest | CompletionRequest):
+            if self.caches is not None and isinstance(view, Cached):
                 cache = self.caches.for_product(exchange.product_id)
                 if cache is not None:  # before the token limits: a hit costs no tokens
                     lookup = await cache.lookup(view, body, exchange, scope, name)
@@ -301,8 +303,7 @@ class OpenAIHandler(ApiHandler):
                     keep: Callable[[bytes], bool] = stream_filter.keep
                     if lookup is not None:
                         out += lookup.headers()
-                        if isinstance(stream_filter, ChatStreamFilter):
-                            keep = lookup.recording(keep, stream_filter)
+                        keep = lookup.recording(keep, stream_filter)
                     guard = StreamGuard(outputs, exchange) if outputs else None
                     await exchange.start(send, 200, sse_headers(out))
                     try:
@@ -314,7 +315,7 @@ class OpenAIHandler(ApiHandler):
                         exchange.finish_reasons = stream_filter.finish_reasons
                     if guard is not None and guard.blocked:
                         exchange.error_code = "ContentBlocked"
-                    elif lookup is not None and isinstance(stream_filter, ChatStreamFilter):
+                    elif lookup is not None:
                         lookup.stream_ended(stream_filter)
                 else:
                     payload = await response.read()
@@ -353,9 +354,7 @@ class OpenAIHandler(ApiHandler):
         await send({"type": "http.response.body", "body": payload})
 
 
-async def replay(
-    exchange: Exchange, lookup: Lookup, view: ChatRequest | CompletionRequest, send: Send
-) -> None:
+async def replay(exchange: Exchange, lookup: Lookup, view: Cached, send: Send) -> None:
     """Answer from the cache: the stored reply, a stream as its stored events one by one
     (without the usage-only chunk for a client that did not ask for it)."""
     entry = lookup.entry
@@ -368,7 +367,7 @@ async def replay(
         await exchange.start(send, 200, headers)
         await send({"type": "http.response.body", "body": entry.body})
         return
-    skip = -1 if wants_usage(view) else entry.usage_at
+    skip = -1 if isinstance(view, ResponsesRequest) or wants_usage(view) else entry.usage_at
     exchange.stream = True
     await exchange.start(send, 200, sse_headers(headers))
     for i, event in enumerate(entry.events):

@@ -356,7 +356,7 @@ def _success(operation: str, limit_headers: Doc) -> Doc:
     return {"description": text, "headers": {**_STAMP, **limit_headers}, "content": content}
 
 
-CACHED = ("chat-completions", "completions")  # the operations the semantic cache serves
+CACHED = ("chat-completions", "completions", "responses")  # what the semantic cache serves
 _CACHE_HEADERS: Doc = {
     "x-cache": {
         "description": "The semantic cache's verdict (llm-semantic-cache-lookup): `HIT` (the "

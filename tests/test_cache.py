@@ -1,6 +1,7 @@
 """The semantic cache in-process (the gateway's ASGI app) against the real mock backend, whose
 embeddings are deterministic (similar prompts close, unrelated far), and its parts alone: the
-in-process index, entries, what is embedded, config validation, /openapi.json.
+in-process index, entries, what is embedded and how requests are partitioned (chat,
+completions and the Responses API), config validation, /openapi.json.
 
 Prompt distances under the mock's embeddings (proxy/mock_llm.py `embed`), threshold 0.15:
 "What is the capital of France?" vs "What is the capital city of France?" 0.12 (hit),
@@ -19,6 +20,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import httpx
+import msgspec
 import numpy as np
 import pytest
 
@@ -31,7 +33,14 @@ from proxy.cache.policy import SemanticCache
 from proxy.config import ConfigError, loads
 from proxy.exchange import Exchange
 from proxy.mock_llm import embed
-from proxy.schemas import ChatRequest, CompletionRequest, ContentPart, Message
+from proxy.schemas import (
+    ChatRequest,
+    CompletionRequest,
+    ContentPart,
+    Message,
+    ResponsesRequest,
+    decode_request,
+)
 from tests.conftest import KEY, KEY_B
 from tests.mockproc import MockProc, free_port
 
@@ -76,6 +85,16 @@ subscriptions:
   - id: team-b
     primary-key: {KEY_B}
 """
+
+
+def responses(text: str | list[Any], stream: bool = False, **more: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": "gpt-4o-mini", "input": text, **more}
+    if stream:
+        body["stream"] = True
+    return body
+
+
+RESPONSES = "/openai/responses"
 
 
 def chat(text: str, stream: bool = False, **more: Any) -> dict[str, Any]:
@@ -530,6 +549,130 @@ def test_completions_are_cached_too(backend: MockProc) -> None:
     run(config_text(backend.url), scenario)
 
 
+def test_responses_miss_then_hit_for_the_same_and_a_similar_input(backend: MockProc) -> None:
+    async def scenario(client: Client) -> None:
+        first = await client.post(responses(FRANCE), path=RESPONSES)
+        assert (first.status, first.cache) == (200, "MISS")
+        assert first.json()["status"] == "completed"
+        same = await client.post(responses(FRANCE), path=RESPONSES)
+        assert (same.cache, same.headers["x-cache-distance"], same.body) == ("HIT", "0.0000",
+                                                                              first.body)  # fmt: skip
+        assert same.headers["content-type"] == "application/json"
+        similar = await client.post(responses(FRANCE_2), path=RESPONSES)
+        assert similar.cache == "HIT" and similar.json()["id"] == first.json()["id"]
+        as_items = responses(
+            [{"role": "user", "content": [{"type": "input_text", "text": FRANCE}]}]
+        )
+        assert (await client.post(as_items, path=RESPONSES)).body == first.body
+        other = await client.post(responses(FRANCE, instructions="Answer like a pirate."),
+                                  path=RESPONSES)  # fmt: skip
+        assert other.cache == "MISS"  # other instructions: another partition
+        assert (await client.post(chat(FRANCE))).cache == "MISS"  # another operation
+        assert (await client.post(responses(SPAIN), path=RESPONSES)).cache == "MISS"
+
+    run(config_text(backend.url), scenario)
+    assert backend_calls(backend, "/v1/responses") == 3  # France, pirate France, Spain
+
+
+def test_a_streamed_responses_hit_replays_the_stored_events(backend: MockProc) -> None:
+    async def scenario(client: Client) -> None:
+        live = await client.post(responses(FRANCE, stream=True), path=RESPONSES)
+        assert live.cache == "MISS" and live.headers["content-type"] == "text/event-stream"
+        assert live.events()[-1].startswith(b"event: response.completed\n")
+        hit = await client.post(responses(FRANCE, stream=True), path=RESPONSES)
+        assert hit.cache == "HIT" and hit.headers["content-type"] == "text/event-stream"
+        assert hit.events() == live.events() and hit.bodies == live.events()
+        assert sum(b"response.output_text.delta" in e for e in hit.events()) == 16
+        whole = await client.post(responses(FRANCE), path=RESPONSES)
+        assert whole.cache == "MISS"  # a stream answers only streaming requests
+        assert (await client.post(responses(FRANCE, stream=True), path=RESPONSES)).cache == "HIT"
+
+    run(config_text(backend.url), scenario)
+    assert backend_calls(backend, "/v1/responses") == 2
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_incomplete_responses_reply_is_not_stored(backend: MockProc, stream: bool) -> None:
+    capped = responses(FRANCE, stream=stream, max_output_tokens=5)
+
+    async def scenario(client: Client) -> None:
+        for _ in range(2):
+            reply = await client.post(capped, path=RESPONSES)
+            assert (reply.status, reply.cache) == (200, "MISS")
+            assert b'"status":"incomplete"' in reply.body
+        assert (await client.post(responses(FRANCE, stream=stream), path=RESPONSES)).cache == "MISS"
+        assert (await client.post(responses(FRANCE, stream=stream), path=RESPONSES)).cache == "HIT"
+
+    run(config_text(backend.url), scenario)
+
+
+def test_a_cut_responses_stream_is_not_stored(backend: MockProc) -> None:
+    async def scenario(client: Client) -> None:
+        body = responses(FRANCE, stream=True)
+        broken = await client.post(body, {**A, "x-mock-close-after": "6"}, path=RESPONSES)
+        assert broken.cache == "MISS" and b"BackendConnectionFailure" in broken.body
+        assert b"response.completed" not in broken.body
+        assert (await client.post(body, path=RESPONSES)).cache == "MISS"
+        assert (await client.post(body, path=RESPONSES)).cache == "HIT"
+
+    run(config_text(backend.url), scenario)
+
+
+@pytest.mark.parametrize(
+    "more",
+    [
+        {"previous_response_id": "resp_123"},
+        {"conversation": "conv_123"},
+        {"input": [{"role": "user", "content": FRANCE},
+                   {"type": "function_call_output", "call_id": "c1", "output": "Paris"}]},
+    ],
+)  # fmt: skip
+def test_responses_the_cache_cannot_stand_for_skip_it(
+    backend: MockProc, more: dict[str, Any]
+) -> None:
+    async def scenario(client: Client) -> None:
+        assert (await client.post(responses(FRANCE), path=RESPONSES)).cache == "MISS"
+        for _ in range(2):
+            skipped = await client.post(responses(FRANCE, **more), path=RESPONSES)
+            assert (skipped.status, skipped.cache) == (200, "SKIP")
+
+    run(config_text(backend.url), scenario)
+    assert backend_calls(backend, "/v1/embeddings") == 1  # never for the skipped ones
+
+
+def test_a_responses_hit_is_screened_by_content_safety(backend: MockProc, tmp_path: Any) -> None:
+    path = tmp_path / "tollway.yaml"
+    path.write_text(config_text(backend.url))
+    screened = (
+        config_text(
+            backend.url,
+            api_policies="      - llm-content-safety: {blocklists: [banned], enforce-on-completions: true}",
+        )
+        + "blocklists:\n  banned: {terms: [secret plan]}\n"
+    )
+    told = {**A, "x-mock-reply": "here is the secret plan for you"}
+
+    async def main() -> None:
+        app = create_app(loads(path.read_text()), config_path=str(path))
+        await app.startup(telemetry=False)
+        client = Client(app)
+        try:
+            for stream in (False, True):
+                body = responses(FRANCE, stream=stream)
+                assert (await client.post(body, told, path=RESPONSES)).cache == "MISS"
+                assert (await client.post(body, path=RESPONSES)).cache == "HIT"
+            path.write_text(screened)
+            assert await app.reload()
+            for stream in (False, True):
+                body = responses(FRANCE, stream=stream)
+                blocked = await client.post(body, path=RESPONSES)
+                assert blocked.status == 403 and b"ContentBlocked" in blocked.body
+        finally:
+            await app.shutdown()
+
+    asyncio.run(main())
+
+
 # --- the parts alone -----------------------------------------------------------------------
 
 
@@ -626,6 +769,26 @@ def test_entries_round_trip_and_mark_the_usage_chunk() -> None:
     assert entries.completes(events[3]) and not entries.completes(events[0])
 
 
+def test_what_completes_a_responses_reply() -> None:
+    def event(kind: str, **more: Any) -> bytes:
+        data = json.dumps({"type": kind, **more}).encode()
+        return b"event: %s\ndata: %s\n\n" % (kind.encode(), data)
+
+    assert entries.completes_response(event("response.completed", response={"status": "completed"}))
+    assert entries.completes_response(b'data: {"type":"response.completed"}\n\n')  # no event:
+    for other in ("response.incomplete", "response.failed", "response.output_text.done"):
+        assert not entries.completes_response(event(other))
+    # a delta that says it does not end the stream
+    assert not entries.completes_response(
+        event("response.output_text.delta", delta="response.completed")
+    )
+    assert not entries.completes_response(b"event: response.completed\ndata: {oops\n\n")
+    assert not entries.completes_response(b"data: [DONE]\n\n")
+    assert entries.is_complete_response(b'{"object":"response","status":"completed"}')
+    for body in (b'{"status":"incomplete"}', b'{"status":"failed"}', b"{}", b"[]", b"oops"):
+        assert not entries.is_complete_response(body)
+
+
 def _cache(**lookup: Any) -> SemanticCache:
     from proxy.cache.policy import CacheMetrics, Outage
     from proxy.config import CacheLookup
@@ -637,22 +800,140 @@ def _cache(**lookup: Any) -> SemanticCache:
 def test_what_is_embedded() -> None:
     cache = _cache()
     system = Message("system", "Be brief.")
-    assert cache.text(ChatRequest("m", [system, Message("user", FRANCE)])) == FRANCE
+    assert text(cache, ChatRequest("m", [system, Message("user", FRANCE)])) == FRANCE
     two = ChatRequest("m", [Message("user", "Hi"), Message("assistant", "Hello")])
-    assert cache.text(two) == "user: Hi\nassistant: Hello"
+    assert text(cache, two) == "user: Hi\nassistant: Hello"
     parts = [ContentPart("text", "a"), ContentPart("text", "b")]
-    assert cache.text(ChatRequest("m", [Message("user", parts)])) == "a\nb"
+    assert text(cache, ChatRequest("m", [Message("user", parts)])) == "a\nb"
     image = [ContentPart("text", "what is this?"), ContentPart("image_url", image_url="u")]
-    assert cache.text(ChatRequest("m", [Message("user", image)])) is None
-    assert cache.text(ChatRequest("m", [system])) is None  # nothing left to embed
-    assert cache.text(ChatRequest("m", [Message("user", "  ")])) is None
-    assert _cache(ignore_system_messages=False).text(
-        ChatRequest("m", [system, Message("user", "Q")])
+    assert text(cache, ChatRequest("m", [Message("user", image)])) is None
+    assert text(cache, ChatRequest("m", [system])) is None  # nothing left to embed
+    assert text(cache, ChatRequest("m", [Message("user", "  ")])) is None
+    assert text(
+        _cache(ignore_system_messages=False), ChatRequest("m", [system, Message("user", "Q")])
     ) == ("system: Be brief.\nuser: Q")
-    assert cache.text(CompletionRequest("m", prompt="Once")) == "Once"
-    assert cache.text(CompletionRequest("m", prompt=["Once"])) == "Once"
-    assert cache.text(CompletionRequest("m", prompt=["a", "b"])) is None
-    assert cache.text(CompletionRequest("m", prompt=[1, 2])) is None
+    assert text(cache, CompletionRequest("m", prompt="Once")) == "Once"
+    assert text(cache, CompletionRequest("m", prompt=["Once"])) == "Once"
+    assert text(cache, CompletionRequest("m", prompt=["a", "b"])) is None
+    assert text(cache, CompletionRequest("m", prompt=[1, 2])) is None
+
+
+def text(cache: SemanticCache, view: Any, fields: dict[str, msgspec.Raw] | None = None) -> Any:
+    return cache.text(view, fields or {})
+
+
+def _embedded(body: dict[str, Any], **lookup: Any) -> str | None:
+    """What the cache embeds of a Responses request body, as the gateway decodes it."""
+    raw = json.dumps({"model": "m", **body}).encode()
+    view = decode_request("responses", raw)
+    assert isinstance(view, ResponsesRequest)
+    return _cache(**lookup).text(view, msgspec.json.decode(raw, type=dict[str, msgspec.Raw]))
+
+
+def _message(role: str, *parts: tuple[str, str]) -> dict[str, Any]:
+    content = [{"type": kind, "text": text} for kind, text in parts]
+    return {"type": "message", "role": role, "content": content}
+
+
+_CALL = {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"}
+_CALL_OUTPUT = {"type": "function_call_output", "call_id": "c1", "output": "42"}
+_REASONING = {"type": "reasoning", "id": "rs_1", "summary": []}
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ({"input": FRANCE}, FRANCE),
+        ({"input": FRANCE, "instructions": "Be brief."}, FRANCE),
+        ({"input": [{"role": "user", "content": FRANCE}]}, FRANCE),
+        ({"input": [_message("user", ("input_text", "a"), ("input_text", "b"))]}, "a\nb"),
+        ({"input": [{"role": "user", "content": "Hi"}, _message("assistant", ("output_text", "Hello")),
+                    {"role": "user", "content": "Q"}]},
+         "user: Hi\nassistant: Hello\nuser: Q"),
+        ({"input": [{"role": "developer", "content": "Be brief."},
+                    {"role": "system", "content": "No."}, {"role": "user", "content": "Q"}]}, "Q"),
+        ({"input": FRANCE, "store": True, "previous_response_id": None}, FRANCE),
+        # skipped: state the backend keeps
+        ({"input": FRANCE, "previous_response_id": "resp_1"}, None),
+        ({"input": FRANCE, "conversation": "conv_1"}, None),
+        ({"input": FRANCE, "conversation": {"id": "conv_1"}}, None),
+        ({"input": FRANCE, "prompt": {"id": "pmpt_1", "variables": {"x": "y"}}}, None),
+        # skipped: items and parts the text cannot stand for
+        ({"input": [{"role": "user", "content": "Q"}, _CALL, _CALL_OUTPUT]}, None),
+        ({"input": [_REASONING, {"role": "user", "content": "Q"}]}, None),
+        ({"input": [_message("user", ("input_text", "what is this?"), ("input_image", ""))]}, None),
+        ({"input": [_message("user", ("input_text", "sum up"), ("input_file", ""))]}, None),
+        ({"input": [_message("user", ("input_audio", ""))]}, None),
+        ({"input": [{"type": "message", "role": "assistant",
+                     "content": [{"type": "refusal", "refusal": "No."}]}]}, None),
+        ({"input": ["not an item"]}, None),
+        ({"input": [{"content": "no role"}]}, None),
+        # nothing to embed
+        ({"input": "  "}, None),
+        ({"input": []}, None),
+        ({"instructions": "Be brief."}, None),
+        ({"input": [{"role": "system", "content": "Be brief."}]}, None),
+    ],
+)  # fmt: skip
+def test_what_is_embedded_of_a_responses_request(
+    body: dict[str, Any], expected: str | None
+) -> None:
+    assert _embedded(body) == expected
+
+
+def test_responses_instructions_and_system_items_count_without_ignore_system_messages() -> None:
+    asked = {"input": "Q", "instructions": "Be brief."}
+    assert _embedded(asked, ignore_system_messages=False) == "system: Be brief.\nuser: Q"
+    items = {
+        "input": [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Q"}]
+    }
+    assert _embedded(items, ignore_system_messages=False) == "developer: Be brief.\nuser: Q"
+    two = {"input": [{"role": "user", "content": "Hi"}, {"role": "user", "content": "Q"}]}
+    assert _embedded({**two, "instructions": "Be brief."}, max_message_count=2) is not None
+    assert _embedded({**two, "instructions": "Be brief."}, max_message_count=2,
+                     ignore_system_messages=False) is None  # fmt: skip
+
+
+class _Named:
+    name = "test"
+
+
+def _partition(body: dict[str, Any], operation: str = "responses") -> str:
+    spec_cache = _cache()
+    cache = SemanticCache(spec_cache.spec, None, _Named(), MemoryIndex(),  # type: ignore[arg-type]
+                          spec_cache.metrics, spec_cache.outage)  # fmt: skip
+    raw = json.dumps(body).encode()
+    view = decode_request(operation, raw)
+    assert isinstance(view, ChatRequest | CompletionRequest | ResponsesRequest)
+    exchange = Exchange("POST", RESPONSES, "r1", "127.0.0.1")
+    exchange.api_id, exchange.operation, exchange.subscription_id = "chat", operation, "team-a"
+    fields = msgspec.json.decode(raw, type=dict[str, msgspec.Raw])
+    return cache.partition(view, fields, exchange, {"headers": []}, "")
+
+
+@pytest.mark.parametrize(
+    ("other", "same"),
+    [
+        ({"input": SPAIN}, True),  # the conversation: what is embedded, not the partition
+        ({"input": [{"role": "user", "content": FRANCE}]}, True),
+        ({"user": "someone"}, True),
+        ({"instructions": "Answer like a pirate."}, False),  # in, even when not embedded
+        ({"store": True}, False),
+        ({"max_output_tokens": 5}, False),
+        ({"temperature": 0.2}, False),
+        ({"text": {"format": {"type": "json_object"}}}, False),
+        ({"stream_options": {"include_obfuscation": False}}, False),  # replayed as stored
+        ({"stream": True}, False),
+        ({"model": "gpt-4o"}, False),
+    ],
+)
+def test_what_partitions_responses_entries(other: dict[str, Any], same: bool) -> None:
+    base = responses(FRANCE, instructions="Be brief.")
+    assert (_partition({**base, **other}) == _partition(base)) is same
+
+
+def test_responses_and_chat_entries_never_mix() -> None:
+    assert _partition(responses(FRANCE)) != _partition(chat(FRANCE), "chat-completions")
 
 
 # --- config and /openapi.json --------------------------------------------------------------
@@ -733,7 +1014,7 @@ def test_openapi_documents_x_cache_on_cached_operations() -> None:
         found: dict[str, Any] = paths[path]["post"]["responses"]["200"]["headers"]
         return found
 
-    for path in ("/openai/chat/completions", "/openai/completions"):
+    for path in ("/openai/chat/completions", "/openai/completions", "/openai/responses"):
         assert headers(path)["x-cache"]["schema"] == {"enum": ["HIT", "MISS", "SKIP"]}
         assert "x-cache-distance" in headers(path)
     assert "x-cache" not in headers("/openai/embeddings")
@@ -896,10 +1177,7 @@ def test_operations_the_cache_does_not_serve_carry_no_x_cache(backend: MockProc)
         embeddings = await client.post(
             {"model": "text-embedding-3-small", "input": FRANCE}, path="/openai/embeddings"
         )
-        responses = await client.post({"model": "gpt-4o-mini", "input": FRANCE},
-                                      path="/openai/responses")  # fmt: skip
-        for reply in (embeddings, responses):
-            assert reply.status == 200 and "x-cache" not in reply.headers
+        assert embeddings.status == 200 and "x-cache" not in embeddings.headers
 
     run(config_text(backend.url), scenario)
     assert backend_calls(backend, "/v1/embeddings") == 1  # the client's own, no lookup's

@@ -183,3 +183,77 @@ def test_openapi_json_documents_x_cache(cached: GatewayProc) -> None:
     assert {"x-cache", "x-cache-distance"} <= set(ok["headers"])
     plain = document["paths"]["/dead/chat/completions"]["post"]["responses"]["200"]
     assert "x-cache" not in plain["headers"]
+
+
+# --- the Responses API ---------------------------------------------------------------------
+
+
+def respond(sdk: openai.OpenAI, text: str, **more: Any) -> tuple[Any, httpx.Headers]:
+    raw = sdk.responses.with_raw_response.create(model="gpt-4o-mini", input=text, **more)
+    return raw.parse(), raw.headers
+
+
+def respond_streamed(
+    sdk: openai.OpenAI, text: str, **more: Any
+) -> tuple[list[dict[str, Any]], httpx.Headers]:
+    with sdk.responses.with_streaming_response.create(
+        model="gpt-4o-mini", input=text, stream=True, **more
+    ) as raw:
+        events = [event.model_dump() for event in raw.parse()]
+        return events, raw.headers
+
+
+def test_the_sdk_gets_responses_misses_then_hits(cached: GatewayProc) -> None:
+    sdk = client(cached)
+    first, headers = respond(sdk, FRANCE, instructions="Be brief.")
+    assert headers["x-cache"] == "MISS" and first.status == "completed" and first.output_text
+    before = usage(cached, "team-a")
+    for text in (FRANCE, FRANCE_2):
+        hit, headers = respond(sdk, text, instructions="Be brief.")
+        assert headers["x-cache"] == "HIT" and float(headers["x-cache-distance"]) <= 0.15
+        assert hit.model_dump() == first.model_dump() and hit.output_text == first.output_text
+    assert usage(cached, "team-a") == before  # hits are charged nothing
+    other, headers = respond(sdk, FRANCE, instructions="Answer like a pirate.")
+    assert headers["x-cache"] == "MISS" and other.id != first.id
+    theirs, headers = respond(client(cached, KEY_B), FRANCE, instructions="Be brief.")
+    assert headers["x-cache"] == "MISS" and theirs.id != first.id
+
+
+def test_a_streamed_responses_hit_replays_the_same_events(cached: GatewayProc) -> None:
+    sdk = client(cached)
+    text = "Explain how rainbows form in one paragraph"
+    live, headers = respond_streamed(sdk, text)
+    assert headers["x-cache"] == "MISS" and headers["content-type"] == "text/event-stream"
+    assert live[-1]["type"] == "response.completed"
+    deltas = "".join(e["delta"] for e in live if e["type"] == "response.output_text.delta")
+    assert deltas and deltas == live[-1]["response"]["output"][0]["content"][0]["text"]
+    before = usage(cached, "team-a")
+    replayed, headers = respond_streamed(sdk, text)
+    assert headers["x-cache"] == "HIT" and headers["x-cache-distance"] == "0.0000"
+    assert replayed == live
+    assert usage(cached, "team-a") == before
+    whole, headers = respond(sdk, text)  # a stored stream answers only streaming requests
+    assert headers["x-cache"] == "MISS" and whole.output_text == deltas
+
+
+def test_responses_continuing_a_stored_one_skip_the_cache(cached: GatewayProc) -> None:
+    sdk = client(cached)
+    first, headers = respond(sdk, "Name a large ocean")
+    assert headers["x-cache"] == "MISS"
+    for _ in range(2):
+        _, headers = respond(sdk, "Name a large ocean", previous_response_id=first.id)
+        assert headers["x-cache"] == "SKIP"
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_an_incomplete_responses_reply_is_not_stored(cached: GatewayProc, streamed: bool) -> None:
+    sdk = client(cached)
+    text = f"Describe the water cycle ({'streamed' if streamed else 'whole'})"
+    for _ in range(2):
+        if streamed:
+            events, headers = respond_streamed(sdk, text, max_output_tokens=5)
+            assert events[-1]["type"] == "response.incomplete"
+        else:
+            reply, headers = respond(sdk, text, max_output_tokens=5)
+            assert reply.status == "incomplete"
+        assert headers["x-cache"] == "MISS"

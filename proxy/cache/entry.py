@@ -3,8 +3,14 @@ as the backend framed them (replayed one by one, so a hit streams with the origi
 
 The gateway always asks a streamed chat/completions for usage, so a stored stream holds the
 usage-only chunk; `usage_at` marks it, and a replay leaves it out for a client that did not
-ask for it (as the live relay does, proxy/relay.py `ChatStreamFilter`). Entries are msgpack
-arrays; one that does not decode (another version's, a corrupt one) is a miss.
+ask for it (as the live relay does, proxy/relay.py `ChatStreamFilter`). A Responses API stream
+has no such chunk (usage comes with `response.completed`). Entries are msgpack arrays; one
+that does not decode (another version's, a corrupt one) is a miss.
+
+What makes a reply complete, and so worth storing: a chat/completions stream reached
+`data: [DONE]`; a Responses stream, which has no `[DONE]`, reached `response.completed`
+(`response.incomplete` and `response.failed` end it too, short of an answer); a whole
+Responses reply says `"status": "completed"`.
 """
 
 from __future__ import annotations
@@ -13,10 +19,11 @@ import time
 
 import msgspec
 
-from proxy.schemas import read_chunk
+from proxy.schemas import JSON_ERRORS, read_chunk
 from proxy.sse import parse_event
 
 _DONE = b"[DONE]"
+_COMPLETED = b"response.completed"
 
 
 class Entry(msgspec.Struct, array_like=True, frozen=True):
@@ -71,3 +78,29 @@ def stream(events: list[bytes], model: str, finish_reasons: tuple[str, ...]) -> 
 def completes(event: bytes) -> bool:
     """Is this the event that ends a chat/completions stream (`data: [DONE]`)?"""
     return _DONE in event and parse_event(event)[1] == _DONE
+
+
+class _Outcome(msgspec.Struct):
+    type: str = ""  # a Responses stream event's
+    status: str = ""  # a whole Responses reply's
+
+
+_outcome_decoder = msgspec.json.Decoder(_Outcome)
+
+
+def completes_response(event: bytes) -> bool:
+    """Is this the event that ends a complete Responses stream (`response.completed`)? The
+    event's own `type` decides: a text delta may well say "response.completed"."""
+    return _COMPLETED in event and _outcome(parse_event(event)[1]).type == "response.completed"
+
+
+def is_complete_response(body: bytes) -> bool:
+    """Is this whole Responses reply complete (not `incomplete`, `failed`, `queued`, ...)?"""
+    return _outcome(body).status == "completed"
+
+
+def _outcome(data: bytes) -> _Outcome:
+    try:
+        return _outcome_decoder.decode(data)
+    except JSON_ERRORS:  # ValidationError is a DecodeError
+        return _Outcome()

@@ -8,22 +8,28 @@ what must match exactly for a stored answer to be this request's answer:
 - the API, the operation, whether the reply streams, and the embedder (vectors of two
   embedders are not comparable);
 - every request parameter besides the conversation itself: model, temperature, max_tokens,
-  tools, response_format, n, ... (`stream_options` and `user` excepted), so a request asking
-  for JSON never gets a prose answer, nor a 5-token one a truncated 5-token reply;
+  tools, response_format, n, ... (`stream_options` and `user` excepted; for the Responses API
+  the conversation is `input`, and `instructions` and `stream_options` stay in), so a request
+  asking for JSON never gets a prose answer, nor a 5-token one a truncated 5-token reply;
 - the caller's subscription, unless `share-across-subscriptions: true`: one tenant never
   receives another's answer unless configured so;
 - the rendered `vary-by` templates.
 
 What is embedded: the messages (without system and developer ones with
 `ignore-system-messages`), one message as its text, several as `role: text` lines; a
-completions prompt as it is. Skipped (no lookup, nothing stored, `x-cache: SKIP`): more than
-`max-message-count` messages (counted after system messages are left out), image or audio
-parts, a prompt list, an empty text.
+completions prompt as it is; a Responses `input` string, or its message items as messages
+(`instructions` counts as a system message). Skipped (no lookup, nothing stored,
+`x-cache: SKIP`): more than `max-message-count` messages (counted after system messages are
+left out), image, audio or file parts, a prompt list, an empty text; Responses items other
+than messages (function calls and outputs, reasoning, ...), and a Responses request whose
+answer depends on state the backend keeps (`previous_response_id`, `conversation`, a stored
+`prompt`).
 
 A lookup is bounded by `timeout`: an embedder or index that fails or is slow makes it a miss
 (`CacheUnavailableError`), logged once per outage and counted (`tollway.cache.errors`), and
 the request goes on. A miss keeps the vector: when the reply turns out complete (a 200 JSON
-reply, or a stream that reached `data: [DONE]`), it is stored under that vector for
+reply, or a stream that reached `data: [DONE]`; for the Responses API one whose status is
+`completed`, or a stream that reached `response.completed`), it is stored under that vector for
 `duration`, in a background task after the response went out. Nothing of this runs for APIs
 without a lookup policy: their handler holds no cache.
 """
@@ -44,7 +50,7 @@ from proxy.cache.entry import Entry
 from proxy.config import Api, CacheLookup, CacheStore, Config, PolicyEntry, parse_template
 from proxy.exchange import Exchange
 from proxy.policies.templates import Template, render
-from proxy.relay import ChatStreamFilter
+from proxy.relay import StreamFilter
 from proxy.schemas import (
     JSON_ERRORS,
     SYSTEM_ROLES,
@@ -52,6 +58,7 @@ from proxy.schemas import (
     CompletionRequest,
     Message,
     Reply,
+    ResponsesRequest,
 )
 from proxy.telemetry import genai
 from proxy.telemetry.metrics import Counter, Registry
@@ -65,9 +72,17 @@ RESULT = "tollway.cache.result"
 STAGE = "tollway.cache.stage"
 DISTANCE = "tollway.cache.distance"
 MAX_ENTRY_BYTES = 1 << 20  # a reply larger than this is not kept
-# Request fields that do not change the answer: not part of the partition.
+# Request fields that do not change the answer: not part of the partition. A Responses
+# stream is replayed as stored, so its `stream_options` (include_obfuscation) must match.
 _NOT_PARAMETERS = frozenset({"messages", "prompt", "stream", "stream_options", "user"})
+_NOT_RESPONSES_PARAMETERS = frozenset({"input", "stream", "user"})
+# Responses fields naming state the backend keeps: the answer is not the request's alone.
+_BACKEND_STATE = ("previous_response_id", "conversation", "prompt")
+_TEXT_PARTS = frozenset({"input_text", "output_text"})
 _fields_decoder = msgspec.json.Decoder(dict[str, msgspec.Raw])
+
+Cached = ChatRequest | CompletionRequest | ResponsesRequest  # the requests a cache serves
+Fields = Mapping[str, msgspec.Raw]  # a request's top-level fields, undecoded
 
 HIT, MISS, SKIP, ERROR = "hit", "miss", "skip", "error"
 _HEADER = {HIT: b"HIT", MISS: b"MISS", SKIP: b"SKIP", ERROR: b"MISS"}
@@ -125,19 +140,20 @@ class Lookup:
     """One request's lookup: its result and, for a miss that may be stored, what to store it
     under and the stream events seen so far."""
 
-    __slots__ = ("cache", "distance", "done", "entry", "events", "partition", "result", "size",
-                 "vector")  # fmt: skip
+    __slots__ = ("cache", "distance", "done", "entry", "events", "partition", "responses",
+                 "result", "size", "vector")  # fmt: skip
 
-    def __init__(self, cache: SemanticCache, result: str):
+    def __init__(self, cache: SemanticCache, result: str, responses: bool = False):
         self.cache = cache
         self.result = result
+        self.responses = responses  # a Responses API request (else chat or completions)
         self.entry: Entry | None = None
         self.distance = 0.0
         self.partition = ""
         self.vector: Vector | None = None
         self.events: list[bytes] | None = None
         self.size = 0
-        self.done = False  # the stream reached data: [DONE]
+        self.done = False  # the stream reached data: [DONE] (Responses: response.completed)
 
     def headers(self) -> Headers:
         return [(b"x-cache", _HEADER[self.result])]
@@ -150,13 +166,14 @@ class Lookup:
         return self.vector is not None and self.cache.store is not None
 
     def recording(
-        self, keep: Callable[[bytes], bool], stream_filter: ChatStreamFilter
+        self, keep: Callable[[bytes], bool], stream_filter: StreamFilter
     ) -> Callable[[bytes], bool]:
         """`keep` that also records the events of the reply (the usage-only chunk too,
         which the filter may drop for this client but a later client may want)."""
         if not self.storable:
             return keep
         events = self.events = []
+        ends = entries.completes_response if self.responses else entries.completes
 
         def record(event: bytes) -> bool:
             dropped = stream_filter.dropped
@@ -167,16 +184,19 @@ class Lookup:
                     self.events = None  # too large to keep: stop recording
                 else:
                     events.append(event)
-                    if entries.completes(event):
+                    if ends(event):
                         self.done = True
             return kept
 
         return record
 
-    def stream_ended(self, stream_filter: ChatStreamFilter) -> None:
-        """The relay returned: store the stream if it completed."""
+    def stream_ended(self, stream_filter: StreamFilter) -> None:
+        """The relay returned: store the stream if it completed (a chat stream with its
+        finish reasons; a Responses stream has none, `response.completed` says it all)."""
         events = self.events
-        if events is None or not self.done or not stream_filter.finish_reasons:
+        if events is None or not self.done:
+            return
+        if not self.responses and not stream_filter.finish_reasons:
             return
         model, reasons = stream_filter.model, stream_filter.finish_reasons
         self.cache.store_soon(self, lambda: entries.stream(events, model, reasons))
@@ -191,6 +211,7 @@ class Lookup:
             or reply is None
             or content_type != "application/json"
             or len(payload) > MAX_ENTRY_BYTES
+            or (self.responses and not entries.is_complete_response(payload))
         ):
             return
         _, model, reasons = reply
@@ -222,18 +243,22 @@ class SemanticCache:
 
     async def lookup(
         self,
-        view: ChatRequest | CompletionRequest,
+        view: Cached,
         body: bytes,
         exchange: Exchange,
         scope: Scope,
         subscription_name: str,
     ) -> Lookup:
         """Look the request up; never raises for the cache's own failures."""
-        text = self.text(view)
+        try:
+            fields = _fields_decoder.decode(body)
+        except JSON_ERRORS:  # decode_request accepted it, so this does not happen
+            fields = {}
+        text = self.text(view, fields)
         if text is None:
             return self._done(Lookup(self, SKIP), exchange)
-        found = Lookup(self, MISS)
-        found.partition = self.partition(view, body, exchange, scope, subscription_name)
+        found = Lookup(self, MISS, isinstance(view, ResponsesRequest))
+        found.partition = self.partition(view, fields, exchange, scope, subscription_name)
         t = time.perf_counter()
         try:
             async with asyncio.timeout(self._timeout):
@@ -266,14 +291,20 @@ class SemanticCache:
             exchange.event(_EVENTS[found.result])
         return found
 
-    def text(self, view: ChatRequest | CompletionRequest) -> str | None:
-        """What is embedded, or None when the request is skipped."""
+    def text(self, view: Cached, fields: Fields) -> str | None:
+        """What is embedded, or None when the request is skipped (`fields`: the request's
+        top-level fields, where a Responses request names state the backend keeps)."""
         if isinstance(view, CompletionRequest):
             prompt: object = view.prompt
             if isinstance(prompt, list) and len(prompt) == 1:
                 prompt = prompt[0]
             return prompt if isinstance(prompt, str) and prompt.strip() else None
-        messages = view.messages
+        if isinstance(view, ResponsesRequest):
+            messages = _input_messages(view, fields)
+            if messages is None:
+                return None
+        else:
+            messages = view.messages
         if self.spec.ignore_system_messages:
             messages = [m for m in messages if m.role not in SYSTEM_ROLES]
         if not messages or len(messages) > self.spec.max_message_count:
@@ -289,8 +320,8 @@ class SemanticCache:
 
     def partition(
         self,
-        view: ChatRequest | CompletionRequest,
-        body: bytes,
+        view: Cached,
+        fields: Fields,
         exchange: Exchange,
         scope: Scope,
         subscription_name: str,
@@ -299,12 +330,11 @@ class SemanticCache:
         stream = b"stream" if view.stream else b"whole"
         head = (exchange.api_id, exchange.operation, self.embedder.name)
         digest.update("\x1f".join(head).encode() + b"\x1f" + stream)
-        try:
-            fields = _fields_decoder.decode(body)
-        except JSON_ERRORS:  # decode_request accepted it, so this does not happen
-            fields = {}
+        excluded = (
+            _NOT_RESPONSES_PARAMETERS if isinstance(view, ResponsesRequest) else _NOT_PARAMETERS
+        )
         for name in sorted(fields):
-            if name not in _NOT_PARAMETERS:
+            if name not in excluded:
                 digest.update(b"\x1e%s\x1f%s" % (name.encode(), bytes(fields[name])))
         if not self.spec.share_across_subscriptions:
             digest.update(b"\x1dsubscription\x1f" + exchange.subscription_id.encode())
@@ -360,6 +390,51 @@ def _message_text(message: Message) -> str | None:
             bytes(call).decode("utf-8", "replace") for call in message.tool_calls
         )
     return text
+
+
+class _InputPart(msgspec.Struct):
+    type: str = ""
+    text: str | None = None
+
+
+class _InputItem(msgspec.Struct):
+    """A Responses input item as far as the cache reads it: a message, or another type."""
+
+    type: str = "message"
+    role: str = ""
+    content: str | list[_InputPart] | None = None
+
+
+_item_decoder = msgspec.json.Decoder(_InputItem)
+
+
+def _input_messages(view: ResponsesRequest, fields: Fields) -> list[Message] | None:
+    """A Responses request's conversation as chat messages (`instructions` a system one);
+    None when its text cannot stand for it: state the backend keeps, items other than
+    messages, parts other than text."""
+    for name in _BACKEND_STATE:
+        raw = fields.get(name)
+        if raw is not None and bytes(raw) != b"null":
+            return None
+    messages = [Message("system", view.instructions)] if view.instructions else []
+    if isinstance(view.input, str):
+        messages.append(Message("user", view.input))
+        return messages
+    for raw_item in view.input or ():
+        try:
+            item = _item_decoder.decode(raw_item)
+        except JSON_ERRORS:  # not an object, or not a message's shape
+            return None
+        if item.type != "message" or not item.role:
+            return None
+        content = item.content
+        if isinstance(content, list):
+            texts = [p.text for p in content if p.type in _TEXT_PARTS and p.text is not None]
+            if len(texts) != len(content):
+                return None
+            content = "\n".join(texts)
+        messages.append(Message(item.role, content))
+    return messages
 
 
 class SemanticCaches:
