@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import jsonschema_rs
 import pytest
+import requests
 import schemathesis
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
@@ -338,34 +339,50 @@ DEAD = "^/dead/"  # the API whose backend is a closed port (tests/conftest.py)
 GATEWAY = "^/(healthz|readyz|metrics|openapi\\.json)$"
 
 
+@pytest.fixture(scope="module")
+def http() -> Iterator[requests.Session]:
+    """One session for every schemathesis call, closed here: connections a call leaves to
+    the garbage collector would surface as ResourceWarnings in whatever test runs then."""
+    with requests.Session() as session:
+        yield session
+
+
 @SCHEMA.exclude(path_regex=DEAD).exclude(path_regex=GATEWAY).parametrize()
-def test_the_apis_conform(case: schemathesis.Case, live: GatewayProc) -> None:
-    case.call_and_validate(base_url=live.base, checks=CHECKS, timeout=10)
+def test_the_apis_conform(
+    case: schemathesis.Case, live: GatewayProc, http: requests.Session
+) -> None:
+    case.call_and_validate(base_url=live.base, session=http, checks=CHECKS, timeout=10)
 
 
 # Every request that is valid and has a key is a 502 here, by design, so not_a_server_error
 # gives way to backend_unreachable_is_502.
 @SCHEMA.include(path_regex=DEAD).parametrize()
-def test_an_unreachable_backend_conforms(case: schemathesis.Case, live: GatewayProc) -> None:
+def test_an_unreachable_backend_conforms(
+    case: schemathesis.Case, live: GatewayProc, http: requests.Session
+) -> None:
     checks = [*CONFORMANCE, backend_unreachable_is_502, ignored_auth, unsupported_method]
-    case.call_and_validate(base_url=live.base, checks=checks, timeout=10)
+    case.call_and_validate(base_url=live.base, session=http, checks=checks, timeout=10)
 
 
 # The gateway's own endpoints conform, and refuse other methods with 405 and Allow.
 @SCHEMA.include(path_regex=GATEWAY).parametrize()
-def test_the_gateway_endpoints_conform(case: schemathesis.Case, live: GatewayProc) -> None:
+def test_the_gateway_endpoints_conform(
+    case: schemathesis.Case, live: GatewayProc, http: requests.Session
+) -> None:
     checks = [not_a_server_error, *CONFORMANCE]
-    case.call_and_validate(base_url=live.base, checks=checks, timeout=10)
+    case.call_and_validate(base_url=live.base, session=http, checks=checks, timeout=10)
 
 
 @SCHEMA.include(path_regex=GATEWAY).parametrize()
 def test_the_gateway_endpoints_refuse_other_methods(
-    case: schemathesis.Case, live: GatewayProc
+    case: schemathesis.Case, live: GatewayProc, http: requests.Session
 ) -> None:
-    case.call_and_validate(base_url=live.base, checks=[unsupported_method], timeout=10)
+    case.call_and_validate(
+        base_url=live.base, session=http, checks=[unsupported_method], timeout=10
+    )
 
 
-def test_a_stream_conforms_event_by_event(live: GatewayProc) -> None:
+def test_a_stream_conforms_event_by_event(live: GatewayProc, http: requests.Session) -> None:
     """Random bodies rarely get a stream past the backend's checks: one deterministic stream
     per streaming operation, each event validated against StreamEvent."""
     bodies = {
@@ -376,5 +393,7 @@ def test_a_stream_conforms_event_by_event(live: GatewayProc) -> None:
     for path, body in bodies.items():
         case = SCHEMA[path]["POST"].Case(body={"model": "gpt-4o-mini", "stream": True, **body},
                                          headers={"api-key": KEY})  # fmt: skip
-        response = case.call_and_validate(base_url=live.base, checks=CHECKS, timeout=10)
+        response = case.call_and_validate(
+            base_url=live.base, session=http, checks=CHECKS, timeout=10
+        )
         assert response.headers["content-type"] == ["text/event-stream"]
