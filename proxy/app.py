@@ -181,6 +181,8 @@ class Runtime:
     async def close(self) -> None:
         for caches in self.caches:  # the replies being stored go out on these connections
             await caches.drain()
+        for embedder in self._embedders.values():  # and the embeddings being asked for
+            await embedder.close()
         await self.backends.close()
 
 

@@ -226,6 +226,39 @@ def test_miss_then_hit_for_the_same_and_a_similar_prompt(backend: MockProc) -> N
     assert backend_calls(backend, "/v1/embeddings") == 5
 
 
+TOPICS = [FRANCE, POEM, "How do ocean tides work?", "Recipe for sourdough bread",
+          "Explain quantum entanglement simply", "Best exercises for lower back pain"]  # fmt: skip
+
+
+def test_the_lookups_of_one_loop_turn_share_one_embeddings_request(backend: MockProc) -> None:
+    async def scenario(client: Client) -> None:
+        first = await asyncio.gather(*(
+            client.post(chat(topic), headers={**A, "x-mock-reply": f"answer {i}"})
+            for i, topic in enumerate(TOPICS)
+        ))  # fmt: skip
+        assert [r.cache for r in first] == ["MISS"] * len(TOPICS)
+        again = await asyncio.gather(*(client.post(chat(topic)) for topic in TOPICS))
+        for i, reply in enumerate(again):  # each stored under its own prompt's vector
+            assert reply.cache == "HIT" and reply.headers["x-cache-distance"] == "0.0000"
+            assert reply.json()["choices"][0]["message"]["content"] == f"answer {i}"
+
+    run(config_text(backend.url), scenario)
+    asked = [json.loads(r["body"])["input"] for r in backend.requests()
+             if r["path"] == "/v1/embeddings"]  # fmt: skip
+    assert asked == [TOPICS, TOPICS]  # one request per turn, in the order they were asked
+
+
+def test_a_prompt_asked_twice_in_one_turn_is_embedded_once(backend: MockProc) -> None:
+    async def scenario(client: Client) -> None:
+        replies = await asyncio.gather(*(client.post(chat(t)) for t in [FRANCE, POEM, FRANCE]))
+        assert [r.cache for r in replies] == ["MISS"] * 3
+
+    run(config_text(backend.url), scenario)
+    asked = [json.loads(r["body"])["input"] for r in backend.requests()
+             if r["path"] == "/v1/embeddings"]  # fmt: skip
+    assert asked == [[FRANCE, POEM]]
+
+
 def test_streamed_hit_replays_the_stored_events_one_by_one(backend: MockProc) -> None:
     async def scenario(client: Client) -> None:
         live = await client.post(chat(FRANCE, stream=True))

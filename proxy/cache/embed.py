@@ -11,6 +11,7 @@ floats from a backend that answers that with a 400 (some OpenAI-compatible serve
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 
@@ -39,8 +40,34 @@ _decoder = msgspec.json.Decoder(_Reply)
 _encoder = msgspec.json.Encoder()
 
 
+MAX_BATCH = 256  # texts in one embeddings request (OpenAI takes up to 2,048)
+
+
+class _Batch:
+    """The texts of one event-loop turn's lookups, and the one answer they share."""
+
+    __slots__ = ("future", "index", "texts")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.texts: list[str] = []
+        self.index: dict[str, int] = {}  # text -> its place in `texts` (asked once)
+        self.future: asyncio.Future[list[Vector]] = loop.create_future()
+        # A lookup that timed out no longer awaits it: its failure is nobody's to report.
+        self.future.add_done_callback(_retrieved)
+
+
+def _retrieved(future: asyncio.Future[list[Vector]]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 class BackendEmbedder:
-    """An `Embedder` calling the embeddings API of backend `backend_id` with `model`."""
+    """An `Embedder` calling the embeddings API of backend `backend_id` with `model`.
+
+    The texts every lookup asks for in one event-loop turn go out in one request (up to
+    `MAX_BATCH` different texts; one asked twice goes once): under load a lookup pays a
+    share of an HTTP round trip, not a whole one. A batch that fails fails each of its
+    lookups alike (each then goes on as a miss)."""
 
     def __init__(self, route: Route, backend_id: str, model: str):
         self._route = route
@@ -49,8 +76,44 @@ class BackendEmbedder:
         # base64 (as the OpenAI SDK asks): the vector's bytes straight into numpy, not a JSON
         # list of floats to parse; "float" once a backend refuses it with a 400
         self._format = "base64"
+        self._batch: _Batch | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def embed(self, texts: list[str]) -> list[Vector]:
+        batch = self._batch
+        if batch is None or len(batch.texts) + len(texts) > MAX_BATCH:
+            loop = asyncio.get_running_loop()
+            batch = self._batch = _Batch(loop)
+            loop.call_soon(self._send, batch)  # after the other lookups of this turn
+        places = []
+        for text in texts:  # a text asked twice in one turn (a popular prompt) goes once
+            place = batch.index.get(text)
+            if place is None:
+                place = batch.index[text] = len(batch.texts)
+                batch.texts.append(text)
+            places.append(place)
+        # shielded: a lookup that times out must not cancel its batch-mates' request
+        vectors = await asyncio.shield(batch.future)
+        return [vectors[place] for place in places]
+
+    def _send(self, batch: _Batch) -> None:
+        if self._batch is batch:
+            self._batch = None
+        task = asyncio.get_running_loop().create_task(self._answer(batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _answer(self, batch: _Batch) -> None:
+        try:
+            vectors = await self._embed_all(batch.texts)
+        except Exception as exc:  # CacheUnavailableError, or a bug: each lookup hears of it
+            if not batch.future.done():
+                batch.future.set_exception(exc)
+            return
+        if not batch.future.done():
+            batch.future.set_result(vectors)
+
+    async def _embed_all(self, texts: list[str]) -> list[Vector]:
         asked = self._format
         try:
             return await self._embed(texts, asked)
@@ -73,7 +136,9 @@ class BackendEmbedder:
         return _vectors(payload, len(texts))
 
     async def close(self) -> None:
-        pass  # the backend's connections belong to the runtime
+        """Let the requests under way finish (the backend's connections are the runtime's)."""
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
 
 class _FormatRefusedError(Exception):
