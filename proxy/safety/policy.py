@@ -152,11 +152,11 @@ class SafetyPolicy:
         client = self.client
         try:
             async with asyncio.timeout(self._timeout):
+                docs = documents if shield and documents else []
                 if large:
-                    pieces = await asyncio.to_thread(self._windows, classes)
+                    pieces, batches = await asyncio.to_thread(self._pieces, classes, docs)
                 else:
-                    pieces = self._windows(classes)
-                batches = _batches(self._windows([("", [d]) for d in documents or ()]))
+                    pieces, batches = self._pieces(classes, docs)
                 reasons = await self._screen_remotely(client, pieces, shield, batches)
         except (SafetyUnavailableError, TimeoutError) as exc:
             why = str(exc) or f"no answer within {self._timeout:g} s"
@@ -174,6 +174,12 @@ class SafetyPolicy:
             for name in sorted(self.local.screen_all(texts)):
                 reasons.append(f"blocklist {name} in the {label}")
         return reasons
+
+    def _pieces(
+        self, classes: Classes, documents: list[str]
+    ) -> tuple[list[tuple[str, str]], list[list[str]]]:
+        """The windows of `classes` and the `text:shieldPrompt` batches of `documents`."""
+        return self._windows(classes), _batches(self._windows([("", [d]) for d in documents]))
 
     def _windows(self, classes: Classes) -> list[tuple[str, str]]:
         """`(label, window)` for each window of each class's text, normalised as the local
@@ -193,14 +199,15 @@ class SafetyPolicy:
         shield: bool,
         documents: list[list[str]],
     ) -> list[str]:
+        """Ask the service about each window (and each batch of documents: empty unless
+        `shield`), at most `_CONCURRENCY` calls at a time."""
         calls: list[Callable[[], Awaitable[list[str]]]] = []
         for label, window in pieces:
             if self._analyze:
                 calls.append(partial(self._analysis, client, window, label))
             if shield:
                 calls.append(partial(_attack, client, window, label))
-        if shield:
-            calls += [partial(_indirect_attack, client, batch) for batch in documents]
+        calls += [partial(_indirect_attack, client, batch) for batch in documents]
         gate = asyncio.Semaphore(_CONCURRENCY)
 
         async def call(make: Callable[[], Awaitable[list[str]]]) -> list[str]:

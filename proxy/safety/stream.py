@@ -46,8 +46,7 @@ class StreamGuard:
     """Screens a streamed completion as it flows (see the module docstring)."""
 
     __slots__ = ("_exchange", "_held", "_max_step", "_new", "_overlap", "_pending", "_policies",
-                 "_step",
-                 "_tail", "blocked")  # fmt: skip
+                 "_step", "_tail", "blocked")  # fmt: skip
 
     def __init__(self, policies: Sequence[SafetyPolicy], exchange: Exchange):
         self._policies = tuple(policies)
