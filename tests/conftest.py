@@ -79,10 +79,8 @@ def mock() -> Iterator[MockProc]:
 def faulty(mock: MockProc) -> Iterator[MockProc]:
     """The session's mock for a test that sets fault rules: none and no recorded requests
     before, no rules left after."""
-    mock.faults()
-    mock.clear()
-    yield mock
-    mock.faults()
+    with mock.fresh():
+        yield mock
 
 
 @pytest.fixture(scope="session")

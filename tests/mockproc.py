@@ -11,6 +11,7 @@ finally:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +59,16 @@ class MockProc:
     def faults(self, *rules: dict[str, Any]) -> None:
         """Set the mock's sticky fault rules (see proxy/mock_llm.py); none clears them."""
         httpx.put(self.base + "/_mock/faults", json=list(rules)).raise_for_status()
+
+    @contextlib.contextmanager
+    def fresh(self) -> Iterator[MockProc]:
+        """The mock with no fault rules and no recorded requests, and no rules left after."""
+        self.faults()
+        self.clear()
+        try:
+            yield self
+        finally:
+            self.faults()
 
     def log(self) -> str:
         """What the process printed so far."""

@@ -16,7 +16,7 @@ import json
 import logging
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -195,11 +195,9 @@ def backend_calls(mock: MockProc, path: str = "/v1/chat/completions") -> int:
 
 
 @pytest.fixture
-def backend(mock: MockProc) -> Iterator[MockProc]:
-    mock.faults()
-    mock.clear()
-    yield mock
-    mock.faults()
+def backend(faulty: MockProc) -> MockProc:
+    """The session's mock, no fault rules and no recorded requests (conftest `faulty`)."""
+    return faulty
 
 
 # --- end to end in-process: hits, misses, partitions -------------------------------------

@@ -117,10 +117,8 @@ def gw(cs_mock: MockProc) -> Iterator[GatewayProc]:
 @pytest.fixture
 def cs(cs_mock: MockProc) -> Iterator[MockProc]:
     """The module's mock with no fault rules and no recorded requests before or after."""
-    cs_mock.faults()
-    cs_mock.clear()
-    yield cs_mock
-    cs_mock.faults()
+    with cs_mock.fresh():
+        yield cs_mock
 
 
 def post(
