@@ -41,7 +41,6 @@ import importlib.resources
 import json
 import os
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -288,33 +287,10 @@ def write_script(
 
 def wrk(url: str, connections: int, seconds: int, script: Path) -> Row:
     """wrk closed loop, one thread on the load core: latency, x-cache counts, overhead."""
-    opts = f"-t1 -c{connections} -d{seconds}s --timeout 10s -s {script} {url}"
-    done = subprocess.run(
-        ["taskset", "-c", stack.LOAD_CPU, "wrk", *opts.split()],
-        capture_output=True,
-        text=True,
-        timeout=seconds + 60,
-        check=True,
-    )
-    found: dict[str, Any] = {}
-    for line in done.stdout.splitlines():
-        tag, _, payload = line.partition(" ")
-        if tag in ("TOLLWAY", "TOLLWAY_HIST", "TOLLWAY_XCACHE"):
-            found[tag] = json.loads(payload)
-    if "TOLLWAY" not in found:
-        raise RuntimeError(f"wrk printed no summary:\n{done.stdout}\n{done.stderr}")
-    raw = found["TOLLWAY"]
-    pct = {float(k): v / 1000.0 for k, v in raw["pct_us"].items()}
+    found = loadgen.run_wrk(url, connections, seconds, script, stack.LOAD_CPU)
     hist = {float(k): int(v) for k, v in found.get("TOLLWAY_HIST", {}).items()}
     return {
-        "req_s": round(raw["requests"] / (raw["duration_us"] / 1e6), 1),
-        "requests": raw["requests"],
-        "errors": raw["status_errors"] + raw["socket_errors"],
-        "p50_ms": pct[50.0],
-        "p90_ms": pct[90.0],
-        "p99_ms": pct[99.0],
-        "p999_ms": pct[99.9],
-        "max_ms": pct[100.0],
+        **loadgen.wrk_summary(found["TOLLWAY"]),
         "overhead_p50_ms": _weighted(hist, 50),
         "overhead_p99_ms": _weighted(hist, 99),
         "x_cache": found.get("TOLLWAY_XCACHE", {}),

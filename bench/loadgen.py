@@ -15,6 +15,7 @@ import io
 import json
 import subprocess
 from pathlib import Path
+from typing import Any
 
 # The percentiles wrk reports (the CDF's points); 50 and 99 are the headline ones.
 PERCENTILES = (
@@ -67,6 +68,15 @@ def write_wrk_script(path: Path, method: str, body: bytes, headers: dict[str, st
 
 def wrk(url: str, connections: int, seconds: int, script: Path, cpu: str) -> dict[str, object]:
     """Closed loop: wrk, one thread pinned to `cpu`, `connections` busy for `seconds`."""
+    raw = run_wrk(url, connections, seconds, script, cpu)["TOLLWAY"]
+    cdf = sorted((float(p), us / 1000.0) for p, us in raw["pct_us"].items())
+    return {**wrk_summary(raw), "cdf_ms": [[p, v] for p, v in cdf]}
+
+
+def run_wrk(url: str, connections: int, seconds: int, script: Path, cpu: str) -> dict[str, Any]:
+    """Run wrk (one thread pinned to `cpu`) and return what its script printed: each
+    `TOLLWAY... <json>` line of stdout by its tag; `TOLLWAY` (done_hook's summary) is always
+    there, or this raises."""
     opts = f"-t1 -c{connections} -d{seconds}s --timeout 10s -s {script} {url}"
     done = subprocess.run(
         ["taskset", "-c", cpu, "wrk", *opts.split()],
@@ -75,14 +85,21 @@ def wrk(url: str, connections: int, seconds: int, script: Path, cpu: str) -> dic
         timeout=seconds + 60,
         check=True,
     )
-    line = next((x for x in done.stdout.splitlines() if x.startswith("TOLLWAY ")), None)
-    if line is None:
+    found: dict[str, Any] = {}
+    for line in done.stdout.splitlines():
+        tag, _, payload = line.partition(" ")
+        if tag.startswith("TOLLWAY"):
+            found[tag] = json.loads(payload)
+    if "TOLLWAY" not in found:
         raise RuntimeError(f"wrk printed no summary:\n{done.stdout}\n{done.stderr}")
-    raw = json.loads(line.removeprefix("TOLLWAY "))
+    return found
+
+
+def wrk_summary(raw: dict[str, Any]) -> dict[str, object]:
+    """Throughput, errors and latency percentiles (ms) of done_hook's `TOLLWAY` summary."""
     pct = {float(k): v / 1000.0 for k, v in raw["pct_us"].items()}
-    seconds_run = raw["duration_us"] / 1e6
     return {
-        "req_s": round(raw["requests"] / seconds_run, 1),
+        "req_s": round(raw["requests"] / (raw["duration_us"] / 1e6), 1),
         "requests": raw["requests"],
         "errors": raw["status_errors"] + raw["socket_errors"],
         "p50_ms": pct[50.0],
@@ -90,7 +107,6 @@ def wrk(url: str, connections: int, seconds: int, script: Path, cpu: str) -> dic
         "p99_ms": pct[99.0],
         "p999_ms": pct[99.9],
         "max_ms": pct[100.0],
-        "cdf_ms": [[p, v] for p, v in sorted(pct.items())],
     }
 
 
