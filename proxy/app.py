@@ -508,16 +508,14 @@ async def _endpoint(endpoint: Endpoint, scope: Scope, send: Send) -> None:
 
 
 def _stamped(scope: Scope, send: Send) -> Send:
-    """`send` adding the request id and the overhead to the response start, for what is served
-    without an Exchange (the endpoints, the console, the admin API): SPEC §4's "always"."""
-    t0 = time.perf_counter()
-    request_id = _request_id(scope).encode("latin-1")
+    """`send` adding the request id and the overhead to the response start, as an API
+    response gets them (`Exchange.stamp`), for what is served without going through `_serve`
+    (the endpoints, the console, the admin API): SPEC §4's "always"."""
+    exchange = Exchange(scope["method"], scope["path"], _request_id(scope), "")
 
     async def stamped(message: Message) -> None:
         if message["type"] == "http.response.start":
-            overhead = b"%.3f" % ((time.perf_counter() - t0) * 1000.0)
-            headers = [*message.get("headers", ()), (b"x-request-id", request_id),
-                       (b"x-tollway-overhead-ms", overhead)]  # fmt: skip
+            headers = exchange.stamp([*message.get("headers", ())])
             message = {**message, "headers": headers}
         await send(message)
 
