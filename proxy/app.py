@@ -43,6 +43,7 @@ from proxy.exchange import Exchange
 from proxy.handlers import ApiHandler, OpenAIHandler, PassthroughHandler
 from proxy.limits.base import Limiter
 from proxy.limits.failover import FailoverLimiter
+from proxy.limits.lease import LeasingLimiter
 from proxy.limits.memory import MemoryLimiter
 from proxy.limits.redis import RedisLimiter
 from proxy.openapi import PATH as OPENAPI_PATH
@@ -193,7 +194,8 @@ class Gateway:
         self, config: Config, *, config_path: str | None = None, log_stream: IO[bytes] | None = None
     ):
         self.limiter = make_limiter(config)
-        self.health = BackendHealth(make_shared_breakers(self.limiter))
+        self.failover = failover_of(self.limiter)
+        self.health = BackendHealth(make_shared_breakers(self.failover))
         self._loop: asyncio.AbstractEventLoop | None = None
         self.telemetry, self.exporter = make_telemetry(config, self.limiter, self._gauges)
         self.subscriptions = Subscriptions(open_store(config), self._subscriptions_changed)
@@ -313,7 +315,7 @@ class Gateway:
         return self.runtime.config
 
     def _token_store_down(self) -> bool:
-        return isinstance(self.limiter, FailoverLimiter) and self.limiter.degraded
+        return self.failover is not None and self.failover.degraded
 
     def _subscriptions_changed(self) -> None:
         runtime = self.runtime
@@ -325,11 +327,11 @@ class Gateway:
     async def _readyz(self, scope: Scope, send: Send) -> None:
         """200 ready; 200 degraded while a shared store is down in `open` mode (limits count
         per process); 503 while starting or while it is down in `closed` mode."""
-        limiter, status, state = self.limiter, 200, "ready"
-        store = "memory" if isinstance(limiter, MemoryLimiter) else "redis"
-        if isinstance(limiter, FailoverLimiter) and limiter.degraded:
+        failover, status, state = self.failover, 200, "ready"
+        store = "memory" if failover is None else "redis"
+        if failover is not None and failover.degraded:
             store += " (unavailable)"
-            state, status = ("degraded", 200) if limiter.mode == "open" else ("unavailable", 503)
+            state, status = ("degraded", 200) if failover.mode == "open" else ("unavailable", 503)
         if not self.ready:
             state, status = "starting", 503
         body = {"status": state, "store": store}
@@ -531,21 +533,29 @@ def _request_id(scope: Scope) -> str:
     return os.urandom(16).hex()
 
 
-def make_shared_breakers(limiter: Limiter) -> SharedBreakers | None:
+def make_shared_breakers(failover: FailoverLimiter | None) -> SharedBreakers | None:
     """Circuit-breaker trips shared through the Redis store, when the store is Redis."""
-    if isinstance(limiter, FailoverLimiter) and isinstance(limiter.store, RedisLimiter):
-        return SharedBreakers(limiter.store)
+    if failover is not None and isinstance(failover.store, RedisLimiter):
+        return SharedBreakers(failover.store)
     return None
 
 
-def make_limiter(config: Config) -> FailoverLimiter | MemoryLimiter:
+def make_limiter(config: Config) -> LeasingLimiter | MemoryLimiter:
     """The token-limit store: per process (`memory`), or a shared Redis with the configured
-    failure mode. Kept across reloads, so counters survive a SIGHUP (a changed `store`
-    takes effect on restart)."""
+    failure mode, drawn on through per-process leases (proxy/limits/lease.py). Kept across
+    reloads, so counters survive a SIGHUP (a changed `store` takes effect on restart)."""
     gateway = config.gateway
     if gateway.store == "memory":
         return MemoryLimiter()
-    return FailoverLimiter(RedisLimiter.connect(gateway.store), gateway.store_failure_mode)
+    shared = FailoverLimiter(RedisLimiter.connect(gateway.store), gateway.store_failure_mode)
+    return LeasingLimiter(shared)
+
+
+def failover_of(limiter: Limiter) -> FailoverLimiter | None:
+    """The shared store's failure-mode layer under `limiter`, if the store is shared."""
+    if isinstance(limiter, LeasingLimiter) and isinstance(limiter.store, FailoverLimiter):
+        return limiter.store
+    return limiter if isinstance(limiter, FailoverLimiter) else None
 
 
 EXPORT_SHUTDOWN_SECONDS = 5.0
@@ -608,11 +618,12 @@ def observed(
     """Values read when metrics are exported or scraped: the shared store's health, spans
     the export queue dropped, measurements folded into overflow series, and `extra`."""
     out = list(extra)
-    if isinstance(limiter, FailoverLimiter):
+    failover = failover_of(limiter)
+    if failover is not None:
         out.append(Gauge(genai.STORE_UNAVAILABLE, "", "1 while the shared token store is down.",
-                         (((), int(limiter.degraded)),)))  # fmt: skip
+                         (((), int(failover.degraded)),)))  # fmt: skip
         out.append(Gauge(genai.STORE_FAILED_ADMISSIONS, "", "Admissions the store could not take.",
-                         (((), limiter.failed_admissions),), monotonic=True))  # fmt: skip
+                         (((), failover.failed_admissions),), monotonic=True))  # fmt: skip
     if exporter is not None:
         out.append(Gauge(genai.SPANS_DROPPED, "", "Spans dropped: the export queue was full.",
                          (((), exporter.dropped_spans),), monotonic=True))  # fmt: skip

@@ -33,11 +33,11 @@ from proxy.limits.base import (
     Admitted,
     Failed,
     Limit,
-    Limiter,
     Refused,
     Reservation,
     StoreUnavailableError,
 )
+from proxy.limits.lease import SharedStore
 from proxy.limits.memory import MemoryLimiter
 
 log = logging.getLogger("tollway")
@@ -50,7 +50,7 @@ class FailoverLimiter:
 
     def __init__(
         self,
-        store: Limiter,
+        store: SharedStore,
         mode: str = "open",
         *,
         retry_interval: float = 1.0,
@@ -62,6 +62,7 @@ class FailoverLimiter:
         self.degraded = False
         self.fallback_admissions = 0
         self.failed_admissions = 0  # admissions the store did not answer (see the docstring)
+        self.failed_tokens = 0  # the most they could have reserved
         self._retry_interval = retry_interval
         self._clock = clock
         self._next_try = 0.0
@@ -70,12 +71,19 @@ class FailoverLimiter:
             maxlen=MAX_PENDING
         )
 
-    async def admit(self, limit: Limit, tokens: int) -> Admitted | Refused:
+    async def admit(self, limit: Limit, tokens: int, most: int = 0) -> Admitted | Refused:
+        return (await self.admit_for(limit, tokens, most))[0]
+
+    async def admit_for(
+        self, limit: Limit, tokens: int, most: int = 0
+    ) -> tuple[Admitted | Refused, float]:
+        """`admit`, and how long the bucket it charged stays current (proxy/limits/lease.py)."""
         if not self.degraded or self._clock() >= self._next_try:
             try:
-                result = await self.store.admit(limit, tokens)
+                result = await self.store.admit_for(limit, tokens, most)
             except StoreUnavailableError as exc:
                 self.failed_admissions += 1
+                self.failed_tokens += max(tokens, most)
                 self._degrade(exc)
             else:
                 self._recover()
@@ -85,7 +93,9 @@ class FailoverLimiter:
         if self.mode == "closed":
             raise TokenStoreUnavailableError()
         self.fallback_admissions += 1
-        return await self.fallback.admit(limit, tokens)
+        # Exactly `tokens`, valid for no time: no lease is drawn on the per-process fallback
+        # (it costs no round trip), so each admission meanwhile tries the store again.
+        return await self.fallback.admit(limit, tokens), 0.0
 
     async def settle(self, reservation: Reservation, used: int) -> tuple[int | None, int | None]:
         try:

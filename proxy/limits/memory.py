@@ -1,9 +1,11 @@
 """The in-process token-limit store: the rules of `proxy.limits.base`, exact within one process.
 
 Each decision runs without an `await`, so on one event loop it is atomic. State per counter
-key: a dict second -> tokens (at most 61 live buckets, trimmed on every touch) and one counter
-per quota period. A sweep at most once a minute drops windows with no live bucket and period
-counters a day past their period's end, so idle keys do not accumulate.
+key (`_Key`): a dict second -> tokens (at most 61 live buckets, trimmed when the oldest has
+left), their running sum, and the key's current quota-period counter, so an admission is a
+few attribute reads and one dict lookup. Period counters live in one dict by (key, period
+id) whatever their period kind. A sweep at most once a minute drops keys with no live bucket
+and period counters a day past their period's end, so idle keys do not accumulate.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from proxy.limits.base import (
     LEAVES,
@@ -20,6 +21,7 @@ from proxy.limits.base import (
     Limit,
     Refused,
     Reservation,
+    grant,
     period_bounds,
     rate_retry_after,
     remaining,
@@ -27,12 +29,30 @@ from proxy.limits.base import (
 
 SWEEP_EVERY = 60.0  # seconds of clock time between sweeps
 KEEP_PERIOD = 86400.0  # a period counter outlives its period by a day, like its Redis key
+_NONE_YET = math.inf  # the oldest bucket of an empty window
 
 
-@dataclass(slots=True)
 class _Count:
-    used: int
-    end: float  # the period's end (unix time)
+    """One quota period's counter."""
+
+    __slots__ = ("end", "period", "start", "used")
+
+    def __init__(self, period: str, start: float, end: float) -> None:
+        self.period, self.start, self.end = period, start, end
+        self.used = 0
+
+
+class _Key:
+    """One counter key: its rate window and the quota counter admissions last used."""
+
+    __slots__ = ("buckets", "count", "count_kind", "oldest", "total")
+
+    def __init__(self) -> None:
+        self.buckets: dict[int, int] = {}  # in the order they were made (time order)
+        self.total = 0  # the buckets' sum
+        self.oldest: float = _NONE_YET  # the first bucket's second
+        self.count: _Count | None = None
+        self.count_kind = ""  # the quota period kind `count` belongs to
 
 
 class MemoryLimiter:
@@ -40,118 +60,169 @@ class MemoryLimiter:
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
-        self._windows: dict[str, dict[int, int]] = {}  # buckets in the order they were made
-        self._totals: dict[str, int] = {}  # each window's sum, kept as buckets change
+        self._keys: dict[str, _Key] = {}
         self._counts: dict[tuple[str, str], _Count] = {}
         self._next_sweep = 0.0
 
-    async def admit(self, limit: Limit, tokens: int) -> Admitted | Refused:
+    async def admit(self, limit: Limit, tokens: int, most: int = 0) -> Admitted | Refused:
         now = self._clock()
-        self._sweep(now)
+        if now >= self._next_sweep:
+            self._sweep(now)
         second = math.floor(now)
+        state = self._keys.get(limit.key)
+        if state is None:
+            state = self._keys[limit.key] = _Key()
         tpm, quota = limit.tokens_per_minute, limit.token_quota
-        window = self._window(limit.key, second)
-        used = self._totals.get(limit.key, 0) if window else 0
-        period, _, end = period_bounds(limit.quota_period, now) if quota is not None else ("", 0, 0)
-        count = self._counts.get((limit.key, period))
-        quota_used = count.used if count else 0
-        if quota is not None and quota_used + tokens > quota:
-            return Refused("quota", end - now, *remaining(limit, used, quota_used))
+        used = quota_used = 0
+        room: int | None = None
+        if tpm is not None:
+            if state.oldest <= second - LEAVES:
+                self._trim(state, second)
+            used = state.total
+            room = tpm - used
+        count = None
+        if quota is not None:
+            count = self._count(state, limit, now)
+            quota_used = count.used
+            if quota_used + tokens > quota:
+                return Refused("quota", count.end - now, *remaining(limit, used, quota_used))
+            if room is None or quota - quota_used < room:
+                room = quota - quota_used
         if tpm is not None and used + tokens > tpm:
-            retry_after = rate_retry_after(window.items(), used, tokens, tpm, now)
+            retry_after = rate_retry_after(state.buckets.items(), used, tokens, tpm, now)
             return Refused("rate", retry_after, *remaining(limit, used, quota_used))
-        self._charge(limit, tokens, second, now)
-        reservation = Reservation(limit, tokens, second, period, self)
-        return Admitted(reservation, *remaining(limit, used + tokens, quota_used + tokens))
+        if most > tokens:
+            tokens = grant(tokens, most, room)
+        if tpm is not None:
+            self._add(state, second, tokens)
+        period = ""
+        if count is not None:
+            count.used += tokens
+            period = count.period
+        reservation = Reservation(limit, tokens, second, period, self, state)
+        return Admitted(
+            reservation,
+            None if tpm is None else max(0, tpm - used - tokens),
+            None if quota is None else max(0, quota - quota_used - tokens),
+        )
+
+    async def admit_for(
+        self, limit: Limit, tokens: int, most: int = 0
+    ) -> tuple[Admitted | Refused, float]:
+        """`admit`, and how long the second it charged lasts (proxy/limits/lease.py)."""
+        decision = await self.admit(limit, tokens, most)
+        if isinstance(decision, Refused):
+            return decision, 0.0
+        return decision, max(0.0, decision.reservation.second + 1 - self._clock())
 
     async def settle(self, reservation: Reservation, used: int) -> tuple[int | None, int | None]:
-        now = self._settle(reservation, used)
-        return remaining(reservation.limit, *self._used(reservation.limit, now))
+        self.settle_soon(reservation, used)
+        return remaining(reservation.limit, *self._used(reservation.limit, self._clock()))
 
     def settle_soon(
         self, reservation: Reservation, used: int, failed: Failed | None = None
     ) -> None:
-        self._settle(reservation, used)  # at once: this store cannot fail
-
-    def _settle(self, reservation: Reservation, used: int) -> float:
+        """At once: this store cannot fail. Less than reserved goes back to the bucket and
+        period it was charged in; more is charged to the current second and period."""
+        delta = used - reservation.tokens
+        if not delta:
+            return
+        limit = reservation.limit
+        state = reservation.held if reservation.held is not None else self._key(limit.key)
         now = self._clock()
-        second = math.floor(now)
-        limit, delta = reservation.limit, used - reservation.tokens
-        if delta < 0:
-            self._refund(reservation, -delta, second)
-        elif delta > 0:
-            self._charge(limit, delta, second, now)
-        return now
+        if delta > 0:
+            if limit.tokens_per_minute is not None:
+                self._add(state, math.floor(now), delta)
+            if limit.token_quota is not None:
+                self._count(state, limit, now).used += delta
+            return
+        back = -delta
+        buckets, second = state.buckets, reservation.second
+        if second in buckets and second > math.floor(now) - LEAVES:
+            taken = min(back, buckets[second])
+            buckets[second] -= taken
+            state.total -= taken
+        if reservation.period:
+            count = state.count
+            if count is None or count.period != reservation.period:
+                count = self._counts.get((limit.key, reservation.period))
+            if count is not None:
+                count.used = max(0, count.used - back)
 
     async def release(self, reservation: Reservation) -> None:
-        await self.settle(reservation, 0)
+        self.settle_soon(reservation, 0)
 
     async def usage(self, limit: Limit) -> tuple[int, int]:
         return self._used(limit, self._clock())
 
     async def close(self) -> None:
-        self._windows.clear()
-        self._totals.clear()
+        self._keys.clear()
         self._counts.clear()
 
-    def _window(self, key: str, second: int) -> dict[int, int]:
-        """The key's live buckets at `second` (stale ones dropped); empty when it has none.
+    def _key(self, key: str) -> _Key:
+        state = self._keys.get(key)
+        if state is None:
+            state = self._keys[key] = _Key()
+        return state
 
-        Buckets are made in time order, so the stale ones are at the front: trimming looks
-        at the oldest only (a clock stepping back can leave one stale bucket a little
-        longer: an over-count, never an under-count)."""
-        window = self._windows.get(key)
-        if window is None:
-            return {}
-        horizon = second - LEAVES
-        while window:
-            oldest = next(iter(window))
+    def _count(self, state: _Key, limit: Limit, now: float) -> _Count:
+        """The key's counter for the quota period containing `now`."""
+        count = state.count
+        if (
+            count is not None
+            and state.count_kind == limit.quota_period
+            and count.start <= now < count.end
+        ):
+            return count
+        period, start, end = period_bounds(limit.quota_period, now)
+        count = self._counts.get((limit.key, period))
+        if count is None:
+            count = self._counts[(limit.key, period)] = _Count(period, start, end)
+        state.count, state.count_kind = count, limit.quota_period
+        return count
+
+    @staticmethod
+    def _add(state: _Key, second: int, tokens: int) -> None:
+        buckets = state.buckets
+        if not buckets:
+            state.oldest = second
+        buckets[second] = buckets.get(second, 0) + tokens
+        state.total += tokens
+
+    @staticmethod
+    def _trim(state: _Key, second: int) -> None:
+        """Drop the buckets that have left the window at `second`. Buckets are made in time
+        order, so the stale ones are at the front (a clock stepping back can leave one stale
+        bucket a little longer: an over-count, never an under-count)."""
+        buckets, horizon = state.buckets, second - LEAVES
+        while buckets:
+            oldest = next(iter(buckets))
             if oldest > horizon:
-                break
-            self._totals[key] -= window.pop(oldest)
-        return window
+                state.oldest = oldest
+                return
+            state.total -= buckets.pop(oldest)
+        state.oldest = _NONE_YET
 
     def _used(self, limit: Limit, now: float) -> tuple[int, int]:
         """Tokens in the window and the current period, where the limit counts them."""
-        in_window, in_period = 0, 0
-        if limit.tokens_per_minute is not None and self._window(limit.key, math.floor(now)):
-            in_window = self._totals[limit.key]
+        state = self._keys.get(limit.key)
+        if state is None:
+            return 0, 0
+        in_window = in_period = 0
+        if limit.tokens_per_minute is not None:
+            self._trim(state, math.floor(now))
+            in_window = state.total
         if limit.token_quota is not None:
-            count = self._counts.get((limit.key, period_bounds(limit.quota_period, now)[0]))
-            in_period = count.used if count else 0
+            in_period = self._count(state, limit, now).used
         return in_window, in_period
 
-    def _charge(self, limit: Limit, tokens: int, second: int, now: float) -> None:
-        """Add tokens to `bucket[second]` and the current period, where the limit counts them."""
-        if limit.tokens_per_minute is not None:
-            key = limit.key
-            window = self._windows.setdefault(key, {})
-            window[second] = window.get(second, 0) + tokens
-            self._totals[key] = self._totals.get(key, 0) + tokens
-        if limit.token_quota is not None:
-            period, _, end = period_bounds(limit.quota_period, now)
-            self._counts.setdefault((limit.key, period), _Count(0, end)).used += tokens
-
-    def _refund(self, reservation: Reservation, tokens: int, second: int) -> None:
-        """Return tokens to the reservation's bucket (if still live) and period, not below 0."""
-        key = reservation.limit.key
-        window = self._windows.get(key)
-        if window and reservation.second in window and reservation.second > second - LEAVES:
-            back = min(tokens, window[reservation.second])
-            window[reservation.second] -= back
-            self._totals[key] -= back
-        count = self._counts.get((key, reservation.period)) if reservation.period else None
-        if count:
-            count.used = max(0, count.used - tokens)
-
     def _sweep(self, now: float) -> None:
-        """Forget idle keys: windows without a live bucket, counters a day past their period."""
-        if now < self._next_sweep:
-            return
+        """Forget idle keys (no live bucket) and counters a day past their period's end."""
         self._next_sweep = now + SWEEP_EVERY
-        horizon = math.floor(now) - LEAVES
-        for key in [k for k, w in self._windows.items() if all(b <= horizon for b in w)]:
-            del self._windows[key]
-            self._totals.pop(key, None)
+        second = math.floor(now)
+        for key, state in list(self._keys.items()):
+            self._trim(state, second)
+            if not state.buckets:
+                del self._keys[key]
         for ck in [ck for ck, c in self._counts.items() if c.end + KEEP_PERIOD < now]:
             del self._counts[ck]

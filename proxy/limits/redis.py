@@ -40,6 +40,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from proxy.limits.base import (
+    GRANT_SHARE,
     LEAVES,
     Admitted,
     Failed,
@@ -90,18 +91,20 @@ class Script:
     sha: str  # its SHA-1, the name EVALSHA knows it by
 
     @classmethod
-    def load(cls, name: str, *, clock_arg: int | None) -> Script:
+    def load(cls, name: str, *, clock_arg: int | None, **constants: int) -> Script:
         """`name`, behind the shared clock.lua (with the window's LEAVES from base.py) when
-        it reads the time: `clock_arg` is the index of the ARGV that holds the override."""
+        it reads the time: `clock_arg` is the index of the ARGV that holds the override.
+        `constants` are prepended as locals (base.py's values the script mirrors)."""
         source = lua(name)
         if clock_arg is not None:
             head = f"local LEAVES = {LEAVES}\nlocal CLOCK_ARG = {clock_arg}\n"
             source = head + lua("clock.lua") + source
+        source = "".join(f"local {k} = {v}\n" for k, v in constants.items()) + source
         return cls(source, hashlib.sha1(source.encode()).hexdigest())
 
 
-# ARGV[1] is the time override, then 5 values per admission or settlement of the batch.
-ADMIT = Script.load("admit.lua", clock_arg=1)
+# ARGV[1] is the time override, then 6 values per admission (5 per settlement) of the batch.
+ADMIT = Script.load("admit.lua", clock_arg=1, GRANT_SHARE=GRANT_SHARE)
 SETTLE = Script.load("settle.lua", clock_arg=1)
 
 
@@ -199,7 +202,14 @@ class RedisLimiter:
         )
         return cls(cluster, clock=clock)
 
-    async def admit(self, limit: Limit, tokens: int) -> Admitted | Refused:
+    async def admit(self, limit: Limit, tokens: int, most: int = 0) -> Admitted | Refused:
+        return (await self.admit_for(limit, tokens, most))[0]
+
+    async def admit_for(
+        self, limit: Limit, tokens: int, most: int = 0
+    ) -> tuple[Admitted | Refused, float]:
+        """`admit`, and how long from now (at the latest) the bucket it charged is the
+        server's current second (0 when refused): how long a lease of it may be drawn on."""
         now = self._now()
         tpm, quota = limit.tokens_per_minute, limit.token_quota
         keys = [rate_key(limit.key)]
@@ -207,14 +217,16 @@ class RedisLimiter:
         if quota is not None:
             period, _, end = period_bounds(limit.quota_period, now)
             keys.append(quota_key(limit.key, period))
-        args = (len(keys), tokens, _limit_arg(tpm), _limit_arg(quota), _ttl_ms(end, now))
-        verdict, second, used, quota_used, retry_us = await self._call(ADMIT, keys, args, now)
+        args = (len(keys), tokens, most, _limit_arg(tpm), _limit_arg(quota), _ttl_ms(end, now))
+        reply = await self._call(ADMIT, keys, args, now)
+        verdict, second, used, quota_used, retry_us, granted, left_us = reply
         left = remaining(limit, used, quota_used)
         if verdict == 1:
-            return Admitted(Reservation(limit, tokens, second, period, self), *left)
+            reservation = Reservation(limit, granted, second, period, self)
+            return Admitted(reservation, *left), left_us / 1_000_000
         if verdict == -1:
-            return Refused("quota", end - now, *left)
-        return Refused("rate", retry_us / 1_000_000, *left)
+            return Refused("quota", end - now, *left), 0.0
+        return Refused("rate", retry_us / 1_000_000, *left), 0.0
 
     async def settle(self, reservation: Reservation, used: int) -> tuple[int | None, int | None]:
         res = reservation

@@ -35,22 +35,39 @@ from proxy.types import Headers, Scope
 # read by the backend, but backends bill no request they did not answer).
 NEVER_SENT = (BackendConnectionError, BackendConnectTimeoutError, BackendUnavailableError)
 log = logging.getLogger("tollway")
+MAX_LIMITS = 4096  # resolved counter keys remembered per policy
 
 
 class TokenLimitPolicy:
     """One configured `llm-token-limit`, its counter-key template parsed once."""
 
-    __slots__ = ("_key", "limiter", "spec")
+    __slots__ = ("_key", "_limits", "header_names", "limiter", "spec")
 
     def __init__(self, spec: TokenLimit, limiter: Limiter):
         self.spec = spec
         self.limiter = limiter
         self._key = parse_template(spec.counter_key)
+        self._limits: dict[str, Limit] = {}  # by rendered key: one Limit per counter
+        # the remaining-tokens, remaining-quota and tokens-consumed header names, as sent
+        self.header_names = tuple(
+            name.lower().encode("latin-1") if name else None
+            for name in (
+                spec.remaining_tokens_header_name,
+                spec.remaining_quota_tokens_header_name,
+                spec.tokens_consumed_header_name,
+            )
+        )
 
     def limit(self, exchange: Exchange, scope: Scope, subscription_name: str) -> Limit:
-        spec = self.spec
         key = render(self._key, exchange, scope, subscription_name)
-        return Limit(key, spec.tokens_per_minute, spec.token_quota, spec.token_quota_period)
+        found = self._limits.get(key)
+        if found is None:
+            if len(self._limits) >= MAX_LIMITS:  # keys can come from clients (headers)
+                self._limits.clear()
+            spec = self.spec
+            found = Limit(key, spec.tokens_per_minute, spec.token_quota, spec.token_quota_period)
+            self._limits[key] = found
+        return found
 
     def tokens(self, prompt: int, completion: int) -> int:
         """What this policy reserves at admission (at least 1: a counter already at its
@@ -108,22 +125,23 @@ class Ledger:
         policies use one name) and the tokens consumed. With `used` (a reply whose usage is
         known but not yet settled), the figures are projected from the admission as if it
         were: the settlement itself then happens after the reply has gone out."""
-        values: dict[str, int] = {}
+        values: dict[bytes, int] = {}
         consumed = self.consumed if used is None else used
+        project = used is not None and not self._settled
         for policy, admitted in self._held:
-            spec, back = policy.spec, 0
-            if used is not None and not self._settled:
-                back = admitted.reservation.tokens - used  # < 0: usage beyond the reservation
+            # < 0: usage beyond the reservation
+            back = admitted.reservation.tokens - used if project else 0  # type: ignore[operator]
+            rate_name, quota_name, consumed_name = policy.header_names
             for name, value in (
-                (spec.remaining_tokens_header_name, admitted.remaining_tokens),
-                (spec.remaining_quota_tokens_header_name, admitted.remaining_quota),
-                (spec.tokens_consumed_header_name, consumed),
+                (rate_name, admitted.remaining_tokens),
+                (quota_name, admitted.remaining_quota),
             ):
-                if name and value is not None:
-                    if name != spec.tokens_consumed_header_name:
-                        value = max(0, value + back)
+                if name is not None and value is not None:
+                    value = max(0, value + back)
                     values[name] = min(values.get(name, value), value)
-        return [(k.lower().encode("latin-1"), b"%d" % v) for k, v in values.items()]
+            if consumed_name is not None:
+                values[consumed_name] = min(values.get(consumed_name, consumed), consumed)
+        return [(k, b"%d" % v) for k, v in values.items()]
 
     async def _release(self) -> None:
         held, self._held = self._held, []

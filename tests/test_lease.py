@@ -1,0 +1,163 @@
+"""Per-process leases of the shared store's current second (proxy/limits/lease.py).
+
+The contract suite (tests/test_limits.py, the `leased` store) proves the rules hold through
+leases; these cases prove what leases are for and what they must never do: few round trips,
+no drawing after the second ends, at most a share of the room held, nothing left behind.
+Real Redis-protocol servers; time is the contract suite's `Clock`, moved by the test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from proxy.limits import Admitted, Limit, Refused
+from proxy.limits.base import GRANT_SHARE
+from proxy.limits.lease import LeasingLimiter
+from proxy.limits.redis import RedisLimiter
+from tests.redisproc import RedisProc, run
+from tests.test_limits import T0, Clock
+
+pytestmark = pytest.mark.redis
+
+
+class Counted(RedisLimiter):
+    """The Redis store, counting the admissions sent to it."""
+
+    admissions = 0
+
+    async def admit_for(self, limit: Limit, tokens: int, most: int = 0) -> Any:
+        self.admissions += 1
+        return await super().admit_for(limit, tokens, most)
+
+
+@contextlib.asynccontextmanager
+async def leased(server: RedisProc, clock: Clock) -> AsyncIterator[tuple[LeasingLimiter, Counted]]:
+    with server.client() as client:
+        client.flushall()
+    store = Counted.connect(server.url, clock=clock)
+    assert isinstance(store, Counted)
+    limiter = LeasingLimiter(store, clock=clock)
+    try:
+        yield limiter, store
+    finally:
+        await limiter.close()
+
+
+async def take(limiter: LeasingLimiter, limit: Limit, tokens: int) -> Admitted:
+    decision = await limiter.admit(limit, tokens)
+    assert isinstance(decision, Admitted), decision
+    return decision
+
+
+def test_a_busy_second_costs_one_round_trip(server: RedisProc) -> None:
+    """50 requests in a second: a few round trips while the lease learns the demand, then
+    one for the whole of the next second; and the store holds exactly what was drawn once
+    the leases have closed."""
+    clock = Clock()
+    limit = Limit("team-a", 10**9, 10**12)
+
+    async def main() -> None:
+        async with leased(server, clock) as (limiter, store):
+            for i in range(50):
+                clock.set(i * 0.01)
+                await take(limiter, limit, 10)
+            learning = store.admissions
+            assert learning <= 8  # doubling within the second: 10, 20, 40, ... tokens
+            for i in range(50):
+                clock.set(1 + i * 0.01)
+                await take(limiter, limit, 10)
+            assert store.admissions - learning == 1
+            clock.set(2.5)
+            assert await limiter.usage(limit) == (1000, 1000)  # this process's view
+            assert await store.usage(limit) == (1000, 1000)  # the leases gave back the rest
+
+    run(main())
+
+
+def test_a_lease_is_never_drawn_after_its_second(server: RedisProc) -> None:
+    clock = Clock(T0 + 0.5)
+    limit = Limit("team-a", 10**9, None)
+
+    async def main() -> None:
+        async with leased(server, clock) as (limiter, store):
+            await take(limiter, limit, 10)
+            await take(limiter, limit, 10)  # the lease grows beyond what is drawn
+            lease = limiter._keys["team-a"].lease
+            assert lease is not None and lease.left > 0
+            clock.set(0.999)
+            assert (await take(limiter, limit, 1)).reservation.second == int(T0)
+            before = store.admissions
+            clock.set(1.0)  # the bucket's second has ended: a new lease, a new bucket
+            late = await take(limiter, limit, 1)
+            assert store.admissions == before + 1
+            assert late.reservation.second == int(T0) + 1
+            assert await store.usage(limit) >= (22, 0)  # never less than drawn
+            clock.set(2.0)
+            assert await limiter.usage(limit) == (22, 0)  # (this closes the ended lease)
+            assert await store.usage(limit) == (22, 0)  # exactly that once closed
+
+    run(main())
+
+
+def test_a_lease_holds_at_most_a_share_of_what_is_left(server: RedisProc) -> None:
+    """Another process (a second limiter on the same server) can still take all but what
+    the lease holds undrawn, which is at most 1/GRANT_SHARE of the room when it was taken."""
+    clock = Clock()
+    limit = Limit("team-a", 1600, None)
+
+    async def main() -> None:
+        async with leased(server, clock) as (a, _), leased(server, clock) as (b, _):
+            for _ in range(5):
+                await take(a, limit, 100)
+            lease = a._keys["team-a"].lease
+            assert lease is not None
+            held = lease.left
+            assert 0 < held <= (1600 - 500) // GRANT_SHARE
+            await take(b, limit, 1600 - 500 - held)  # all the rest fits
+            assert isinstance(await b.admit(limit, 1), Refused)
+            assert isinstance(await a.admit(limit, held), Admitted)  # its own lease: yes
+
+    run(main())
+
+
+def test_settlements_after_the_lease_closed_go_to_its_bucket(server: RedisProc) -> None:
+    clock = Clock()
+    limit = Limit("team-a", 10**6, 10**6, "daily")
+
+    async def main() -> None:
+        async with leased(server, clock) as (limiter, store):
+            first = await take(limiter, limit, 30)
+            await take(limiter, limit, 30)
+            clock.set(1.5)  # both leases of second 0 close
+            await take(limiter, limit, 5)
+            await limiter.settle(first.reservation, 10)  # 20 back to second 0's bucket
+            assert await limiter.usage(limit) == (45, 45)
+            clock.set(61.2)  # second 0 has left the window, second 1 not yet
+            assert await limiter.usage(limit) == (5, 45)  # (this closes second 1's lease)
+            assert await store.usage(limit) == (5, 45)
+
+    run(main())
+
+
+def test_close_gives_back_every_undrawn_token(server: RedisProc) -> None:
+    clock = Clock()
+    limit = Limit("team-a", 10**6, None)
+
+    async def main() -> None:
+        async with leased(server, clock) as (limiter, _):
+            for _ in range(4):
+                await take(limiter, limit, 25)
+            lease = limiter._keys["team-a"].lease
+            assert lease is not None and lease.left > 0
+        async with contextlib.AsyncExitStack():
+            store = RedisLimiter.connect(server.url, clock=clock)
+            try:
+                assert await store.usage(limit) == (100, 0)
+            finally:
+                await store.close()
+
+    run(main())
