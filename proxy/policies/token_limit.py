@@ -72,10 +72,11 @@ class TokenLimitPolicy:
     def tokens(self, prompt: int, completion: int) -> int:
         """What this policy reserves at admission (at least 1: a counter already at its
         limit refuses even a request whose size is not estimated)."""
-        reserved = prompt if self.spec.estimate_prompt_tokens else 0
-        if self.spec.reserve_completion_tokens:
+        spec = self.spec
+        reserved = prompt if spec.estimate_prompt_tokens else 0
+        if spec.reserve_completion_tokens:
             reserved += completion
-        return max(1, reserved)
+        return reserved if reserved > 0 else 1
 
 
 class Ledger:
@@ -90,21 +91,18 @@ class Ledger:
         self.consumed = 0  # the tokens charged: reserved until settled, then used
 
     async def admit(
-        self,
-        policies: Sequence[TokenLimitPolicy],
-        limits: Sequence[Limit],
-        prompt: int,
-        completion: int,
+        self, policy: TokenLimitPolicy, limit: Limit, prompt: int, completion: int
     ) -> None:
-        """Reserve against every policy, or raise 429/403 having released what was taken."""
-        for policy, limit in zip(policies, limits, strict=True):
-            tokens = policy.tokens(prompt, completion)
-            result = await policy.limiter.admit(limit, tokens)
-            if isinstance(result, Refused):
-                await self._release()
-                raise _refusal(policy, limit, result, tokens)
-            self._held.append((policy, result))
-            self.consumed = max(self.consumed, tokens)
+        """Reserve against one more policy, or raise 429/403 having released what the
+        policies before it took."""
+        tokens = policy.tokens(prompt, completion)
+        result = await policy.limiter.admit(limit, tokens)
+        if isinstance(result, Refused):
+            await self._release()
+            raise _refusal(policy, limit, result, tokens)
+        self._held.append((policy, result))
+        if tokens > self.consumed:
+            self.consumed = tokens
 
     def settle(self, used: int) -> None:
         """Replace every reservation with `used` tokens; later calls do nothing. Nothing is
@@ -132,13 +130,12 @@ class Ledger:
             # < 0: usage beyond the reservation
             back = admitted.reservation.tokens - used if project else 0  # type: ignore[operator]
             rate_name, quota_name, consumed_name = policy.header_names
-            for name, value in (
-                (rate_name, admitted.remaining_tokens),
-                (quota_name, admitted.remaining_quota),
-            ):
-                if name is not None and value is not None:
-                    value = max(0, value + back)
-                    values[name] = min(values.get(name, value), value)
+            if rate_name is not None and (value := admitted.remaining_tokens) is not None:
+                value = max(0, value + back)
+                values[rate_name] = min(values.get(rate_name, value), value)
+            if quota_name is not None and (value := admitted.remaining_quota) is not None:
+                value = max(0, value + back)
+                values[quota_name] = min(values.get(quota_name, value), value)
             if consumed_name is not None:
                 values[consumed_name] = min(values.get(consumed_name, consumed), consumed)
         return [(k, b"%d" % v) for k, v in values.items()]
@@ -242,9 +239,11 @@ class Metering:
         self.reserve = completion_reserve(view)
         if exchange.stream:  # only streams are counted from their deltas
             self.counter = CompletionCounter(count)
-        keys = [p.limit(exchange, scope, subscription_name) for p in policies]
+        ledger, prompt, reserve = self.ledger, self.prompt, self.reserve
         try:
-            await self.ledger.admit(policies, keys, self.prompt, self.reserve)
+            for policy in policies:  # in pipeline order; the first refusal wins
+                limit = policy.limit(exchange, scope, subscription_name)
+                await ledger.admit(policy, limit, prompt, reserve)
         except (TokenLimitExceededError, TokenQuotaExceededError) as refusal:
             exchange.event(
                 "tollway.token_limit.refused",
