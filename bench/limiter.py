@@ -3,8 +3,9 @@
     taskset -c 1 python -m bench.limiter [--concurrency 64] [--ops 20000]
 
 Starts a valkey-server on the load core and measures, in this process (uvloop), the CPU
-time per `admit` and per `admit` + `settle` for the memory store and the Redis store
-(proxy/limits/resp.py underneath), with `--concurrency` decisions in flight, and the Redis
+time per `admit` and per `admit` + `settle` for the memory store, the Redis store
+(proxy/limits/resp.py underneath) and the Redis store behind per-process leases (what the
+gateway runs, proxy/limits/lease.py), with `--concurrency` decisions in flight, and the Redis
 server's own CPU per decision (what bounds how many gateways one Redis carries); redis-py's
 PING is printed beside them for scale. The Redis rows spread their keys over 10 counters.
 Last, the whole `llm-token-limit` path of one non-streamed request on the memory store, as the
@@ -30,6 +31,7 @@ from bench import stack
 from proxy.config import TokenLimit
 from proxy.exchange import Exchange
 from proxy.limits.base import Admitted, Limit, Limiter
+from proxy.limits.lease import LeasingLimiter
 from proxy.limits.memory import MemoryLimiter
 from proxy.limits.redis import RedisLimiter
 from proxy.policies.token_limit import Metering, TokenLimitPolicy, TokenLimits
@@ -84,6 +86,7 @@ async def run(url: str, conc: int, ops: int, server: psutil.Process) -> None:
     stores: list[tuple[str, Limiter]] = [
         ("memory", MemoryLimiter()),
         ("redis", RedisLimiter.connect(url)),
+        ("redis+lease", LeasingLimiter(RedisLimiter.connect(url))),  # what the gateway runs
     ]
     for name, limiter in stores:
 
@@ -98,7 +101,7 @@ async def run(url: str, conc: int, ops: int, server: psutil.Process) -> None:
             else:  # a checkout from before settle_soon (A/B against an older commit)
                 await limiter.settle(decision.reservation, 5)
 
-        on = server if name == "redis" else None
+        on = server if name.startswith("redis") else None
         await measure(f"{name}: admit", admit, conc, ops, on)
         await measure(f"{name}: admit + settle", both, conc, ops, on)
         await limiter.close()
