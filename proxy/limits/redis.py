@@ -75,6 +75,9 @@ UNAVAILABLE = (
 # ConnectionError and ClusterError kinds): BusyLoadingError, AuthenticationError, MasterDown.
 UNAVAILABLE_REPLIES = frozenset({"LOADING", "NOAUTH", "WRONGPASS", "MASTERDOWN", "CLUSTERDOWN"})
 MAX_CLIENTS_REPLY = "ERR max number of clients reached"
+# What Redis and Valkey answer, instead of NOAUTH, to an unauthenticated client's command of
+# more than 10 arguments (a batch of admissions) before closing the connection.
+UNAUTHENTICATED_REPLY = "ERR Protocol error: unauthenticated"
 log = logging.getLogger("tollway")
 
 
@@ -388,6 +391,8 @@ def _unavailable(exc: BaseException) -> BaseException:
         exc.code in UNAVAILABLE_REPLIES or str(exc) == MAX_CLIENTS_REPLY
     ):
         return StoreUnavailableError(str(exc))
+    if isinstance(exc, ReplyError) and str(exc).startswith(UNAUTHENTICATED_REPLY):
+        return StoreUnavailableError(f"NOAUTH (the server said: {exc})")
     return exc
 
 
