@@ -161,3 +161,25 @@ def test_close_gives_back_every_undrawn_token(server: RedisProc) -> None:
                 await store.close()
 
     run(main())
+
+
+def test_refunds_beyond_what_a_lease_may_hold_go_back_at_once(server: RedisProc) -> None:
+    """Requests reserve max_tokens and use far less: the refunds must not pile up in the lease
+    (where the other processes would count them as used until the second ends)."""
+    clock = Clock()
+    limit = Limit("team-a", 10**6, None)
+
+    async def main() -> None:
+        async with leased(server, clock) as (limiter, store):
+            taken = [await take(limiter, limit, 1000) for _ in range(3)]
+            lease = limiter._keys["team-a"].lease
+            assert lease is not None
+            keep = lease.keep
+            assert 0 <= lease.left <= keep
+            for admitted in taken:
+                await limiter.settle(admitted.reservation, 10)
+            assert lease.left <= keep
+            in_window, _ = await store.usage(limit)
+            assert in_window == 30 + lease.left  # the rest is back in the store already
+
+    run(main())

@@ -8,7 +8,8 @@ that is not enough), charged to the store's current 1-s bucket and quota period 
 reservation. Requests draw on it in process until that second ends by the store's clock;
 then the lease closes: one settlement gives back what was not drawn, and a new lease starts
 with the next request. Settlements of requests drawn from a lease that is still open go to
-it (a refund can be drawn again); after it closed, to the store.
+it (a refund can be drawn again, up to what the lease may hold undrawn; the rest goes back to
+the store at once); after it closed, to the store.
 
 Why this stays exact: the store's window always holds at least what every process admitted,
 in the very bucket it was admitted in (a lease is drawn on only while that bucket is the
@@ -74,6 +75,7 @@ class _Lease:
         "drawn",
         "grant",
         "granted",
+        "keep",
         "left",
         "opened",
         "quota_rest",
@@ -81,9 +83,10 @@ class _Lease:
         "until",
     )  # fmt: skip
 
-    def __init__(self, grant: Admitted, opened: float, until: float) -> None:
-        self.grant = grant.reservation  # the store's reservation (its tokens: the first grant)
+    def __init__(self, grant: Admitted, asked: int, opened: float, until: float) -> None:
+        self.grant = grant.reservation  # the store's bucket and period (its tokens: `granted`)
         self.granted = self.left = self.grant.tokens
+        self.keep = self.granted - asked  # the most it may hold undrawn: what base.grant allowed
         self.drawn = 0
         self.opened, self.until = opened, until
         self.closed = False
@@ -98,6 +101,11 @@ class _Lease:
         reservation = Reservation(limit, tokens, grant.second, grant.period, owner, self)
         left = self.left
         return Admitted(reservation, _plus(self.rate_rest, left), _plus(self.quota_rest, left))
+
+    def held(self) -> Reservation:
+        """The lease as one reservation in the store: all it was granted, in its bucket."""
+        grant = self.grant
+        return Reservation(grant.limit, self.granted, grant.second, grant.period, grant.store)
 
 
 class _Key:
@@ -168,20 +176,20 @@ class LeasingLimiter:
                     state.topping = False
             if isinstance(decision, Refused):
                 return decision
-            lease = self._lease(state, limit, decision, sent, sent + lasts)
+            lease = self._lease(state, limit, decision, tokens, sent, sent + lasts)
             if lease.left >= tokens:
                 return lease.draw(limit, tokens, self)
         # Seconds kept ending under the replies: admit exactly, as a lease closed at once.
         decision, _ = await self.store.admit_for(limit, tokens)
         if isinstance(decision, Refused):
             return decision
-        lease = _Lease(decision, 0.0, 0.0)
+        lease = _Lease(decision, tokens, 0.0, 0.0)
         admitted = lease.draw(limit, tokens, self)
         self._close(state, lease)
         return admitted
 
     def _lease(
-        self, state: _Key, limit: Limit, decision: Admitted, sent: float, until: float
+        self, state: _Key, limit: Limit, decision: Admitted, asked: int, sent: float, until: float
     ) -> _Lease:
         """The lease a grant joins (the current one, same bucket) or starts; a grant for a
         second already gone is a lease closed at once."""
@@ -197,12 +205,11 @@ class LeasingLimiter:
         ):
             current.granted += grant.tokens
             current.left += grant.tokens
-            current.grant = Reservation(limit, current.granted, grant.second, grant.period,
-                                        grant.store)  # fmt: skip
+            current.keep += grant.tokens - asked
             current.rate_rest = decision.remaining_tokens  # the store counts all of it drawn
             current.quota_rest = decision.remaining_quota
             return current
-        lease = _Lease(decision, sent, until)
+        lease = _Lease(decision, asked, sent, until)
         if current is None or current.closed or _newer(grant, current.grant):
             if current is not None:
                 self._close(state, current)
@@ -257,17 +264,31 @@ class LeasingLimiter:
             if lease is not None and not lease.closed:
                 lease.closed = True
                 state.lease = None
-                await self.store.settle(lease.grant, lease.drawn)
+                await self.store.settle(lease.held(), lease.drawn)
         self._keys.clear()
         await self.store.close()
 
-    @staticmethod
-    def _into(lease: _Lease, reservation: Reservation, used: int) -> None:
+    def _into(self, lease: _Lease, reservation: Reservation, used: int) -> None:
         """A settlement of a request drawn from an open lease: the difference is the lease's
-        (given back to draw again, or drawn beyond the lease, settled when it closes)."""
+        (drawn beyond it, settled when it closes; or given back to be drawn again). What a
+        refund would leave undrawn beyond what the lease may hold goes back to the store at
+        once, so refunds never make a lease hold more than base.grant allowed."""
         delta = used - reservation.tokens
         lease.drawn += delta
-        lease.left -= delta
+        left = lease.left - delta
+        if left > lease.keep:
+            back = left - lease.keep
+            grant = lease.grant
+            self.store.settle_soon(
+                Reservation(grant.limit, back, grant.second, grant.period, grant.store), 0
+            )
+            lease.granted -= back
+            left = lease.keep
+            if lease.rate_rest is not None:
+                lease.rate_rest += back
+            if lease.quota_rest is not None:
+                lease.quota_rest += back
+        lease.left = left
 
     @staticmethod
     def _direct(reservation: Reservation) -> Reservation:
@@ -302,7 +323,7 @@ class LeasingLimiter:
             rate = lease.drawn / max(0.05, now - lease.opened)
             state.rate = rate if not state.rate else (state.rate + rate) / 2
         if lease.drawn != lease.granted:
-            self.store.settle_soon(lease.grant, max(0, lease.drawn))
+            self.store.settle_soon(lease.held(), max(0, lease.drawn))
 
     def _sweep_soon(self) -> None:
         if self._sweeper is None:
