@@ -27,6 +27,7 @@ import pytest
 from proxy.app import Gateway, create_app
 from proxy.cache import entry as entries
 from proxy.cache.base import CacheUnavailableError, Vector
+from proxy.cache import index as index_module
 from proxy.cache.index import MemoryIndex
 from proxy.cache.parts import IndexSlot
 from proxy.cache.policy import SemanticCache
@@ -780,6 +781,63 @@ def test_memory_index_stays_consistent_under_churn() -> None:
                 if found is not None:
                     assert found[0] == payload and expires > clock.now
             assert len(index) <= 50
+
+    asyncio.run(main())
+
+
+def _embedding_like(rng: np.random.Generator, rows: int, dim: int) -> Vector:
+    """Unit vectors bunched around one direction, as real embeddings are (unrelated texts
+    at cosine ~0.3 rather than 0): the hard case for a sketch."""
+    common = rng.standard_normal(dim).astype(np.float32)
+    common /= np.linalg.norm(common)
+    out = rng.standard_normal((rows, dim)).astype(np.float32) / np.float32(np.sqrt(dim))
+    out += np.float32(0.65) * common
+    out /= np.linalg.norm(out, axis=1, keepdims=True)
+    return out
+
+
+def test_a_large_partition_finds_near_duplicates_through_its_sketch() -> None:
+    """Past SKETCH_FROM a lookup scores the rows' sketches, then the best candidates exactly:
+    every near duplicate is still found, with its exact distance; nothing unrelated is."""
+    rng = np.random.default_rng(11)
+    rows, dim = 12_000, 384
+    assert rows * dim >= index_module.SKETCH_FROM
+    stored = _embedding_like(rng, rows, dim)
+
+    async def main() -> None:
+        index = MemoryIndex(rows)
+        for i, vector in enumerate(stored):
+            index.put("p", vector, b"%d" % i, 3600)
+        for i in rng.choice(rows, 300, replace=False):
+            query = stored[i] + rng.standard_normal(dim).astype(np.float32) * np.float32(0.006)
+            query /= np.linalg.norm(query)
+            exact = stored @ query
+            assert int(exact.argmax()) == i  # the test's premise: i is the nearest
+            found = await index.nearest("p", query, 0.05)
+            assert found is not None and found[0] == b"%d" % i
+            assert found[1] == pytest.approx(1.0 - float(exact[i]), abs=1e-5)
+        for query in _embedding_like(rng, 50, dim):  # new texts: farther than 0.05 from all
+            assert float((stored @ query).max()) < 0.95
+            assert await index.nearest("p", query, 0.05) is None
+
+    asyncio.run(main())
+
+
+def test_a_sketched_partition_stays_consistent_under_eviction() -> None:
+    """Removals move the last row (and its sketch) into the gap: every live entry is still
+    found as itself."""
+    rng = np.random.default_rng(12)
+    dim, bound = 256, 4_500
+    vectors = _embedding_like(rng, 6_000, dim)
+
+    async def main() -> None:
+        index = MemoryIndex(bound)
+        for i, vector in enumerate(vectors):
+            index.put("p", vector, b"%d" % i, 3600)
+        assert len(index) == bound and index.evicted == 6_000 - bound
+        for i in rng.choice(np.arange(6_000 - bound, 6_000), 200, replace=False):
+            found = await index.nearest("p", vectors[i], 1e-4)
+            assert found is not None and found[0] == b"%d" % i
 
     asyncio.run(main())
 
