@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Iterator
 import numpy as np
 import pytest
 
+from proxy.cache import redisindex
 from proxy.cache.base import CacheUnavailableError, Vector, distance
 from proxy.cache.index import MemoryIndex
 from proxy.cache.redisindex import (
@@ -479,3 +480,44 @@ def test_no_search_module_is_unavailable(server: RedisProc) -> None:
             assert await timed_failure(index.nearest("p", unit(1), 0.1)) < PROMPT
 
     run(main())
+
+
+def test_a_large_partition_is_searched_in_batches_and_stays_partitioned(
+    clean: RedisProc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past BATCHES_FROM entries stored in a partition, its lookups ask the module for HNSW
+    then the filter (HYBRID_POLICY BATCHES): still the partition's own nearest entry, never
+    another partition's, and a small partition beside it keeps the planner's choice."""
+    monkeypatch.setattr(redisindex, "BATCHES_FROM", 20)
+    rng = np.random.default_rng(5)
+    big = [random_unit(rng) for _ in range(40)]
+    small = random_unit(rng)
+    seen: list[str] = []
+
+    async def main() -> None:
+        async with open_index(clean.url) as index:
+            execute = index.client.execute
+
+            async def spy(*args: object) -> object:
+                if args and args[0] == "FT.SEARCH":
+                    seen.append(str(args[2]))
+                return await execute(*args)
+
+            index.client.execute = spy  # type: ignore[method-assign]
+            for i, vector in enumerate(big):
+                await index.add("big", vector, b"big %d" % i, 60)
+            await index.add("small", small, b"small", 60)
+            for i in (0, 17, 39):
+                assert await index.nearest("big", big[i], 1e-4) == (
+                    b"big %d" % i,
+                    pytest.approx(0, abs=1e-5),
+                )
+            assert await index.nearest("big", small, 1e-4) is None  # only in "small"
+            assert await index.nearest("small", small, 1e-4) == (
+                b"small",
+                pytest.approx(0, abs=1e-5),
+            )
+            assert await index.nearest("small", big[0], 1e-4) is None
+
+    run(main())
+    assert [("HYBRID_POLICY BATCHES" in q) for q in seen] == [True] * 4 + [False] * 2

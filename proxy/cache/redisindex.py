@@ -60,6 +60,13 @@ TIMEOUT = 0.5  # seconds one index call may take, connecting included
 # filter is selective), so the answer is exact where partitions are small.
 ALGORITHM = ("HNSW", "6")
 PROBE_DIM = 2
+# A partition this process has stored this many entries in is searched with HYBRID_POLICY
+# BATCHES (HNSW, then the filter): left to choose, RediSearch takes "ad hoc brute force" for
+# a partition filter even when the partition is most of the index, which measured 1.1-1.9 ms
+# per lookup among 10,000 entries of 256 dimensions against 0.28-0.32 ms with batches. Small
+# partitions keep the planner's choice (a brute force over few entries is cheap and exact).
+BATCHES_FROM = 1_000
+MAX_SIZES = 100_000  # partitions whose sizes are remembered (cleared when full)
 # Error replies that say the index is gone (server restarted or flushed): RediSearch's
 # FT.SEARCH ("idx: no such index"), its FT.INFO ("Unknown index name"), valkey-search's.
 NO_INDEX = ("no such index", "unknown index", "not found")
@@ -125,6 +132,7 @@ class RedisIndex:
             self._client = RespClient(server, timeout=timeout)
         self._asked: asyncio.Future[str | None] | None = None  # the server's answer
         self._ready: dict[int, asyncio.Future[None]] = {}  # dimension -> its FT.CREATE
+        self._sizes: dict[str, int] = {}  # partition -> entries this process stored there
 
     @classmethod
     def connect(cls, url: str, *, timeout: float = TIMEOUT) -> RedisIndex:
@@ -179,7 +187,8 @@ class RedisIndex:
         dim = len(vector)
         await self._ensure(dim)
         live = f"@part:{{{partition_tag(partition)}}} @exp:[{self._now_ms()} +inf]"
-        query = f"({live})=>[KNN 1 @vec $vec AS dist]"
+        policy = " HYBRID_POLICY BATCHES" if self._sizes.get(partition, 0) >= BATCHES_FROM else ""
+        query = f"({live})=>[KNN 1 @vec $vec{policy} AS dist]"
         try:
             reply = await self.client.execute(
                 *("FT.SEARCH", index_name(dim), query, "PARAMS", 2, "vec", _blob(vector)),
@@ -202,6 +211,10 @@ class RedisIndex:
         key = key_prefix(dim) + hashlib.sha256(tag.encode() + blob).hexdigest()[:32]
         fields = ("part", tag, "exp", expiry, "vec", blob, "body", payload)
         await self._transaction(("HSET", key, *fields), ("PEXPIRE", key, ttl_ms))
+        sizes = self._sizes
+        if len(sizes) >= MAX_SIZES and partition not in sizes:
+            sizes.clear()
+        sizes[partition] = sizes.get(partition, 0) + 1
 
     async def _ensure(self, dim: int) -> None:
         """Create `dim`'s index once per process (and again after it vanished); concurrent
