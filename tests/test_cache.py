@@ -823,6 +823,23 @@ def test_a_large_partition_finds_near_duplicates_through_its_sketch() -> None:
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("kind", ["random", "ties", "sorted", "few"])
+def test_the_sketch_candidates_always_hold_the_best_rows(kind: str) -> None:
+    rng = np.random.default_rng(13)
+    for _ in range(200):
+        n = int(rng.integers(33, 20_000)) if kind != "few" else int(rng.integers(33, 120))
+        scores = rng.standard_normal(n).astype(np.float32)
+        if kind == "ties":
+            scores = np.round(scores, 0)  # a handful of values: cut-offs tie with many rows
+        elif kind == "sorted":
+            scores.sort()
+        rows = index_module.best_rows(scores)
+        best = np.argsort(scores, kind="stable")[-index_module.SKETCH_CANDIDATES :]
+        assert len(rows) >= index_module.SKETCH_CANDIDATES
+        assert float(scores[rows].min()) <= float(scores[best].min())  # no better row left out
+        assert set(rows.tolist()) >= {r for r in best.tolist() if scores[r] > scores[rows].min()}
+
+
 def test_a_sketched_partition_stays_consistent_under_eviction() -> None:
     """Removals move the last row (and its sketch) into the gap: every live entry is still
     found as itself."""
