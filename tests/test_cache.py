@@ -26,8 +26,8 @@ import pytest
 
 from proxy.app import Gateway, create_app
 from proxy.cache import entry as entries
-from proxy.cache.base import CacheUnavailableError, Vector
 from proxy.cache import index as index_module
+from proxy.cache.base import CacheUnavailableError, Vector
 from proxy.cache.index import MemoryIndex
 from proxy.cache.parts import IndexSlot
 from proxy.cache.policy import SemanticCache

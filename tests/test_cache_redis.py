@@ -521,3 +521,30 @@ def test_a_large_partition_is_searched_in_batches_and_stays_partitioned(
 
     run(main())
     assert [("HYBRID_POLICY BATCHES" in q) for q in seen] == [True] * 4 + [False] * 2
+
+
+def test_near_duplicates_are_found_among_thousands(clean: RedisProc) -> None:
+    """A partition of 3,000 embedding-like entries, searched in batches (HNSW, approximate):
+    near duplicates are found (at least 98 of 100; a neighbour HNSW misses is only a miss)
+    and a hit is never another entry."""
+    rng = np.random.default_rng(8)
+    dim = 128
+    common = random_unit(rng, dim)
+    stored = [random_unit(rng, dim) * np.float32(0.55) + common for _ in range(3_000)]
+    stored = [v / np.linalg.norm(v) for v in stored]
+
+    async def main() -> None:
+        async with open_index(clean.url) as index:
+            for i, vector in enumerate(stored):
+                await index.add("p", vector, b"%d" % i, 600)
+            hits = 0
+            for i in rng.choice(len(stored), 100, replace=False):
+                query = stored[i] + rng.standard_normal(dim).astype(np.float32) * np.float32(0.01)
+                query /= np.linalg.norm(query)
+                found = await index.nearest("p", query, 0.02)
+                if found is not None:
+                    assert found[0] == b"%d" % i
+                    hits += 1
+            assert hits >= 98
+
+    run(main())

@@ -23,6 +23,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -60,7 +61,7 @@ def projection(dim: int) -> npt.NDArray[np.float32] | None:
     return found
 
 
-def best_rows(scores: npt.NDArray[np.float32]) -> npt.NDArray[np.intp]:
+def best_rows(scores: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.intp]:
     """Rows that include the SKETCH_CANDIDATES best `scores` (see SAMPLE_STRIDE)."""
     sample = scores[::SAMPLE_STRIDE]
     if len(sample) > SAMPLE_RANK:
@@ -95,7 +96,7 @@ class _Partition:
             if self.sketch is not None:
                 self.sketch = np.concatenate([self.sketch, np.empty_like(self.sketch)])
         self.vectors[n] = vector
-        if self.sketch is not None:
+        if self.sketch is not None and self.projection is not None:
             self.sketch[n] = vector @ self.projection
         self.expires[n] = expires
         self.ids.append(entry_id)
@@ -105,12 +106,17 @@ class _Partition:
     def nearest(self, vector: Vector) -> tuple[int, float]:
         """The row most similar to `vector` and its cosine similarity: exact for a small
         partition, else the best of the sketch's candidates (see the module docstring)."""
-        n = self.size
-        if self.sketch is None or n <= SKETCH_CANDIDATES or n * len(vector) < SKETCH_FROM:
+        n, sketch, project = self.size, self.sketch, self.projection
+        if (
+            sketch is None
+            or project is None
+            or n <= SKETCH_CANDIDATES
+            or n * len(vector) < SKETCH_FROM
+        ):
             similarity = self.vectors[:n] @ vector
             row = int(similarity.argmax())
             return row, float(similarity[row])
-        rows = best_rows(self.sketch[:n] @ (vector @ self.projection))
+        rows = best_rows(sketch[:n] @ (vector @ project))
         similarity = self.vectors[rows] @ vector
         best = int(similarity.argmax())
         return int(rows[best]), float(similarity[best])
