@@ -26,6 +26,7 @@ from proxy.errors import (
 from proxy.estimate import CompletionCounter, completion_reserve, prompt_tokens
 from proxy.exchange import Exchange
 from proxy.limits.base import Admitted, Limit, Limiter, Refused
+from proxy.policies.pipeline import ProductPipelines
 from proxy.policies.templates import render
 from proxy.schemas import RequestView
 from proxy.tokens import TokenizerRegistry
@@ -176,11 +177,11 @@ def _refusal(
     )
 
 
-class TokenLimits:
+class TokenLimits(ProductPipelines[TokenLimitPolicy]):
     """An API's token-limit policies: global, then the caller's product's, then the API's
     (SPEC §3 pipeline order), with the tokenizers that estimate for them."""
 
-    __slots__ = ("_api", "_by_product", "_global", "tokenizers")
+    __slots__ = ("tokenizers",)
 
     def __init__(
         self,
@@ -189,18 +190,8 @@ class TokenLimits:
         api: Sequence[TokenLimitPolicy],
         tokenizers: TokenizerRegistry | None,
     ):
-        self._global, self._api = tuple(global_), tuple(api)
-        self._by_product = {
-            pid: (*self._global, *policies, *self._api) for pid, policies in products.items()
-        }
+        super().__init__(global_, products, api)
         self.tokenizers = tokenizers
-
-    def __bool__(self) -> bool:
-        return bool(self._global or self._api or any(self._by_product.values()))
-
-    def for_product(self, product_id: str) -> tuple[TokenLimitPolicy, ...]:
-        found = self._by_product.get(product_id)
-        return found if found is not None else (*self._global, *self._api)
 
 
 # Prompts up to this size are estimated inline; larger ones on a worker thread (tiktoken and

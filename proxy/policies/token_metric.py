@@ -14,10 +14,11 @@ grow memory without bound.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 from proxy.config import Api, Config, PolicyEntry, TokenMetric, parse_template
 from proxy.exchange import Exchange
+from proxy.policies.pipeline import ProductPipelines
 from proxy.policies.templates import render
 from proxy.schemas import Usage
 from proxy.telemetry.metrics import Counter, Registry
@@ -72,26 +73,17 @@ class TokenMetricPolicy:
             reasoning.add(usage.reasoning_tokens, key)
 
 
-class TokenMetrics:
+class TokenMetrics(ProductPipelines[TokenMetricPolicy]):
     """An API's token-metric policies per product (global, the product's, the API's)."""
 
-    __slots__ = ("_by_product", "_default")
-
-    def __init__(
-        self,
-        global_: Sequence[TokenMetricPolicy],
-        products: Mapping[str, Sequence[TokenMetricPolicy]],
-        api: Sequence[TokenMetricPolicy],
-    ):
-        self._default = (*global_, *api)
-        self._by_product = {pid: (*global_, *ps, *api) for pid, ps in products.items()}
+    __slots__ = ()
 
     def record(
         self, usage: Usage | None, exchange: Exchange, scope: Scope, subscription: str
     ) -> None:
         if usage is None:
             return
-        for policy in self._by_product.get(exchange.product_id, self._default):
+        for policy in self.for_product(exchange.product_id):
             policy.record(usage, exchange, scope, subscription)
 
 

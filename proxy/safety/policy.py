@@ -43,12 +43,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 
 from proxy.config import MAX_WINDOW, Api, Categories, Config, ContentSafety, PolicyEntry
 from proxy.errors import ContentBlockedError, ContentSafetyUnavailableError, GatewayError
 from proxy.exchange import Exchange
+from proxy.policies.pipeline import ProductPipelines
 from proxy.safety.azure import ContentSafetyClient, SafetyUnavailableError
 from proxy.safety.flatten import flatten, windows
 from proxy.safety.screen import LocalScreen, normalise
@@ -328,27 +329,11 @@ def choice_label(index: int, count: int) -> str:
     return "completion" if count == 1 else f"completion (choice {index})"
 
 
-class SafetyPolicies:
+class SafetyPolicies(ProductPipelines[SafetyPolicy]):
     """An API's content-safety policies: global, then the caller's product's, then the
     API's (SPEC §3 pipeline order)."""
 
-    __slots__ = ("_by_product", "_default")
-
-    def __init__(
-        self,
-        global_: Sequence[SafetyPolicy],
-        products: Mapping[str, Sequence[SafetyPolicy]],
-        api: Sequence[SafetyPolicy],
-    ):
-        self._default = (*global_, *api)
-        self._by_product = {pid: (*global_, *ps, *api) for pid, ps in products.items()}
-
-    def __bool__(self) -> bool:
-        return bool(self._default or any(self._by_product.values()))
-
-    def for_product(self, product_id: str) -> tuple[SafetyPolicy, ...]:
-        found = self._by_product.get(product_id)
-        return found if found is not None else self._default
+    __slots__ = ()
 
 
 def completion_policies(policies: Sequence[SafetyPolicy]) -> tuple[SafetyPolicy, ...]:
