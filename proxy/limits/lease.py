@@ -102,10 +102,12 @@ class _Lease:
         left = self.left
         return Admitted(reservation, _plus(self.rate_rest, left), _plus(self.quota_rest, left))
 
-    def held(self) -> Reservation:
-        """The lease as one reservation in the store: all it was granted, in its bucket."""
+    def held(self, tokens: int | None = None, limit: Limit | None = None) -> Reservation:
+        """A reservation in the store, in the lease's bucket and period: by default the whole
+        lease (all it was granted); else `tokens` of it (under `limit`, a request's)."""
         grant = self.grant
-        return Reservation(grant.limit, self.granted, grant.second, grant.period, grant.store)
+        return Reservation(limit or grant.limit, self.granted if tokens is None else tokens,
+                           grant.second, grant.period, grant.store)  # fmt: skip
 
 
 class _Key:
@@ -260,11 +262,13 @@ class LeasingLimiter:
             self._sweeper.cancel()
             self._sweeper = None
         for state in self._keys.values():
-            lease = state.lease
-            if lease is not None and not lease.closed:
-                lease.closed = True
-                state.lease = None
-                await self.store.settle(lease.held(), lease.drawn)
+            for lease in (*state.late, state.lease):
+                if lease is not None and not lease.closed:
+                    lease.closed = True
+                    if lease.drawn != lease.granted:
+                        await self.store.settle(lease.held(), max(0, lease.drawn))
+            state.lease = None
+            state.late.clear()
         self._keys.clear()
         await self.store.close()
 
@@ -278,10 +282,7 @@ class LeasingLimiter:
         left = lease.left - delta
         if left > lease.keep:
             back = left - lease.keep
-            grant = lease.grant
-            self.store.settle_soon(
-                Reservation(grant.limit, back, grant.second, grant.period, grant.store), 0
-            )
+            self.store.settle_soon(lease.held(back), 0)
             lease.granted -= back
             left = lease.keep
             if lease.rate_rest is not None:
@@ -296,9 +297,7 @@ class LeasingLimiter:
         lease = reservation.held
         if not isinstance(lease, _Lease):
             return reservation
-        grant = lease.grant
-        return Reservation(reservation.limit, reservation.tokens, grant.second, grant.period,
-                           grant.store)  # fmt: skip
+        return lease.held(reservation.tokens, reservation.limit)
 
     def _open(self, lease: _Lease) -> bool:
         """Is `lease` still drawn on? One whose second has ended is closed here."""
