@@ -197,7 +197,7 @@ class Gateway:
         self.failover = failover_of(self.limiter)
         self.health = BackendHealth(make_shared_breakers(self.failover))
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.telemetry, self.exporter = make_telemetry(config, self.limiter, self._gauges)
+        self.telemetry, self.exporter = make_telemetry(config, self.failover, self._gauges)
         self.subscriptions = Subscriptions(open_store(config), self._subscriptions_changed)
         self.cache_parts = CacheParts(config, self.telemetry.registry)
         self.runtime = self._runtime(config)
@@ -552,10 +552,10 @@ def make_limiter(config: Config) -> LeasingLimiter | MemoryLimiter:
 
 
 def failover_of(limiter: Limiter) -> FailoverLimiter | None:
-    """The shared store's failure-mode layer under `limiter`, if the store is shared."""
+    """The shared store's failure-mode layer under `limiter` (make_limiter's), if shared."""
     if isinstance(limiter, LeasingLimiter) and isinstance(limiter.store, FailoverLimiter):
         return limiter.store
-    return limiter if isinstance(limiter, FailoverLimiter) else None
+    return None
 
 
 EXPORT_SHUTDOWN_SECONDS = 5.0
@@ -564,7 +564,7 @@ SCOPE = "tollway"
 
 def make_telemetry(
     config: Config,
-    limiter: Limiter,
+    failover: FailoverLimiter | None,
     extra: Callable[[], list[Gauge]] | None = None,
     environ: Mapping[str, str] = os.environ,
 ) -> tuple[Telemetry | NoTelemetry, export.Exporter[bytes] | None]:
@@ -580,7 +580,7 @@ def make_telemetry(
     telemetry: Telemetry
 
     def gauges() -> list[Gauge]:
-        return observed(registry, limiter, exporter, extra() if extra is not None else [])
+        return observed(registry, failover, exporter, extra() if extra is not None else [])
 
     shared = None
     if directory := environ.get(SHARED_ENV, ""):  # tollway serve --workers N sets it
@@ -611,14 +611,14 @@ def make_telemetry(
 
 def observed(
     registry: Registry,
-    limiter: Limiter,
+    failover: FailoverLimiter | None,
     exporter: export.Exporter[bytes] | None,
     extra: Sequence[Gauge] = (),
 ) -> list[Gauge]:
-    """Values read when metrics are exported or scraped: the shared store's health, spans
-    the export queue dropped, measurements folded into overflow series, and `extra`."""
+    """Values read when metrics are exported or scraped: the shared store's health (its
+    failure-mode layer, when the store is shared), spans the export queue dropped,
+    measurements folded into overflow series, and `extra`."""
     out = list(extra)
-    failover = failover_of(limiter)
     if failover is not None:
         out.append(Gauge(genai.STORE_UNAVAILABLE, "", "1 while the shared token store is down.",
                          (((), int(failover.degraded)),)))  # fmt: skip
