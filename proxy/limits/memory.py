@@ -69,9 +69,7 @@ class MemoryLimiter:
         if now >= self._next_sweep:
             self._sweep(now)
         second = math.floor(now)
-        state = self._keys.get(limit.key)
-        if state is None:
-            state = self._keys[limit.key] = _Key()
+        state = self._key(limit.key)
         tpm, quota = limit.tokens_per_minute, limit.token_quota
         used = quota_used = 0
         room: int | None = None

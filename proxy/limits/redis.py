@@ -211,8 +211,9 @@ class RedisLimiter:
     async def admit_for(
         self, limit: Limit, tokens: int, most: int = 0
     ) -> tuple[Admitted | Refused, float]:
-        """`admit`, and how long from now (at the latest) the bucket it charged is the
-        server's current second (0 when refused): how long a lease of it may be drawn on."""
+        """`admit`, and how long, counted from before this call, the bucket it charged stays
+        the server's current second at least (0 when refused): how long a lease of it may be
+        drawn on."""
         now = self._now()
         tpm, quota = limit.tokens_per_minute, limit.token_quota
         keys = [rate_key(limit.key)]
