@@ -6,11 +6,11 @@ searched exactly: one matrix-vector product (numpy, BLAS) and an argmax. A large
 SKETCH_FROM floats: 4,096 rows of 256 dimensions, 683 of 1,536) would be read whole on every
 lookup (a 10,000 x 1,536 partition is 61 MB: ~3.5 ms here), so it also keeps a *sketch* of
 every row, its random projection to SKETCH_DIM dimensions: a lookup scores the sketch (2.5 MB
-for 10,000 rows), takes the SKETCH_CANDIDATES best rows, and scores those exactly. The answer
-is exact for the candidates, so a hit is always within the threshold; a neighbour the sketch
-misses makes a miss (random projection keeps a near duplicate's similarity to within a few
-hundredths at 64 dimensions, far inside the 32 best of 10,000 rows; proven in
-tests/test_cache_local.py). Rows are kept contiguous (a removed row is replaced by the last
+for 10,000 rows), takes candidates that include the SKETCH_CANDIDATES best rows (`best_rows`),
+and scores those exactly. The answer is exact for the candidates, so a hit is always within
+the threshold; a neighbour the sketch misses makes a miss (random projection keeps a near
+duplicate's similarity to within a few hundredths at 64 dimensions, far inside the 32 best of
+10,000 rows; proven in tests/test_cache.py). Rows are kept contiguous (a removed row is replaced by the last
 one), the matrices grow by doubling. One LRU order spans every partition: a hit refreshes its
 entry, and adding past `max_entries` evicts the least recently used. Expired rows are dropped
 from a partition when a lookup there meets one. Storing compares only the last RECENT rows.
