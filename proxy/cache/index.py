@@ -10,9 +10,10 @@ for 10,000 rows), takes candidates that include the SKETCH_CANDIDATES best rows 
 and scores those exactly. The answer is exact for the candidates, so a hit is always within
 the threshold; a neighbour the sketch misses makes a miss (random projection keeps a near
 duplicate's similarity to within a few hundredths at 64 dimensions, far inside the 32 best of
-10,000 rows; proven in tests/test_cache.py). Rows are kept contiguous (a removed row is replaced by the last
-one), the matrices grow by doubling. One LRU order spans every partition: a hit refreshes its
-entry, and adding past `max_entries` evicts the least recently used. Expired rows are dropped
+10,000 rows; proven in tests/test_cache.py). Rows are kept contiguous (a removed row is
+replaced by the last one), the matrices grow by doubling. One LRU order spans every
+partition: a hit refreshes its entry, and adding past `max_entries` evicts the least
+recently used. Expired rows are dropped
 from a partition when a lookup there meets one. Storing compares only the last RECENT rows.
 Nothing here awaits: the coroutine methods exist to fit the `VectorIndex` protocol
 (proxy/cache/base.py).

@@ -126,10 +126,10 @@ class Ledger:
         were: the settlement itself then happens after the reply has gone out."""
         values: dict[bytes, int] = {}
         consumed = self.consumed if used is None else used
-        project = used is not None and not self._settled
+        projected = used if not self._settled else None
         for policy, admitted in self._held:
             # < 0: usage beyond the reservation
-            back = admitted.reservation.tokens - used if project else 0  # type: ignore[operator]
+            back = 0 if projected is None else admitted.reservation.tokens - projected
             rate_name, quota_name, consumed_name = policy.header_names
             if rate_name is not None and (value := admitted.remaining_tokens) is not None:
                 value = max(0, value + back)
