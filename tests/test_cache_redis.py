@@ -271,7 +271,8 @@ def test_distance_is_the_cosine_distance_of_base(clean: RedisProc) -> None:
     stored = [random_unit(rng) for _ in range(40)]
 
     async def main() -> None:
-        async with open_index(clean.url) as index:
+        # without hot entries in process: each lookup is the server's KNN
+        async with open_index(clean.url, near_entries=0) as index:
             for i, vector in enumerate(stored):
                 await index.add("p", vector, str(i).encode(), 60)
             for _ in range(20):
@@ -339,6 +340,81 @@ def test_an_expired_entry_the_server_still_holds_is_not_returned(clean: RedisPro
             assert await index.nearest("p", vector, 0.1) is None
         finally:
             await index.close()
+
+    run(main())
+
+
+def _delete_entries(server: RedisProc) -> None:
+    """Remove every cache entry from the server behind the index's back."""
+    with server.client() as client:
+        keys = client.keys(f"{key_prefix(DIM)}*")
+        assert keys
+        client.delete(*keys)
+
+
+def test_a_hot_entry_is_answered_in_process_for_at_most_near_seconds(clean: RedisProc) -> None:
+    """An entry found in Redis is kept in process: asked again, it answers without the
+    server (here: after the server lost it), until NEAR_SECONDS have passed."""
+    now = [1_000_000.0]
+    vector, close = unit(1, 0.01), unit(1)
+
+    async def main() -> None:
+        index = RedisIndex(RespClient(clean.url), clock=lambda: now[0])
+        try:
+            await index.add("p", vector, b"entry", 3600)
+            first = await index.nearest("p", close, 0.1)
+            assert first is not None and first[0] == b"entry"
+            _delete_entries(clean)
+            again = await index.nearest("p", close, 0.1)
+            assert again is not None and again[0] == b"entry"
+            assert again[1] == pytest.approx(first[1], abs=1e-6)  # the same distance too
+            assert await index.nearest("q", close, 0.1) is None  # partitions stay apart
+            assert await index.nearest("p", unit(0, 1), 0.1) is None  # and the threshold
+            now[0] += redisindex.NEAR_SECONDS + 1
+            assert await index.nearest("p", close, 0.1) is None  # asked the server again
+        finally:
+            await index.close()
+
+    run(main())
+
+
+def test_a_hot_entry_is_not_kept_past_its_own_expiry(clean: RedisProc) -> None:
+    now = [1_000_000.0]
+    vector = unit(1)
+
+    async def main() -> None:
+        index = RedisIndex(RespClient(clean.url), clock=lambda: now[0])
+        try:
+            await index.add("p", vector, b"entry", 5)  # less than NEAR_SECONDS
+            assert await index.nearest("p", vector, 0.1) is not None
+            _delete_entries(clean)
+            now[0] += 4
+            assert await index.nearest("p", vector, 0.1) is not None
+            now[0] += 2
+            assert await index.nearest("p", vector, 0.1) is None
+        finally:
+            await index.close()
+
+    run(main())
+
+
+def test_entries_stored_here_or_found_without_near_entries_ask_the_server(
+    clean: RedisProc,
+) -> None:
+    """What this process stores is not kept in process (only what it found there), and
+    `near_entries=0` keeps nothing."""
+    vector = unit(1)
+
+    async def main() -> None:
+        async with open_index(clean.url) as index:
+            await index.add("p", vector, b"stored here", 60)
+            _delete_entries(clean)
+            assert await index.nearest("p", vector, 0.1) is None
+        async with open_index(clean.url, near_entries=0) as index:
+            await index.add("p", vector, b"stored again", 60)
+            assert await index.nearest("p", vector, 0.1) is not None
+            _delete_entries(clean)
+            assert await index.nearest("p", vector, 0.1) is None
 
     run(main())
 
