@@ -72,9 +72,11 @@ def completion_reserve(view: RequestView) -> int:
     0 when it sets no bound (then nothing beyond the prompt can be reserved)."""
     # A negative bound or `n` (a backend refuses them, llama.cpp reads -1 as "no limit")
     # must not shrink the reservation below the prompt estimate.
-    bound = max(0, max_tokens_of(view) or 0)
-    if isinstance(view, ChatRequest | CompletionRequest):
-        return bound * max(1, view.n or 1)
+    bound = max_tokens_of(view)
+    if bound is None or bound <= 0:
+        return 0
+    if isinstance(view, ChatRequest | CompletionRequest) and view.n is not None and view.n > 1:
+        return bound * view.n
     return bound
 
 
@@ -82,7 +84,13 @@ def completion_reserve(view: RequestView) -> int:
 
 
 def chat_tokens(view: ChatRequest, count: Count) -> int:
-    total = REPLY_PRIMING + sum(message_tokens(m, count, view.model) for m in view.messages)
+    total = REPLY_PRIMING
+    for message in view.messages:  # a loop, not sum(genexpr): this runs on every request
+        content = message.content
+        if isinstance(content, str) and not message.name and not message.tool_calls:
+            total += PER_MESSAGE + count(message.role) + count(content)
+        else:
+            total += message_tokens(message, count, view.model)
     if view.tools:
         total += tools_tokens(view.tools, count)
     return total
