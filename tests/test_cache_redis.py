@@ -97,6 +97,16 @@ async def open_index(url: str, **kwargs: float) -> AsyncIterator[RedisIndex]:
         await index.close()
 
 
+@contextlib.asynccontextmanager
+async def clocked_index(url: str, now: list[float]) -> AsyncIterator[RedisIndex]:
+    """An index whose view of time is `now[0]` (the server's clock keeps running)."""
+    index = RedisIndex(RespClient(url), clock=lambda: now[0])
+    try:
+        yield index
+    finally:
+        await index.close()
+
+
 # -- detection
 
 
@@ -326,20 +336,17 @@ def test_entries_expire(clean: RedisProc) -> None:
 
 
 def test_an_expired_entry_the_server_still_holds_is_not_returned(clean: RedisProc) -> None:
-    """The server evicts expired keys lazily; the index filters on the expiry it stored."""
+    """The server evicts expired keys lazily; the index checks the expiry it stored."""
     now = [1_000_000.0]
     vector = unit(1)
 
     async def main() -> None:
         # only the gateway's view of time moves: the server keeps the key
-        index = RedisIndex(RespClient(clean.url), clock=lambda: now[0])
-        try:
+        async with clocked_index(clean.url, now) as index:
             await index.add("p", vector, b"entry", 10)
             assert await index.nearest("p", vector, 0.1) is not None
             now[0] += 11
             assert await index.nearest("p", vector, 0.1) is None
-        finally:
-            await index.close()
 
     run(main())
 
@@ -359,8 +366,7 @@ def test_a_hot_entry_is_answered_in_process_for_at_most_near_seconds(clean: Redi
     vector, close = unit(1, 0.01), unit(1)
 
     async def main() -> None:
-        index = RedisIndex(RespClient(clean.url), clock=lambda: now[0])
-        try:
+        async with clocked_index(clean.url, now) as index:
             await index.add("p", vector, b"entry", 3600)
             first = await index.nearest("p", close, 0.1)
             assert first is not None and first[0] == b"entry"
@@ -372,8 +378,6 @@ def test_a_hot_entry_is_answered_in_process_for_at_most_near_seconds(clean: Redi
             assert await index.nearest("p", unit(0, 1), 0.1) is None  # and the threshold
             now[0] += redisindex.NEAR_SECONDS + 1
             assert await index.nearest("p", close, 0.1) is None  # asked the server again
-        finally:
-            await index.close()
 
     run(main())
 
@@ -383,8 +387,7 @@ def test_a_hot_entry_is_not_kept_past_its_own_expiry(clean: RedisProc) -> None:
     vector = unit(1)
 
     async def main() -> None:
-        index = RedisIndex(RespClient(clean.url), clock=lambda: now[0])
-        try:
+        async with clocked_index(clean.url, now) as index:
             await index.add("p", vector, b"entry", 5)  # less than NEAR_SECONDS
             assert await index.nearest("p", vector, 0.1) is not None
             _delete_entries(clean)
@@ -392,8 +395,6 @@ def test_a_hot_entry_is_not_kept_past_its_own_expiry(clean: RedisProc) -> None:
             assert await index.nearest("p", vector, 0.1) is not None
             now[0] += 2
             assert await index.nearest("p", vector, 0.1) is None
-        finally:
-            await index.close()
 
     run(main())
 
