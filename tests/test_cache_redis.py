@@ -402,13 +402,18 @@ def test_a_hot_entry_is_not_kept_past_its_own_expiry(clean: RedisProc) -> None:
 def test_entries_stored_here_or_found_without_near_entries_ask_the_server(
     clean: RedisProc,
 ) -> None:
-    """What this process stores is not kept in process (only what it found there), and
-    `near_entries=0` keeps nothing."""
+    """What this process stores is not kept in process (only what it found there), nor a
+    reply over NEAR_MAX_BODY, and `near_entries=0` keeps nothing."""
     vector = unit(1)
 
     async def main() -> None:
         async with open_index(clean.url) as index:
             await index.add("p", vector, b"stored here", 60)
+            _delete_entries(clean)
+            assert await index.nearest("p", vector, 0.1) is None
+            large = b"x" * (redisindex.NEAR_MAX_BODY + 1)  # too large to keep in process
+            await index.add("p", vector, large, 60)
+            assert (await index.nearest("p", vector, 0.1) or (b"",))[0] == large
             _delete_entries(clean)
             assert await index.nearest("p", vector, 0.1) is None
         async with open_index(clean.url, near_entries=0) as index:

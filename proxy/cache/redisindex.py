@@ -26,7 +26,8 @@ index's COSINE distance is `1 - cos`: for the unit vectors the embedders make, t
 `proxy.cache.base.distance`.
 
 Hot entries are also kept in process: an entry this process found in Redis goes into a small
-in-process index (`MemoryIndex`, at most NEAR_ENTRIES, least recently used out) for
+in-process index (`MemoryIndex`, at most NEAR_ENTRIES, least recently used out, replies up
+to NEAR_MAX_BODY bytes) for
 NEAR_SECONDS, or until its own expiry if sooner, and a lookup asks that index first, so a
 prompt asked again is answered without a round trip. Entries are never changed in place (a
 key is its partition and vector), so the near index holds what Redis holds until Redis loses
@@ -86,6 +87,7 @@ BATCHES_FROM = 1_000
 MAX_SIZES = 100_000  # partitions whose sizes are remembered (cleared when full)
 NEAR_ENTRIES = 1_024  # entries found in Redis kept in process (the module docstring)
 NEAR_SECONDS = 30.0  # the longest one is answered from there
+NEAR_MAX_BODY = 64 * 1024  # larger replies are not kept (at most 64 MiB of them in all)
 # Error replies that say the index is gone (server restarted or flushed): RediSearch's
 # FT.SEARCH ("idx: no such index"), its FT.INFO ("Unknown index name"), valkey-search's.
 NO_INDEX = ("no such index", "unknown index", "not found")
@@ -241,7 +243,7 @@ class RedisIndex:
         left = int(exp) / 1000 - self._clock()
         if left <= 0:
             return None  # expired by this process's clock; the server deletes it soon
-        if self._near is not None:
+        if self._near is not None and len(body) <= NEAR_MAX_BODY:
             near_ttl = min(left, NEAR_SECONDS)
             self._near.put(partition, np.frombuffer(vec, dtype="<f4"), body, near_ttl)
         return body, distance
