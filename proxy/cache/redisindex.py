@@ -27,9 +27,8 @@ index's COSINE distance is `1 - cos`: for the unit vectors the embedders make, t
 
 Hot entries are also kept in process: an entry this process found in Redis goes into a small
 in-process index (`MemoryIndex`, at most NEAR_ENTRIES, least recently used out, replies up
-to NEAR_MAX_BODY bytes) for
-NEAR_SECONDS, or until its own expiry if sooner, and a lookup asks that index first, so a
-prompt asked again is answered without a round trip. Entries are never changed in place (a
+to NEAR_MAX_BODY bytes) for NEAR_SECONDS, or until its own expiry if sooner, and a lookup
+asks that index first, so a prompt asked again is answered without a round trip. Entries are never changed in place (a
 key is its partition and vector), so the near index holds what Redis holds until Redis loses
 it (FLUSHALL, a restart): then this process may answer from it for up to NEAR_SECONDS more.
 A near hit is within `max_distance` but may not be the nearest entry Redis holds. Entries
