@@ -16,6 +16,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -32,7 +33,6 @@ from proxy.cache.redisindex import (
     key_prefix,
     probe,
 )
-from proxy.limits.resp import RespClient
 from tests.redisproc import RedisProc, free_ports, run, running_server, search_module
 
 pytestmark = pytest.mark.redis
@@ -89,18 +89,10 @@ def clean(search_server: RedisProc) -> RedisProc:
 
 
 @contextlib.asynccontextmanager
-async def open_index(url: str, **kwargs: float) -> AsyncIterator[RedisIndex]:
-    index = RedisIndex.connect(url, **kwargs)
-    try:
-        yield index
-    finally:
-        await index.close()
-
-
-@contextlib.asynccontextmanager
-async def clocked_index(url: str, now: list[float]) -> AsyncIterator[RedisIndex]:
-    """An index whose view of time is `now[0]` (the server's clock keeps running)."""
-    index = RedisIndex(RespClient(url), clock=lambda: now[0])
+async def open_index(url: str, **kwargs: Any) -> AsyncIterator[RedisIndex]:
+    """An index on `url` without a fallback, as `RedisIndex.connect` makes (`kwargs`: the
+    constructor's, e.g. a `clock` for this process's view of time)."""
+    index = RedisIndex(url, **kwargs)
     try:
         yield index
     finally:
@@ -342,7 +334,7 @@ def test_an_expired_entry_the_server_still_holds_is_not_returned(clean: RedisPro
 
     async def main() -> None:
         # only the gateway's view of time moves: the server keeps the key
-        async with clocked_index(clean.url, now) as index:
+        async with open_index(clean.url, clock=lambda: now[0]) as index:
             await index.add("p", vector, b"entry", 10)
             assert await index.nearest("p", vector, 0.1) is not None
             now[0] += 11
@@ -366,7 +358,7 @@ def test_a_hot_entry_is_answered_in_process_for_at_most_near_seconds(clean: Redi
     vector, close = unit(1, 0.01), unit(1)
 
     async def main() -> None:
-        async with clocked_index(clean.url, now) as index:
+        async with open_index(clean.url, clock=lambda: now[0]) as index:
             await index.add("p", vector, b"entry", 3600)
             first = await index.nearest("p", close, 0.1)
             assert first is not None and first[0] == b"entry"
@@ -387,7 +379,7 @@ def test_a_hot_entry_is_not_kept_past_its_own_expiry(clean: RedisProc) -> None:
     vector = unit(1)
 
     async def main() -> None:
-        async with clocked_index(clean.url, now) as index:
+        async with open_index(clean.url, clock=lambda: now[0]) as index:
             await index.add("p", vector, b"entry", 5)  # less than NEAR_SECONDS
             assert await index.nearest("p", vector, 0.1) is not None
             _delete_entries(clean)

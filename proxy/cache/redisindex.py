@@ -28,12 +28,12 @@ index's COSINE distance is `1 - cos`: for the unit vectors the embedders make, t
 Hot entries are also kept in process: an entry this process found in Redis goes into a small
 in-process index (`MemoryIndex`, at most NEAR_ENTRIES, least recently used out, replies up
 to NEAR_MAX_BODY bytes) for NEAR_SECONDS, or until its own expiry if sooner, and a lookup
-asks that index first, so a prompt asked again is answered without a round trip. Entries are never changed in place (a
-key is its partition and vector), so the near index holds what Redis holds until Redis loses
-it (FLUSHALL, a restart): then this process may answer from it for up to NEAR_SECONDS more.
-A near hit is within `max_distance` but may not be the nearest entry Redis holds. Entries
-this process stores are not put there: a stored miss may never be asked again, and every
-lookup in its partition would pay for scanning it.
+asks that index first, so a prompt asked again is answered without a round trip. Entries
+are never changed in place (a key is its partition and vector), so the near index holds
+what Redis holds until Redis loses it (FLUSHALL, a restart): then this process may answer
+from it for up to NEAR_SECONDS more. A near hit is within `max_distance` but may not be the
+nearest entry Redis holds. Entries this process stores are not put there: a stored miss may
+never be asked again, and every lookup in its partition would pay for scanning it.
 
 A single server only (`redis://`, `rediss://`, through proxy/limits/resp.py's client): on
 `redis+cluster://` the index is its fallback from the start (with the log line). On a Redis
@@ -160,11 +160,9 @@ class RedisIndex:
         self._near = MemoryIndex(near_entries, clock=self._clock) if near_entries > 0 else None
 
     @classmethod
-    def connect(
-        cls, url: str, *, timeout: float = TIMEOUT, near_entries: int = NEAR_ENTRIES
-    ) -> RedisIndex:
+    def connect(cls, url: str, *, timeout: float = TIMEOUT) -> RedisIndex:
         """An index on the server at `url`, without a fallback (see the class docstring)."""
-        return cls(url, timeout=timeout, near_entries=near_entries)
+        return cls(url, timeout=timeout)
 
     async def nearest(
         self, partition: str, vector: Vector, max_distance: float
