@@ -61,7 +61,6 @@ def main(argv: list[str] | None = None) -> int:
                    help="gateways up together, measured in N interleaved slices")  # fmt: skip
     args = p.parse_args(argv)
     variants = [tuple(v.rsplit(":", 1)) for v in args.variants]
-    home = stack.REPO
     results: dict[tuple[str, int], list[tuple[float, float, float, float]]] = {}
     with contextlib.ExitStack() as stack_, tempfile.TemporaryDirectory() as t:
         repos = {rev: stack_.enter_context(checkout(rev)) for rev, _ in variants}
@@ -79,22 +78,39 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             for rnd in range(args.rounds):
                 for rev, profile in variants if rnd % 2 == 0 else variants[::-1]:
-                    # the gateway child imports from its cwd and PYTHONPATH: the checkout's
-                    stack.REPO = repos[rev]
-                    os.chdir(repos[rev])
-                    try:
-                        with stack.gateway(
-                            tmp, profile, nginx.url, store=store, otlp=sink.url
-                        ) as gw:
-                            _measure(f"{rev}:{profile}", gw, script, args, results)
-                    finally:
-                        stack.REPO = home
-                        os.chdir(home)
+                    with contextlib.ExitStack() as one:
+                        gw = _start(one, repos[rev], tmp, profile, nginx.url, store, sink.url)
+                        _measure(f"{rev}:{profile}", gw, script, args, results)
     for (name, c), rows in results.items():
-        med = [statistics.median(r[i] for r in rows) for i in range(4)]
-        print(f"MEDIAN {name:32} c={c:<3} {med[0]:9.0f} req/s {med[1]:6.1f} us/req "
-              f"p50 {med[2]:.3f} ms p99 {med[3]:.3f} ms")  # fmt: skip
+        print(_median_line(name, c, rows))
     return 0
+
+
+def _start(
+    into: contextlib.ExitStack,
+    repo: Path,
+    tmp: Path,
+    profile: str,
+    upstream: str,
+    store: str,
+    otlp: str,
+) -> stack.Service:
+    """`profile`'s gateway built from `repo`, stopped when `into` closes. The gateway child
+    imports from its cwd and PYTHONPATH, so both are the checkout's while it starts."""
+    home = stack.REPO
+    stack.REPO = repo
+    os.chdir(repo)
+    try:
+        return into.enter_context(stack.gateway(tmp, profile, upstream, store=store, otlp=otlp))
+    finally:
+        stack.REPO = home
+        os.chdir(home)
+
+
+def _median_line(name: str, c: int, rows: list[tuple[float, float, float, float]]) -> str:
+    med = [statistics.median(r[i] for r in rows) for i in range(4)]
+    return (f"MEDIAN {name:32} c={c:<3} {med[0]:9.0f} req/s {med[1]:6.1f} us/req "
+            f"p50 {med[2]:.3f} ms p99 {med[3]:.3f} ms")  # fmt: skip
 
 
 def _slices(
@@ -108,21 +124,13 @@ def _slices(
     args: argparse.Namespace,
 ) -> None:
     """Every variant's gateway up at once, measured slice by slice (see the docstring)."""
-    home = stack.REPO
     names = [f"{rev}:{profile}" for rev, profile in variants]
     results: dict[tuple[str, int], list[tuple[float, float, float, float]]] = {}
     with contextlib.ExitStack() as gateways:
-        running = {}
-        for name, (rev, profile) in zip(names, variants, strict=True):
-            stack.REPO = repos[rev]  # the gateway child imports from its cwd
-            os.chdir(repos[rev])
-            try:
-                running[name] = gateways.enter_context(
-                    stack.gateway(tmp, profile, upstream, store=store, otlp=otlp)
-                )
-            finally:
-                stack.REPO = home
-                os.chdir(home)
+        running = {
+            name: _start(gateways, repos[rev], tmp, profile, upstream, store, otlp)
+            for name, (rev, profile) in zip(names, variants, strict=True)
+        }
         for name in names:  # warm every one before the first slice
             loadgen.wrk(running[name].url + "/chat/completions", 64, args.warmup, script,
                         stack.LOAD_CPU)  # fmt: skip
@@ -134,9 +142,7 @@ def _slices(
     for name in names:
         for c in (1, 64):
             rows = results[(name, c)]
-            med = [statistics.median(r[i] for r in rows) for i in range(4)]
-            line = (f"MEDIAN {name:32} c={c:<3} {med[0]:9.0f} req/s {med[1]:6.1f} us/req "
-                    f"p50 {med[2]:.3f} ms p99 {med[3]:.3f} ms")  # fmt: skip
+            line = _median_line(name, c, rows)
             if name != base:
                 pairs = list(zip(results[(base, c)], rows, strict=True))
                 if c == 64:
