@@ -4,6 +4,7 @@
 #   wrk    - the closed-loop HTTP load generator
 #   hey    - the constant-rate load generator (the `rate` scenario)
 #   taskset (util-linux) - CPU pinning
+#   valgrind - callgrind's instruction counts (bench/instructions.py)
 # and the Python packages the client comparison imports (httpx-aiohttp is bench-only).
 # Usage: bash bench/setup.sh      (root, or sudo available)
 set -euo pipefail
@@ -13,6 +14,7 @@ command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx)
 command -v wrk >/dev/null 2>&1 || need+=(wrk)
 command -v hey >/dev/null 2>&1 || need+=(hey)
 command -v taskset >/dev/null 2>&1 || need+=(util-linux)
+command -v callgrind_control >/dev/null 2>&1 || need+=(valgrind)
 
 if [ "${#need[@]}" -gt 0 ]; then
     SUDO=""

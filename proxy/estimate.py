@@ -86,7 +86,11 @@ def completion_reserve(view: RequestView) -> int:
 def chat_tokens(view: ChatRequest, count: Count) -> int:
     total = REPLY_PRIMING
     for message in view.messages:  # a loop, not sum(genexpr): this runs on every request
-        total += message_tokens(message, count, view.model)
+        content = message.content
+        if content.__class__ is str and not message.name and not message.tool_calls:
+            total += PER_MESSAGE + count(message.role) + count(content)  # most messages
+        else:
+            total += message_tokens(message, count, view.model)
     if view.tools:
         total += tools_tokens(view.tools, count)
     return total

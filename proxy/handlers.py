@@ -299,7 +299,7 @@ class OpenAIHandler(ApiHandler):
                     exchange.backend_seconds += time.perf_counter() - t
                     out = response_headers(response)
                     if metering is not None:
-                        out += metering.ledger.headers()
+                        out += metering.headers()
                     keep: Callable[[bytes], bool] = stream_filter.keep
                     if lookup is not None:
                         out += lookup.headers()

@@ -371,7 +371,7 @@ def test_count_cache_is_bounded_and_skips_long_texts() -> None:
     assert inner.calls == 2  # too long to keep
     for i in range(CountCache.SIZE + 10):
         cache.count(f"text {i}")
-    assert len(cache._counts) <= CountCache.SIZE
+    assert len(cache) <= CountCache.SIZE
 
 
 def test_registry_tokenizers_are_cached_counters() -> None:

@@ -30,6 +30,7 @@ from proxy.limits.base import (
 SWEEP_EVERY = 60.0  # seconds of clock time between sweeps
 KEEP_PERIOD = 86400.0  # a period counter outlives its period by a day, like its Redis key
 _NONE_YET = math.inf  # the oldest bucket of an empty window
+_floor = math.floor
 
 
 class _Count:
@@ -65,43 +66,54 @@ class MemoryLimiter:
         self._next_sweep = 0.0
 
     async def admit(self, limit: Limit, tokens: int, most: int = 0) -> Admitted | Refused:
+        # Every admission runs this: the key, the quota counter and the bucket are reached
+        # inline here (the helpers below do the same for the colder paths).
         now = self._clock()
         if now >= self._next_sweep:
             self._sweep(now)
-        second = math.floor(now)
-        state = self._key(limit.key)
+        second = _floor(now)
+        state = self._keys.get(limit.key)
+        if state is None:
+            state = self._keys[limit.key] = _Key()
         tpm, quota = limit.tokens_per_minute, limit.token_quota
         used = quota_used = 0
-        room: int | None = None
         if tpm is not None:
             if state.oldest <= second - LEAVES:
                 self._trim(state, second)
             used = state.total
-            room = tpm - used
         count = None
         if quota is not None:
-            count = self._count(state, limit, now)
+            count = state.count
+            if (
+                count is None
+                or state.count_kind != limit.quota_period
+                or not count.start <= now < count.end
+            ):
+                count = self._count(state, limit, now)
             quota_used = count.used
             if quota_used + tokens > quota:
                 return Refused("quota", count.end - now, *remaining(limit, used, quota_used))
-            if room is None or quota - quota_used < room:
-                room = quota - quota_used
         if tpm is not None and used + tokens > tpm:
             retry_after = rate_retry_after(state.buckets.items(), used, tokens, tpm, now)
             return Refused("rate", retry_after, *remaining(limit, used, quota_used))
-        if most > tokens:
-            tokens = grant(tokens, most, room)
+        if most > tokens:  # the least room the window and the quota leave (None: unlimited)
+            rooms = [cap - n for cap, n in ((tpm, used), (quota, quota_used)) if cap is not None]
+            tokens = grant(tokens, most, min(rooms) if rooms else None)
         if tpm is not None:
-            self._add(state, second, tokens)
+            buckets = state.buckets
+            if not buckets:
+                state.oldest = second
+            buckets[second] = buckets.get(second, 0) + tokens
+            state.total += tokens
         period = ""
         if count is not None:
             count.used += tokens
             period = count.period
-        reservation = Reservation(limit, tokens, second, period, self, state)
+        # What is left cannot be negative here: the window and the quota both fit `tokens`.
         return Admitted(
-            reservation,
-            None if tpm is None else max(0, tpm - used - tokens),
-            None if quota is None else max(0, quota - quota_used - tokens),
+            Reservation(limit, tokens, second, period, self, state),
+            None if tpm is None else tpm - used - tokens,
+            None if quota is None else quota - quota_used - tokens,
         )
 
     async def admit_for(

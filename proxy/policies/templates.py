@@ -15,6 +15,26 @@ from proxy.types import Scope
 Template = tuple[str | TemplateVar, ...]
 
 
+# The variables that are fields of the request's `Exchange`, by attribute name.
+EXCHANGE_FIELDS = {
+    "subscription.id": "subscription_id",
+    "product.id": "product_id",
+    "api.id": "api_id",
+    "operation.id": "operation",
+    "backend.id": "backend_id",
+    "request.ip": "client_ip",
+    "request.model": "model",
+}
+
+
+def exchange_field(template: Template) -> str | None:
+    """The `Exchange` attribute a template that is one such variable renders as, else None:
+    a caller on a hot path reads it with one `getattr`."""
+    if len(template) == 1 and isinstance(template[0], TemplateVar):
+        return EXCHANGE_FIELDS.get(template[0].name)
+    return None
+
+
 def render(template: Template, exchange: Exchange, scope: Scope, subscription_name: str) -> str:
     """The template's text for this request; a value the request does not have is ""."""
     if len(template) == 1 and isinstance(template[0], TemplateVar):
@@ -27,21 +47,10 @@ def render(template: Template, exchange: Exchange, scope: Scope, subscription_na
 
 def _value(var: TemplateVar, exchange: Exchange, scope: Scope, subscription_name: str) -> str:
     name = var.name
-    if name == "subscription.id":
-        return exchange.subscription_id
+    field = EXCHANGE_FIELDS.get(name)
+    if field is not None:
+        return getattr(exchange, field)  # type: ignore[no-any-return]
     if name == "subscription.name":
         return subscription_name
-    if name == "product.id":
-        return exchange.product_id
-    if name == "api.id":
-        return exchange.api_id
-    if name == "operation.id":
-        return exchange.operation
-    if name == "backend.id":
-        return exchange.backend_id
-    if name == "request.ip":
-        return exchange.client_ip
-    if name == "request.model":
-        return exchange.model
     value = header(scope, var.header.encode("latin-1"))  # request.header.<Name>
     return value.decode("latin-1") if value is not None else ""

@@ -4,7 +4,7 @@ Each policy in a request's pipeline names a counter (its rendered `counter-key`)
 window and/or a quota. Admission reserves the estimated prompt (and, with
 `reserve-completion-tokens`, the completion bound the request sets) against every policy in
 turn; the first refusal wins and the reservations already made are released, so a refused
-request leaves nothing behind. When the request ends — however it ends — `Ledger.settle`
+request leaves nothing behind. When the request ends — however it ends — `Metering.settle`
 replaces every reservation with the tokens actually used. Handlers know this module and the
 `Limiter` protocol, never a concrete store.
 """
@@ -27,7 +27,7 @@ from proxy.estimate import CompletionCounter, completion_reserve, prompt_tokens
 from proxy.exchange import Exchange
 from proxy.limits.base import Admitted, Limit, Limiter, Refused
 from proxy.policies.pipeline import ProductPipelines
-from proxy.policies.templates import render
+from proxy.policies.templates import exchange_field, render
 from proxy.schemas import RequestView
 from proxy.tokens import TokenizerRegistry
 from proxy.types import Headers, Scope
@@ -42,12 +42,19 @@ MAX_LIMITS = 4096  # resolved counter keys remembered per policy
 class TokenLimitPolicy:
     """One configured `llm-token-limit`, its counter-key template parsed once."""
 
-    __slots__ = ("_key", "_limits", "header_names", "limiter", "spec")
+    __slots__ = (
+        "_field", "_key", "_limits", "counts_completion", "counts_prompt", "header_names",
+        "limiter", "spec",
+    )  # fmt: skip
 
     def __init__(self, spec: TokenLimit, limiter: Limiter):
         self.spec = spec
         self.limiter = limiter
         self._key = parse_template(spec.counter_key)
+        self._field = exchange_field(self._key)  # e.g. "subscription_id" for that one variable
+        # what an admission reserves: the prompt estimate, the completion bound, or both
+        self.counts_prompt = spec.estimate_prompt_tokens
+        self.counts_completion = spec.reserve_completion_tokens
         self._limits: dict[str, Limit] = {}  # by rendered key: one Limit per counter
         # the remaining-tokens, remaining-quota and tokens-consumed header names, as sent
         self.header_names = tuple(
@@ -60,7 +67,11 @@ class TokenLimitPolicy:
         )
 
     def limit(self, exchange: Exchange, scope: Scope, subscription_name: str) -> Limit:
-        key = render(self._key, exchange, scope, subscription_name)
+        field = self._field
+        if field is not None:
+            key = getattr(exchange, field)
+        else:
+            key = render(self._key, exchange, scope, subscription_name)
         found = self._limits.get(key)
         if found is None:
             if len(self._limits) >= MAX_LIMITS:  # keys can come from clients (headers)
@@ -69,85 +80,6 @@ class TokenLimitPolicy:
             found = Limit(key, spec.tokens_per_minute, spec.token_quota, spec.token_quota_period)
             self._limits[key] = found
         return found
-
-    def tokens(self, prompt: int, completion: int) -> int:
-        """What this policy reserves at admission (at least 1: a counter already at its
-        limit refuses even a request whose size is not estimated)."""
-        spec = self.spec
-        reserved = prompt if spec.estimate_prompt_tokens else 0
-        if spec.reserve_completion_tokens:
-            reserved += completion
-        return reserved if reserved > 0 else 1
-
-
-class Ledger:
-    """One request's reservations across its token-limit policies: all admitted or none,
-    settled exactly once."""
-
-    __slots__ = ("_held", "_settled", "consumed")
-
-    def __init__(self) -> None:
-        self._held: list[tuple[TokenLimitPolicy, Admitted]] = []
-        self._settled = False
-        self.consumed = 0  # the tokens charged: reserved until settled, then used
-
-    async def admit(
-        self, policy: TokenLimitPolicy, limit: Limit, prompt: int, completion: int
-    ) -> None:
-        """Reserve against one more policy, or raise 429/403 having released what the
-        policies before it took."""
-        tokens = policy.tokens(prompt, completion)
-        result = await policy.limiter.admit(limit, tokens)
-        if isinstance(result, Refused):
-            await self._release()
-            raise _refusal(policy, limit, result, tokens)
-        self._held.append((policy, result))
-        if tokens > self.consumed:
-            self.consumed = tokens
-
-    def settle(self, used: int) -> None:
-        """Replace every reservation with `used` tokens; later calls do nothing. Nothing is
-        awaited: the stores apply it at once or send it with the loop turn's others, and a
-        store that cannot take it keeps it for replay (proxy/limits/failover.py)."""
-        if self._settled:
-            return
-        self._settled = True
-        self.consumed = used
-        for policy, admitted in self._held:
-            try:
-                policy.limiter.settle_soon(admitted.reservation, used)
-            except Exception:  # a bug: the request itself must still end cleanly
-                log.exception("token-limit settle failed for %r", admitted.reservation.limit.key)
-
-    def headers(self, used: int | None = None) -> Headers:
-        """The headers the policies name: remaining tokens and quota (the smallest where two
-        policies use one name) and the tokens consumed. With `used` (a reply whose usage is
-        known but not yet settled), the figures are projected from the admission as if it
-        were: the settlement itself then happens after the reply has gone out."""
-        values: dict[bytes, int] = {}
-        consumed = self.consumed if used is None else used
-        projected = used if not self._settled else None
-        for policy, admitted in self._held:
-            # < 0: usage beyond the reservation
-            back = 0 if projected is None else admitted.reservation.tokens - projected
-            rate_name, quota_name, consumed_name = policy.header_names
-            if rate_name is not None and (value := admitted.remaining_tokens) is not None:
-                value = max(0, value + back)
-                values[rate_name] = min(values.get(rate_name, value), value)
-            if quota_name is not None and (value := admitted.remaining_quota) is not None:
-                value = max(0, value + back)
-                values[quota_name] = min(values.get(quota_name, value), value)
-            if consumed_name is not None:
-                values[consumed_name] = min(values.get(consumed_name, consumed), consumed)
-        return [(k, b"%d" % v) for k, v in values.items()]
-
-    async def _release(self) -> None:
-        held, self._held = self._held, []
-        for policy, admitted in held:
-            try:
-                await policy.limiter.release(admitted.reservation)
-            except Exception:
-                log.exception("token-limit release failed for %r", admitted.reservation.limit.key)
 
 
 def _refusal(
@@ -200,16 +132,18 @@ INLINE_ESTIMATE_BYTES = 32 * 1024
 
 
 class Metering:
-    """One request's token accounting: the prompt estimate, the reservations, the streamed
-    completion count, and what to charge however the request ends."""
+    """One request's token accounting: the prompt estimate, the reservations across its
+    token-limit policies (all admitted or none), the streamed completion count, and what to
+    charge however the request ends, settled exactly once."""
 
-    __slots__ = ("counter", "ledger", "prompt", "reserve")
+    __slots__ = ("consumed", "counter", "held", "prompt", "reserve", "settled")
 
     def __init__(self) -> None:
-        self.ledger = Ledger()
-        self.prompt = 0
-        self.reserve = 0
+        self.held: list[tuple[TokenLimitPolicy, Admitted]] = []
+        self.prompt = self.reserve = 0
+        self.consumed = 0  # the tokens charged: reserved until settled, then used
         self.counter: CompletionCounter | None = None
+        self.settled = False
 
     async def admit(
         self,
@@ -221,30 +155,42 @@ class Metering:
         scope: Scope,
         subscription_name: str,
     ) -> None:
+        """Estimate, then reserve against every policy in pipeline order; the first refusal
+        raises 429/403 having released what the policies before it took."""
         assert limits.tokenizers is not None  # made whenever a token limit is configured
         count = limits.tokenizers.for_model(exchange.model).count
         if body_size <= INLINE_ESTIMATE_BYTES:
-            self.prompt = prompt_tokens(view, count, exchange.model)
+            prompt = prompt_tokens(view, count, exchange.model)
         else:
-            self.prompt = await asyncio.to_thread(prompt_tokens, view, count, exchange.model)
-        self.reserve = completion_reserve(view)
+            prompt = await asyncio.to_thread(prompt_tokens, view, count, exchange.model)
+        reserve = completion_reserve(view)
+        self.prompt, self.reserve = prompt, reserve
         if exchange.stream:  # only streams are counted from their deltas
             self.counter = CompletionCounter(count)
-        ledger, prompt, reserve = self.ledger, self.prompt, self.reserve
-        try:
-            for policy in policies:  # in pipeline order; the first refusal wins
-                limit = policy.limit(exchange, scope, subscription_name)
-                await ledger.admit(policy, limit, prompt, reserve)
-        except (TokenLimitExceededError, TokenQuotaExceededError) as refusal:
-            exchange.event(
-                "tollway.token_limit.refused",
-                (
-                    ("tollway.token_limit.code", refusal.code),
-                    ("tollway.token_limit.retry_after", refusal.retry_after),
-                    ("tollway.token_limit.requested", self.prompt + self.reserve),
-                ),
-            )
-            raise
+        held = self.held
+        for policy in policies:
+            limit = policy.limit(exchange, scope, subscription_name)
+            # What this policy reserves: at least 1, so a counter already at its limit
+            # refuses even a request whose size is not estimated.
+            tokens = (prompt if policy.counts_prompt else 0) + (
+                reserve if policy.counts_completion else 0
+            ) or 1
+            result = await policy.limiter.admit(limit, tokens)
+            if isinstance(result, Refused):
+                await self._release()
+                refusal = _refusal(policy, limit, result, tokens)
+                exchange.event(
+                    "tollway.token_limit.refused",
+                    (
+                        ("tollway.token_limit.code", refusal.code),
+                        ("tollway.token_limit.retry_after", refusal.retry_after),
+                        ("tollway.token_limit.requested", prompt + reserve),
+                    ),
+                )
+                raise refusal
+            held.append((policy, result))
+            if tokens > self.consumed:
+                self.consumed = tokens
 
     def charge(self, exchange: Exchange, error: BaseException | None) -> int:
         """The tokens this request cost, however it ended (README "Token limits")."""
@@ -260,13 +206,62 @@ class Metering:
             return self.prompt + self.reserve  # a whole reply without usage: the reservation
         return self.prompt + produced  # timeouts, disconnects, a stream cut short
 
+    def headers(self, used: int | None = None) -> Headers:
+        """The headers the policies name: remaining tokens and quota (the smallest where two
+        policies use one name) and the tokens consumed. With `used` (a reply whose usage is
+        known but not yet settled), the figures are projected from the admission as if it
+        were: the settlement itself then happens after the reply has gone out."""
+        values: dict[bytes, int] = {}
+        consumed = self.consumed if used is None else used
+        projected = used if not self.settled else None
+        for policy, admitted in self.held:
+            # < 0: usage beyond the reservation
+            back = 0 if projected is None else admitted.reservation.tokens - projected
+            rate_name, quota_name, consumed_name = policy.header_names
+            # (comparisons rather than min()/max(): this runs on every reply)
+            if rate_name is not None and (value := admitted.remaining_tokens) is not None:
+                value = value + back if value + back > 0 else 0
+                if rate_name not in values or value < values[rate_name]:
+                    values[rate_name] = value
+            if quota_name is not None and (value := admitted.remaining_quota) is not None:
+                value = value + back if value + back > 0 else 0
+                if quota_name not in values or value < values[quota_name]:
+                    values[quota_name] = value
+            if consumed_name is not None and (
+                consumed_name not in values or consumed < values[consumed_name]
+            ):
+                values[consumed_name] = consumed
+        out: Headers = []
+        for name, value in values.items():  # a loop: cheaper than a comprehension or zip()
+            out.append((name, b"%d" % value))
+        return out
+
     def reply_headers(self, exchange: Exchange) -> Headers:
         """Headers for a whole reply, projected from what it will be charged."""
-        return self.ledger.headers(self.charge(exchange, None))
+        return self.headers(self.charge(exchange, None))
 
     def settle(self, exchange: Exchange, error: BaseException | None) -> None:
-        """Settle once, without awaiting anything (so a cancelled request settles too)."""
-        self.ledger.settle(self.charge(exchange, error))
+        """Replace every reservation with what the request cost; later calls do nothing.
+        Nothing is awaited (so a cancelled request settles too): the stores apply it at once
+        or send it with the loop turn's others, and a store that cannot take it keeps it for
+        replay (proxy/limits/failover.py)."""
+        if self.settled:
+            return
+        self.settled = True
+        used = self.consumed = self.charge(exchange, error)
+        for policy, admitted in self.held:
+            try:
+                policy.limiter.settle_soon(admitted.reservation, used)
+            except Exception:  # a bug: the request itself must still end cleanly
+                log.exception("token-limit settle failed for %r", admitted.reservation.limit.key)
+
+    async def _release(self) -> None:
+        held, self.held = self.held, []
+        for policy, admitted in held:
+            try:
+                await policy.limiter.release(admitted.reservation)
+            except Exception:
+                log.exception("token-limit release failed for %r", admitted.reservation.limit.key)
 
 
 def token_limits(
