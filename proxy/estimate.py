@@ -36,7 +36,6 @@ from proxy.schemas import (
     RequestView,
     ResponsesRequest,
     delta_texts,
-    max_tokens_of,
 )
 
 Count = Callable[[str], int]
@@ -67,12 +66,12 @@ def prompt_tokens(view: RequestView, count: Count, model: str = "") -> int:
     return responses_tokens(view, count)
 
 
-def completion_reserve(view: RequestView) -> int:
-    """The completion tokens a request asks for at most (`max_tokens` and kin, times `n`);
-    0 when it sets no bound (then nothing beyond the prompt can be reserved)."""
+def completion_reserve(view: RequestView, bound: int | None) -> int:
+    """The completion tokens a request asks for at most: its `bound` (`max_tokens` and kin,
+    as `schemas.max_tokens_of` reads it; the handler already has it), times `n`; 0 when it
+    sets no bound (then nothing beyond the prompt can be reserved)."""
     # A negative bound or `n` (a backend refuses them, llama.cpp reads -1 as "no limit")
     # must not shrink the reservation below the prompt estimate.
-    bound = max_tokens_of(view)
     if bound is None or bound <= 0:
         return 0
     if isinstance(view, ChatRequest | CompletionRequest) and view.n is not None and view.n > 1:

@@ -24,7 +24,7 @@ from proxy.estimate import (
     tiles,
     tools_tokens,
 )
-from proxy.schemas import decode_request
+from proxy.schemas import decode_request, max_tokens_of
 
 
 def words(text: str) -> int:
@@ -290,7 +290,7 @@ def test_completion_reserve(operation: str, body: dict[str, object], expected: i
     if operation == "chat-completions":
         base["messages"] = [{"role": "user", "content": "x"}]
     view = decode_request(operation, json.dumps({**base, **body}).encode())
-    assert completion_reserve(view) == expected
+    assert completion_reserve(view, max_tokens_of(view)) == expected
 
 
 # -- streamed completions ----------------------------------------------------------------

@@ -387,7 +387,7 @@ def check_estimate(view: Any) -> None:
         assert type(tokens) is int and tokens >= 0
         if isinstance(view, ChatRequest):  # every message costs its overhead at least
             assert tokens >= REPLY_PRIMING + PER_MESSAGE * len(view.messages)
-    reserve = completion_reserve(view)
+    reserve = completion_reserve(view, max_tokens_of(view))
     assert type(reserve) is int and reserve >= 0
 
 
@@ -1030,7 +1030,8 @@ def test_completion_counter_skips_what_it_cannot_decode(data: bytes) -> None:
 )
 def test_completion_reserve_is_never_negative(fields: dict[str, int], expected: int) -> None:
     body = json.dumps({"model": "m", "messages": [], **fields}).encode()
-    assert completion_reserve(decode_request("chat-completions", body)) == expected
+    view = decode_request("chat-completions", body)
+    assert completion_reserve(view, max_tokens_of(view)) == expected
 
 
 def test_live_bad_utf8_and_deep_json_are_400(live: Live) -> None:

@@ -163,7 +163,7 @@ class Metering:
             prompt = prompt_tokens(view, count, exchange.model)
         else:
             prompt = await asyncio.to_thread(prompt_tokens, view, count, exchange.model)
-        reserve = completion_reserve(view)
+        reserve = completion_reserve(view, exchange.max_tokens)  # the handler read the bound
         self.prompt, self.reserve = prompt, reserve
         if exchange.stream:  # only streams are counted from their deltas
             self.counter = CompletionCounter(count)
