@@ -597,6 +597,51 @@ def test_a_large_partition_is_searched_in_batches_and_stays_partitioned(
     assert [("HYBRID_POLICY BATCHES" in q) for q in seen] == [True] * 4 + [False] * 2
 
 
+def test_a_restarted_process_counts_a_large_partition_and_searches_it_in_batches(
+    clean: RedisProc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process that stored nothing in a partition (a gateway restarted over a full index)
+    asks the server how many entries it holds, once, on its first lookup there: past
+    BATCHES_FROM the lookups go in batches as they did for the process that stored them; a
+    small partition keeps the planner's choice, and a partition's count is not asked again."""
+    monkeypatch.setattr(redisindex, "BATCHES_FROM", 20)
+    rng = np.random.default_rng(6)
+    big = [random_unit(rng) for _ in range(40)]
+    small = random_unit(rng)
+    seen: list[str] = []
+
+    async def main() -> None:
+        async with open_index(clean.url) as before:  # the process before the restart
+            for i, vector in enumerate(big):
+                await before.add("big", vector, b"big %d" % i, 60)
+            await before.add("small", small, b"small", 60)
+        async with open_index(clean.url, near_entries=0) as after:
+            execute = after.client.execute
+
+            async def spy(*args: object) -> object:
+                if args and args[0] == "FT.SEARCH":
+                    seen.append(str(args[2]))
+                return await execute(*args)
+
+            after.client.execute = spy  # type: ignore[method-assign]
+            for i in (3, 30):
+                assert await after.nearest("big", big[i], 1e-4) == (
+                    b"big %d" % i,
+                    pytest.approx(0, abs=1e-5),
+                )
+            assert await after.nearest("small", small, 1e-4) == (
+                b"small",
+                pytest.approx(0, abs=1e-5),
+            )
+
+    run(main())
+    big_tag, small_tag = redisindex.partition_tag("big"), redisindex.partition_tag("small")
+    assert seen[0] == f"@part:{{{big_tag}}}"  # the count, once
+    assert ["HYBRID_POLICY BATCHES" in q for q in seen[1:3]] == [True, True]
+    assert seen[3] == f"@part:{{{small_tag}}}"
+    assert "HYBRID_POLICY" not in seen[4] and len(seen) == 5
+
+
 def test_near_duplicates_are_found_among_thousands(clean: RedisProc) -> None:
     """A partition of 3,000 embedding-like entries, searched in batches (HNSW, approximate):
     near duplicates are found (at least 98 of 100; a neighbour HNSW misses is only a miss)
