@@ -99,6 +99,31 @@ async def open_index(url: str, **kwargs: Any) -> AsyncIterator[RedisIndex]:
         await index.close()
 
 
+def two_partitions(seed: int) -> tuple[list[Vector], Vector]:
+    """40 vectors for partition "big" (past a BATCHES_FROM of 20) and one for "small"."""
+    rng = np.random.default_rng(seed)
+    return [random_unit(rng) for _ in range(40)], random_unit(rng)
+
+
+async def fill(index: RedisIndex, big: list[Vector], small: Vector) -> None:
+    """Store `two_partitions`' vectors: "big %d" and "small"."""
+    for i, vector in enumerate(big):
+        await index.add("big", vector, b"big %d" % i, 60)
+    await index.add("small", small, b"small", 60)
+
+
+def record_searches(index: RedisIndex, seen: list[str]) -> None:
+    """Append the query of every FT.SEARCH `index` sends to `seen` (then send it)."""
+    execute = index.client.execute
+
+    async def spy(*args: object) -> object:
+        if args and args[0] == "FT.SEARCH":
+            seen.append(str(args[2]))
+        return await execute(*args)
+
+    index.client.execute = spy  # type: ignore[method-assign]
+
+
 # -- detection
 
 
@@ -563,24 +588,13 @@ def test_a_large_partition_is_searched_in_batches_and_stays_partitioned(
     then the filter (HYBRID_POLICY BATCHES): still the partition's own nearest entry, never
     another partition's, and a small partition beside it keeps the planner's choice."""
     monkeypatch.setattr(redisindex, "BATCHES_FROM", 20)
-    rng = np.random.default_rng(5)
-    big = [random_unit(rng) for _ in range(40)]
-    small = random_unit(rng)
+    big, small = two_partitions(5)
     seen: list[str] = []
 
     async def main() -> None:
         async with open_index(clean.url) as index:
-            execute = index.client.execute
-
-            async def spy(*args: object) -> object:
-                if args and args[0] == "FT.SEARCH":
-                    seen.append(str(args[2]))
-                return await execute(*args)
-
-            index.client.execute = spy  # type: ignore[method-assign]
-            for i, vector in enumerate(big):
-                await index.add("big", vector, b"big %d" % i, 60)
-            await index.add("small", small, b"small", 60)
+            record_searches(index, seen)
+            await fill(index, big, small)
             for i in (0, 17, 39):
                 assert await index.nearest("big", big[i], 1e-4) == (
                     b"big %d" % i,
@@ -605,25 +619,14 @@ def test_a_restarted_process_counts_a_large_partition_and_searches_it_in_batches
     BATCHES_FROM the lookups go in batches as they did for the process that stored them; a
     small partition keeps the planner's choice, and a partition's count is not asked again."""
     monkeypatch.setattr(redisindex, "BATCHES_FROM", 20)
-    rng = np.random.default_rng(6)
-    big = [random_unit(rng) for _ in range(40)]
-    small = random_unit(rng)
+    big, small = two_partitions(6)
     seen: list[str] = []
 
     async def main() -> None:
         async with open_index(clean.url) as before:  # the process before the restart
-            for i, vector in enumerate(big):
-                await before.add("big", vector, b"big %d" % i, 60)
-            await before.add("small", small, b"small", 60)
+            await fill(before, big, small)
         async with open_index(clean.url, near_entries=0) as after:
-            execute = after.client.execute
-
-            async def spy(*args: object) -> object:
-                if args and args[0] == "FT.SEARCH":
-                    seen.append(str(args[2]))
-                return await execute(*args)
-
-            after.client.execute = spy  # type: ignore[method-assign]
+            record_searches(after, seen)
             for i in (3, 30):
                 assert await after.nearest("big", big[i], 1e-4) == (
                     b"big %d" % i,
