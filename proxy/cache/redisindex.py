@@ -261,9 +261,7 @@ class RedisIndex:
         key = key_prefix(dim) + hashlib.sha256(tag.encode() + blob).hexdigest()[:32]
         fields = ("part", tag, "exp", expiry, "vec", blob, "body", payload)
         await self._transaction(("HSET", key, *fields), ("PEXPIRE", key, ttl_ms))
-        sizes = self._sizes
-        if len(sizes) >= MAX_SIZES and partition not in sizes:
-            sizes.clear()
+        sizes = self._sizes_with_room(partition)
         sizes[partition] = sizes.get(partition, 0) + 1
 
     async def _count(self, dim: int, tag: str, partition: str) -> int:
@@ -278,11 +276,17 @@ class RedisIndex:
             held = int(reply[0]) if isinstance(reply, list) and reply else 0
         except (ReplyError, ValueError, TypeError):
             held = 0
+        sizes = self._sizes_with_room(partition)
+        sizes[partition] = size = max(held, sizes.get(partition, 0))  # stores meanwhile count
+        return size
+
+    def _sizes_with_room(self, partition: str) -> dict[str, int]:
+        """The partition sizes, emptied first when full and `partition` is not among them
+        (partitions come from clients' `vary-by` values)."""
         sizes = self._sizes
         if len(sizes) >= MAX_SIZES and partition not in sizes:
             sizes.clear()
-        sizes[partition] = size = max(held, sizes.get(partition, 0))  # stores meanwhile count
-        return size
+        return sizes
 
     async def _ensure(self, dim: int) -> None:
         """Create `dim`'s index once per process (and again after it vanished); concurrent
