@@ -30,7 +30,6 @@ from proxy.limits.base import (
 SWEEP_EVERY = 60.0  # seconds of clock time between sweeps
 KEEP_PERIOD = 86400.0  # a period counter outlives its period by a day, like its Redis key
 _NONE_YET = math.inf  # the oldest bucket of an empty window
-_floor = math.floor
 
 
 class _Count:
@@ -66,15 +65,11 @@ class MemoryLimiter:
         self._next_sweep = 0.0
 
     async def admit(self, limit: Limit, tokens: int, most: int = 0) -> Admitted | Refused:
-        # Every admission runs this: the key, the quota counter and the bucket are reached
-        # inline here (the helpers below do the same for the colder paths).
         now = self._clock()
         if now >= self._next_sweep:
             self._sweep(now)
-        second = _floor(now)
-        state = self._keys.get(limit.key)
-        if state is None:
-            state = self._keys[limit.key] = _Key()
+        second = math.floor(now)
+        state = self._key(limit.key)
         tpm, quota = limit.tokens_per_minute, limit.token_quota
         used = quota_used = 0
         if tpm is not None:
@@ -83,13 +78,7 @@ class MemoryLimiter:
             used = state.total
         count = None
         if quota is not None:
-            count = state.count
-            if (
-                count is None
-                or state.count_kind != limit.quota_period
-                or not count.start <= now < count.end
-            ):
-                count = self._count(state, limit, now)
+            count = self._count(state, limit, now)
             quota_used = count.used
             if quota_used + tokens > quota:
                 return Refused("quota", count.end - now, *remaining(limit, used, quota_used))
@@ -100,11 +89,7 @@ class MemoryLimiter:
             rooms = [cap - n for cap, n in ((tpm, used), (quota, quota_used)) if cap is not None]
             tokens = grant(tokens, most, min(rooms) if rooms else None)
         if tpm is not None:
-            buckets = state.buckets
-            if not buckets:
-                state.oldest = second
-            buckets[second] = buckets.get(second, 0) + tokens
-            state.total += tokens
+            self._add(state, second, tokens)
         period = ""
         if count is not None:
             count.used += tokens
