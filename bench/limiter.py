@@ -30,7 +30,7 @@ import uvloop
 from bench import stack
 from proxy.config import TokenLimit
 from proxy.exchange import Exchange
-from proxy.limits.base import Admitted, Limit, Limiter
+from proxy.limits.base import Limit, Limiter, Reservation
 from proxy.limits.lease import LeasingLimiter
 from proxy.limits.memory import MemoryLimiter
 from proxy.limits.redis import RedisLimiter
@@ -95,11 +95,11 @@ async def run(url: str, conc: int, ops: int, server: psutil.Process) -> None:
 
         async def both(i: int, limiter: Limiter = limiter) -> None:
             decision = await limiter.admit(limits[i % 10], 10)
-            assert isinstance(decision, Admitted)
+            assert isinstance(decision, Reservation)
             if hasattr(limiter, "settle_soon"):
-                limiter.settle_soon(decision.reservation, 5)  # as the handler does
+                limiter.settle_soon(decision, 5)  # as the handler does
             else:  # a checkout from before settle_soon (A/B against an older commit)
-                await limiter.settle(decision.reservation, 5)
+                await limiter.settle(decision, 5)
 
         on = server if name.startswith("redis") else None
         await measure(f"{name}: admit", admit, conc, ops, on)

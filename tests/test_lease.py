@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from proxy.limits import Admitted, Limit, Refused
+from proxy.limits import Limit, Refused, Reservation
 from proxy.limits.base import GRANT_SHARE
 from proxy.limits.lease import LeasingLimiter
 from proxy.limits.redis import RedisLimiter
@@ -47,9 +47,9 @@ async def leased(server: RedisProc, clock: Clock) -> AsyncIterator[tuple[Leasing
         await limiter.close()
 
 
-async def take(limiter: LeasingLimiter, limit: Limit, tokens: int) -> Admitted:
+async def take(limiter: LeasingLimiter, limit: Limit, tokens: int) -> Reservation:
     decision = await limiter.admit(limit, tokens)
-    assert isinstance(decision, Admitted), decision
+    assert isinstance(decision, Reservation), decision
     return decision
 
 
@@ -89,12 +89,12 @@ def test_a_lease_is_never_drawn_after_its_second(server: RedisProc) -> None:
             lease = limiter._keys["team-a"].lease
             assert lease is not None and lease.left > 0
             clock.set(0.999)
-            assert (await take(limiter, limit, 1)).reservation.second == int(T0)
+            assert (await take(limiter, limit, 1)).second == int(T0)
             before = store.admissions
             clock.set(1.0)  # the bucket's second has ended: a new lease, a new bucket
             late = await take(limiter, limit, 1)
             assert store.admissions == before + 1
-            assert late.reservation.second == int(T0) + 1
+            assert late.second == int(T0) + 1
             assert await store.usage(limit) >= (22, 0)  # never less than drawn
             clock.set(2.0)
             assert await limiter.usage(limit) == (22, 0)  # (this closes the ended lease)
@@ -119,7 +119,7 @@ def test_a_lease_holds_at_most_a_share_of_what_is_left(server: RedisProc) -> Non
             assert 0 < held <= (1600 - 500) // GRANT_SHARE
             await take(b, limit, 1600 - 500 - held)  # all the rest fits
             assert isinstance(await b.admit(limit, 1), Refused)
-            assert isinstance(await a.admit(limit, held), Admitted)  # its own lease: yes
+            assert isinstance(await a.admit(limit, held), Reservation)  # its own lease: yes
 
     run(main())
 
@@ -134,7 +134,7 @@ def test_settlements_after_the_lease_closed_go_to_its_bucket(server: RedisProc) 
             await take(limiter, limit, 30)
             clock.set(1.5)  # both leases of second 0 close
             await take(limiter, limit, 5)
-            await limiter.settle(first.reservation, 10)  # 20 back to second 0's bucket
+            await limiter.settle(first, 10)  # 20 back to second 0's bucket
             assert await limiter.usage(limit) == (45, 45)
             clock.set(61.2)  # second 0 has left the window, second 1 not yet
             assert await limiter.usage(limit) == (5, 45)  # (this closes second 1's lease)
@@ -177,7 +177,7 @@ def test_refunds_beyond_what_a_lease_may_hold_go_back_at_once(server: RedisProc)
             keep = lease.keep
             assert 0 <= lease.left <= keep
             for admitted in taken:
-                await limiter.settle(admitted.reservation, 10)
+                await limiter.settle(admitted, 10)
             assert lease.left <= keep
             in_window, _ = await store.usage(limit)
             assert in_window == 30 + lease.left  # the rest is back in the store already

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from proxy.limits import Admitted, Limit, Limiter, MemoryLimiter, Refused, period_bounds
+from proxy.limits import Limit, Limiter, MemoryLimiter, Refused, Reservation, period_bounds
 from proxy.limits.lease import SWEEP_EVERY, LeasingLimiter
 from proxy.limits.redis import RedisLimiter, hash_tag
 from tests.redisproc import Cluster, RedisProc, run
@@ -91,9 +91,9 @@ def store(request: pytest.FixtureRequest) -> Store:
     return Store("memory", None)
 
 
-async def admitted(limiter: Limiter, limit: Limit, tokens: int) -> Admitted:
+async def admitted(limiter: Limiter, limit: Limit, tokens: int) -> Reservation:
     decision = await limiter.admit(limit, tokens)
-    assert isinstance(decision, Admitted), decision
+    assert isinstance(decision, Reservation), decision
     return decision
 
 
@@ -130,8 +130,8 @@ def test_admit_within_limits(
                     left_tokens,
                     left_quota,
                 )
-                assert decision.reservation.tokens == tokens
-                assert decision.reservation.store is limiter
+                assert decision.tokens == tokens
+                assert decision.store is limiter
             total = sum(tokens for tokens, _, _ in steps)
             expected = (total if tpm is not None else 0, total if quota is not None else 0)
             assert await limiter.usage(limit) == expected
@@ -143,12 +143,12 @@ def test_reservation_names_bucket_and_period(store: Store) -> None:
     async def main() -> None:
         async with store.open(Clock(T0 + 0.75)) as limiter:
             with_quota = await admitted(limiter, Limit("k", 100, 100, "daily"), 1)
-            assert (with_quota.reservation.second, with_quota.reservation.period) == (
+            assert (with_quota.second, with_quota.period) == (
                 int(T0),
                 "2026-11-26",
             )
             rate_only = await admitted(limiter, Limit("k", 100, None), 1)
-            assert rate_only.reservation.period == ""
+            assert rate_only.period == ""
 
     run(main())
 
@@ -283,7 +283,7 @@ def test_settle(
     async def main() -> None:
         async with store.open(Clock()) as limiter:
             decision = await admitted(limiter, limit, reserved)
-            assert await limiter.settle(decision.reservation, used) == left
+            assert await limiter.settle(decision, used) == left
             assert await limiter.usage(limit) == usage
 
     run(main())
@@ -300,7 +300,7 @@ def test_settle_soon_applies_the_same(
     async def main() -> None:
         async with store.open(Clock()) as limiter:
             decision = await admitted(limiter, limit, reserved)
-            limiter.settle_soon(decision.reservation, used, failures.append)
+            limiter.settle_soon(decision, used, failures.append)
             deadline = time.monotonic() + 5
             while await limiter.usage(limit) != usage and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)  # on a cluster it is a call of its own, in a task
@@ -317,9 +317,9 @@ def test_release_restores_exactly(store: Store) -> None:
         async with store.open(Clock()) as limiter:
             kept = await admitted(limiter, limit, 30)
             released = await admitted(limiter, limit, 70)
-            await limiter.release(released.reservation)
+            await limiter.release(released)
             assert await limiter.usage(limit) == (30, 30)
-            assert await limiter.settle(kept.reservation, 30) == (70, 970)
+            assert await limiter.settle(kept, 30) == (70, 970)
 
     run(main())
 
@@ -352,7 +352,7 @@ def test_settle_later(
                 clock.set(offset)
                 verb, _, number = action.partition(" ")
                 if verb == "admit":
-                    reservations.append((await admitted(limiter, limit, int(number))).reservation)
+                    reservations.append(await admitted(limiter, limit, int(number)))
                 elif verb == "settle":
                     await limiter.settle(reservations[0], int(number))
             assert await limiter.usage(limit) == usage
@@ -370,8 +370,8 @@ def test_settle_across_a_period_boundary(store: Store) -> None:
             second = await admitted(limiter, limit, 50)
             clock.now = at("2026-12-01T00:00:10")
             assert await limiter.usage(limit) == (100, 0)
-            await limiter.settle(first.reservation, 20)  # down: 30 back to November
-            await limiter.settle(second.reservation, 80)  # up: the 30 extra are December's
+            await limiter.settle(first, 20)  # down: 30 back to November
+            await limiter.settle(second, 80)  # up: the 30 extra are December's
             assert await limiter.usage(limit) == (100, 30)
             clock.now = at("2026-11-30T23:59:59")
             assert await limiter.usage(Limit("team-a", None, 1000, "monthly")) == (0, 70)
@@ -485,12 +485,12 @@ def test_concurrent_admits_are_exact(
             decisions = await asyncio.gather(
                 *(limiters[i % clients].admit(limit, 10) for i in range(200))
             )
-            admits = [d for d in decisions if isinstance(d, Admitted)]
+            admits = [d for d in decisions if isinstance(d, Reservation)]
             assert len(admits) == 100
             assert await limiters[0].usage(limit) == usage
             refusals = [d for d in decisions if isinstance(d, Refused)]
             assert all(0 < r.retry_after <= 61 or r.reason == "quota" for r in refusals)
-            await asyncio.gather(*(a.reservation.store.release(a.reservation) for a in admits))
+            await asyncio.gather(*(a.store.release(a) for a in admits))
             if store.name == "leased":  # another process's lease gives back when its second
                 await asyncio.sleep(1 + 2 * SWEEP_EVERY)  # has ended (and the sweep ran)
             assert await limiters[-1].usage(limit) == (0, 0)

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from redis.crc import key_slot
 
-from proxy.limits import Admitted, Limit, StoreUnavailableError
+from proxy.limits import Limit, Reservation, StoreUnavailableError
 from proxy.limits.redis import TIMEOUT, RedisLimiter, hash_tag, quota_key, rate_key
 from tests.redisproc import Cluster, RedisProc, free_ports, run
 from tests.test_limits import KEYS, at
@@ -59,16 +59,16 @@ def test_scripts_survive_script_flush(request: pytest.FixtureRequest, kind: str)
     async def main() -> None:
         async with open_limiter(target.url) as limiter:
             first = await limiter.admit(LIMIT, 10)
-            assert isinstance(first, Admitted)
+            assert isinstance(first, Reservation)
             before = await limiter.usage(LIMIT)
             for node in nodes:
                 with node.client() as client:
                     client.script_flush()
-            assert isinstance(await limiter.admit(LIMIT, 10), Admitted)  # admit.lua reloaded
+            assert isinstance(await limiter.admit(LIMIT, 10), Reservation)  # admit.lua reloaded
             for node in nodes:
                 with node.client() as client:
                     client.script_flush()
-            await limiter.release(first.reservation)  # settle.lua reloaded
+            await limiter.release(first)  # settle.lua reloaded
             assert await limiter.usage(LIMIT) == before
 
     run(main())
@@ -91,11 +91,11 @@ def test_one_turns_decisions_share_one_script_call(server: RedisProc) -> None:
             await limiter.usage(limit)
             calls = script_calls()
             decisions = await asyncio.gather(*(limiter.admit(limit, 40) for _ in range(30)))
-            admitted = [d for d in decisions if isinstance(d, Admitted)]
+            admitted = [d for d in decisions if isinstance(d, Reservation)]
             assert len(admitted) == 25
             assert [d.remaining_tokens for d in admitted] == list(range(960, -1, -40))
             assert script_calls() == calls + 1
-            left = await asyncio.gather(*(limiter.settle(d.reservation, 30) for d in admitted))
+            left = await asyncio.gather(*(limiter.settle(d, 30) for d in admitted))
             assert script_calls() == calls + 2
             assert left[-1] == (250, None)  # every settlement applied: 25 x 30 = 750 in use
             assert await limiter.usage(limit) == (750, 0)
@@ -127,10 +127,10 @@ def test_server_time_is_the_window_clock(server: RedisProc) -> None:
     async def main() -> None:
         async with open_limiter(server.url) as limiter:
             decision = await limiter.admit(Limit("team-c", 100, None), 1)
-            assert isinstance(decision, Admitted)
+            assert isinstance(decision, Reservation)
             with server.client() as client:
                 seconds, _ = client.time()
-            assert seconds - 1 <= decision.reservation.second <= seconds
+            assert seconds - 1 <= decision.second <= seconds
 
     run(main())
 
@@ -161,7 +161,9 @@ def test_cluster_keys_share_one_slot_per_counter_key(cluster: Cluster) -> None:
     async def main() -> None:
         async with open_limiter(cluster.url, clock=lambda: clock) as limiter:
             for key in KEYS:
-                assert isinstance(await limiter.admit(Limit(key, 100, 1000, "weekly"), 1), Admitted)
+                assert isinstance(
+                    await limiter.admit(Limit(key, 100, 1000, "weekly"), 1), Reservation
+                )
 
     run(main())
     owner: dict[bytes, int] = {}  # every key stored, and the node holding it
@@ -195,12 +197,12 @@ def test_nothing_listening() -> None:
 def test_server_killed_then_restarted(own_server: RedisProc) -> None:
     async def main() -> None:
         async with open_limiter(own_server.url) as limiter:
-            assert isinstance(await limiter.admit(LIMIT, 10), Admitted)
+            assert isinstance(await limiter.admit(LIMIT, 10), Reservation)
             own_server.kill()
             assert await timed_failure(limiter, LIMIT) < PROMPT
             assert await timed_failure(limiter, LIMIT) < PROMPT
             own_server.start()  # same port, empty
-            assert isinstance(await limiter.admit(LIMIT, 10), Admitted)  # same limiter
+            assert isinstance(await limiter.admit(LIMIT, 10), Reservation)  # same limiter
             assert await limiter.usage(LIMIT) == (10, 10)
 
     run(main())
@@ -209,13 +211,13 @@ def test_server_killed_then_restarted(own_server: RedisProc) -> None:
 def test_hung_server_times_out(own_server: RedisProc) -> None:
     async def main() -> None:
         async with open_limiter(own_server.url) as limiter:
-            assert isinstance(await limiter.admit(LIMIT, 10), Admitted)
+            assert isinstance(await limiter.admit(LIMIT, 10), Reservation)
             own_server.pause()
             try:
                 assert await timed_failure(limiter, LIMIT) < PROMPT
             finally:
                 own_server.resume()
-            assert isinstance(await limiter.admit(LIMIT, 10), Admitted)
+            assert isinstance(await limiter.admit(LIMIT, 10), Reservation)
 
     run(main())
 
@@ -230,12 +232,12 @@ def test_cluster_node_killed_then_restarted(cluster: Cluster) -> None:
     async def main() -> None:
         async with open_limiter(cluster.url) as limiter:
             for key in on_dead + elsewhere:
-                assert isinstance(await limiter.admit(Limit(key, 100, None), 1), Admitted)
+                assert isinstance(await limiter.admit(Limit(key, 100, None), 1), Reservation)
             dead.kill()
             for key in on_dead:
                 assert await timed_failure(limiter, Limit(key, 100, None)) < PROMPT
             for key in elsewhere:
-                assert isinstance(await limiter.admit(Limit(key, 100, None), 1), Admitted)
+                assert isinstance(await limiter.admit(Limit(key, 100, None), 1), Reservation)
             dead.start()  # same port, same nodes.conf: it takes its slots back
             deadline = time.monotonic() + 10
             while True:
@@ -247,7 +249,7 @@ def test_cluster_node_killed_then_restarted(cluster: Cluster) -> None:
                 except StoreUnavailableError:
                     assert time.monotonic() < deadline, "the cluster did not heal"
                     await asyncio.sleep(0.1)
-            assert all(isinstance(d, Admitted) for d in decisions)
+            assert all(isinstance(d, Reservation) for d in decisions)
 
     run(main())
 

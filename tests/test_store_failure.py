@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy import config as config_module
 from proxy.app import Gateway
-from proxy.limits.base import Admitted, Limit
+from proxy.limits.base import Limit, Reservation
 from proxy.limits.failover import FailoverLimiter
 from proxy.limits.lease import SWEEP_EVERY
 from proxy.limits.redis import RedisLimiter
@@ -160,13 +160,13 @@ def test_settlements_missed_during_an_outage_are_replayed(own_server: RedisProc,
         limit = Limit("team-a", 10_000, 50_000, "daily")
         try:
             admitted = await limiter.admit(limit, 500)
-            assert isinstance(admitted, Admitted)
+            assert isinstance(admitted, Reservation)
             own_server.pause()  # hung, not gone: the reservation stays in the server
             try:
                 if how == "awaited":
-                    assert await limiter.settle(admitted.reservation, 120) == (None, None)
+                    assert await limiter.settle(admitted, 120) == (None, None)
                 else:
-                    limiter.settle_soon(admitted.reservation, 120)
+                    limiter.settle_soon(admitted, 120)
                     assert not limiter.degraded
                     while not limiter.degraded:  # the store's timeout tells the limiter
                         await asyncio.sleep(0.05)
@@ -174,7 +174,7 @@ def test_settlements_missed_during_an_outage_are_replayed(own_server: RedisProc,
                 own_server.resume()
             assert await limiter.store.usage(limit) == (500, 500)  # not yet replayed
             again = await limiter.admit(limit, 1)  # the store answers: replay, then this
-            assert isinstance(again, Admitted)
+            assert isinstance(again, Reservation)
             assert await limiter.store.usage(limit) == (121, 121)
         finally:
             await limiter.close()

@@ -5,7 +5,6 @@ shares counters through Redis and is imported from its module, so nothing here l
 """
 
 from proxy.limits.base import (
-    Admitted,
     Limit,
     Limiter,
     Refused,
@@ -16,7 +15,6 @@ from proxy.limits.base import (
 from proxy.limits.memory import MemoryLimiter
 
 __all__ = [
-    "Admitted",
     "Limit",
     "Limiter",
     "MemoryLimiter",

@@ -56,20 +56,18 @@ class Limit(msgspec.Struct, frozen=True):
 
 
 class Reservation(msgspec.Struct, frozen=True):
-    """What `settle`/`release` need; opaque to callers."""
+    """An admission: what it reserved, where (what `settle`/`release` need), and what the
+    window and the quota had left after it. One Struct, not a reservation inside an answer:
+    every admitted request makes one."""
 
     limit: Limit
     tokens: int
     second: int  # the window bucket (unix second) charged
     period: str  # quota period id, e.g. "2026-11" ("" when no quota)
     store: Limiter  # the store that holds it (a failure-mode fallback may differ)
+    remaining_tokens: int | None = None  # after the admission (None: not limited)
+    remaining_quota: int | None = None
     held: Any = None  # the store's own handle on what it charged (never read by callers)
-
-
-class Admitted(msgspec.Struct, frozen=True):
-    reservation: Reservation
-    remaining_tokens: int | None
-    remaining_quota: int | None
 
 
 class Refused(msgspec.Struct, frozen=True):
@@ -85,7 +83,7 @@ Failed = Callable[[BaseException], None]  # told why a settlement sent with sett
 class Limiter(Protocol):
     """A token-limit store; see the module docstring for the rules."""
 
-    async def admit(self, limit: Limit, tokens: int, most: int = 0) -> Admitted | Refused:
+    async def admit(self, limit: Limit, tokens: int, most: int = 0) -> Reservation | Refused:
         """Reserve `tokens` against the window and the quota, or refuse and change nothing.
 
         With `most` > `tokens`, reserve up to `most` where there is room (see `grant`): the

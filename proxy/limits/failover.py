@@ -30,7 +30,6 @@ from collections.abc import Callable
 
 from proxy.errors import TokenStoreUnavailableError
 from proxy.limits.base import (
-    Admitted,
     Failed,
     Limit,
     Refused,
@@ -71,12 +70,12 @@ class FailoverLimiter:
             maxlen=MAX_PENDING
         )
 
-    async def admit(self, limit: Limit, tokens: int, most: int = 0) -> Admitted | Refused:
+    async def admit(self, limit: Limit, tokens: int, most: int = 0) -> Reservation | Refused:
         return (await self.admit_for(limit, tokens, most))[0]
 
     async def admit_for(
         self, limit: Limit, tokens: int, most: int = 0
-    ) -> tuple[Admitted | Refused, float]:
+    ) -> tuple[Reservation | Refused, float]:
         """`admit`, and how long the bucket it charged stays current (proxy/limits/lease.py)."""
         if not self.degraded or self._clock() >= self._next_try:
             try:

@@ -30,7 +30,6 @@ from collections.abc import Callable
 from typing import Protocol
 
 from proxy.limits.base import (
-    Admitted,
     Failed,
     Limit,
     Refused,
@@ -48,9 +47,9 @@ class SharedStore(Protocol):
 
     async def admit_for(
         self, limit: Limit, tokens: int, most: int = 0
-    ) -> tuple[Admitted | Refused, float]: ...
+    ) -> tuple[Reservation | Refused, float]: ...
 
-    async def admit(self, limit: Limit, tokens: int, most: int = 0) -> Admitted | Refused: ...
+    async def admit(self, limit: Limit, tokens: int, most: int = 0) -> Reservation | Refused: ...
 
     async def settle(
         self, reservation: Reservation, used: int
@@ -83,8 +82,8 @@ class _Lease:
         "until",
     )  # fmt: skip
 
-    def __init__(self, grant: Admitted, asked: int, opened: float, until: float) -> None:
-        self.grant = grant.reservation  # the store's bucket and period (its tokens: `granted`)
+    def __init__(self, grant: Reservation, asked: int, opened: float, until: float) -> None:
+        self.grant = grant  # the store's bucket and period (its tokens: `granted`)
         self.granted = self.left = self.grant.tokens
         self.keep = self.granted - asked  # the most it may hold undrawn: what base.grant allowed
         self.drawn = 0
@@ -94,13 +93,12 @@ class _Lease:
         self.rate_rest = grant.remaining_tokens
         self.quota_rest = grant.remaining_quota
 
-    def draw(self, limit: Limit, tokens: int, owner: LeasingLimiter) -> Admitted:
-        self.left -= tokens
+    def draw(self, limit: Limit, tokens: int, owner: LeasingLimiter) -> Reservation:
+        self.left = left = self.left - tokens
         self.drawn += tokens
         grant = self.grant
-        reservation = Reservation(limit, tokens, grant.second, grant.period, owner, self)
-        left = self.left
-        return Admitted(reservation, _plus(self.rate_rest, left), _plus(self.quota_rest, left))
+        rate, quota = _plus(self.rate_rest, left), _plus(self.quota_rest, left)
+        return Reservation(limit, tokens, grant.second, grant.period, owner, rate, quota, self)
 
     def held(self, tokens: int | None = None, limit: Limit | None = None) -> Reservation:
         """A reservation in the store, in the lease's bucket and period: by default the whole
@@ -134,7 +132,7 @@ class LeasingLimiter:
         self._keys: dict[str, _Key] = {}
         self._sweeper: asyncio.TimerHandle | None = None
 
-    async def admit(self, limit: Limit, tokens: int, most: int = 0) -> Admitted | Refused:
+    async def admit(self, limit: Limit, tokens: int, most: int = 0) -> Reservation | Refused:
         state = self._keys.get(limit.key)
         if state is not None:
             lease = state.lease
@@ -149,7 +147,7 @@ class LeasingLimiter:
             state = self._keys[limit.key] = _Key()
         return await self._top_up(state, limit, tokens)
 
-    async def _top_up(self, state: _Key, limit: Limit, tokens: int) -> Admitted | Refused:
+    async def _top_up(self, state: _Key, limit: Limit, tokens: int) -> Reservation | Refused:
         """Take a lease (or more of the current one) from the store, and draw on it.
 
         A lease with a few tokens left that do not cover the request closes first (they go
@@ -191,11 +189,10 @@ class LeasingLimiter:
         return admitted
 
     def _lease(
-        self, state: _Key, limit: Limit, decision: Admitted, asked: int, sent: float, until: float
+        self, state: _Key, limit: Limit, grant: Reservation, asked: int, sent: float, until: float
     ) -> _Lease:
         """The lease a grant joins (the current one, same bucket) or starts; a grant for a
         second already gone is a lease closed at once."""
-        grant = decision.reservation
         current = state.lease  # what the others did meanwhile
         if (
             current is not None
@@ -208,10 +205,10 @@ class LeasingLimiter:
             current.granted += grant.tokens
             current.left += grant.tokens
             current.keep += grant.tokens - asked
-            current.rate_rest = decision.remaining_tokens  # the store counts all of it drawn
-            current.quota_rest = decision.remaining_quota
+            current.rate_rest = grant.remaining_tokens  # the store counts all of it drawn
+            current.quota_rest = grant.remaining_quota
             return current
-        lease = _Lease(decision, asked, sent, until)
+        lease = _Lease(grant, asked, sent, until)
         if current is None or current.closed or _newer(grant, current.grant):
             if current is not None:
                 self._close(state, current)

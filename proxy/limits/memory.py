@@ -16,7 +16,6 @@ from collections.abc import Callable
 
 from proxy.limits.base import (
     LEAVES,
-    Admitted,
     Failed,
     Limit,
     Refused,
@@ -64,7 +63,7 @@ class MemoryLimiter:
         self._counts: dict[tuple[str, str], _Count] = {}
         self._next_sweep = 0.0
 
-    async def admit(self, limit: Limit, tokens: int, most: int = 0) -> Admitted | Refused:
+    async def admit(self, limit: Limit, tokens: int, most: int = 0) -> Reservation | Refused:
         now = self._clock()
         if now >= self._next_sweep:
             self._sweep(now)
@@ -95,20 +94,21 @@ class MemoryLimiter:
             count.used += tokens
             period = count.period
         # What is left cannot be negative here: the window and the quota both fit `tokens`.
-        return Admitted(
-            Reservation(limit, tokens, second, period, self, state),
+        return Reservation(
+            limit, tokens, second, period, self,
             None if tpm is None else tpm - used - tokens,
             None if quota is None else quota - quota_used - tokens,
-        )
+            state,
+        )  # fmt: skip
 
     async def admit_for(
         self, limit: Limit, tokens: int, most: int = 0
-    ) -> tuple[Admitted | Refused, float]:
+    ) -> tuple[Reservation | Refused, float]:
         """`admit`, and how long the second it charged lasts (proxy/limits/lease.py)."""
         decision = await self.admit(limit, tokens, most)
         if isinstance(decision, Refused):
             return decision, 0.0
-        return decision, max(0.0, decision.reservation.second + 1 - self._clock())
+        return decision, max(0.0, decision.second + 1 - self._clock())
 
     async def settle(self, reservation: Reservation, used: int) -> tuple[int | None, int | None]:
         self.settle_soon(reservation, used)

@@ -42,7 +42,6 @@ from redis.backoff import NoBackoff
 from proxy.limits.base import (
     GRANT_SHARE,
     LEAVES,
-    Admitted,
     Failed,
     Limit,
     Refused,
@@ -205,12 +204,12 @@ class RedisLimiter:
         )
         return cls(cluster, clock=clock)
 
-    async def admit(self, limit: Limit, tokens: int, most: int = 0) -> Admitted | Refused:
+    async def admit(self, limit: Limit, tokens: int, most: int = 0) -> Reservation | Refused:
         return (await self.admit_for(limit, tokens, most))[0]
 
     async def admit_for(
         self, limit: Limit, tokens: int, most: int = 0
-    ) -> tuple[Admitted | Refused, float]:
+    ) -> tuple[Reservation | Refused, float]:
         """`admit`, and how long, counted from before this call, the bucket it charged stays
         the server's current second at least (0 when refused): how long a lease of it may be
         drawn on."""
@@ -226,8 +225,7 @@ class RedisLimiter:
         verdict, second, used, quota_used, retry_us, granted, left_us = reply
         left = remaining(limit, used, quota_used)
         if verdict == 1:
-            reservation = Reservation(limit, granted, second, period, self)
-            return Admitted(reservation, *left), left_us / 1_000_000
+            return Reservation(limit, granted, second, period, self, *left), left_us / 1_000_000
         if verdict == -1:
             return Refused("quota", end - now, *left), 0.0
         return Refused("rate", retry_us / 1_000_000, *left), 0.0

@@ -25,7 +25,7 @@ from proxy.errors import (
 )
 from proxy.estimate import CompletionCounter, completion_reserve, prompt_tokens
 from proxy.exchange import Exchange
-from proxy.limits.base import Admitted, Limit, Limiter, Refused
+from proxy.limits.base import Limit, Limiter, Refused, Reservation
 from proxy.policies.pipeline import ProductPipelines
 from proxy.policies.templates import exchange_field, render
 from proxy.schemas import RequestView
@@ -139,7 +139,7 @@ class Metering:
     __slots__ = ("consumed", "counter", "held", "prompt", "reserve", "settled")
 
     def __init__(self) -> None:
-        self.held: list[tuple[TokenLimitPolicy, Admitted]] = []
+        self.held: list[tuple[TokenLimitPolicy, Reservation]] = []
         self.prompt = self.reserve = 0
         self.consumed = 0  # the tokens charged: reserved until settled, then used
         self.counter: CompletionCounter | None = None
@@ -214,16 +214,16 @@ class Metering:
         values: dict[bytes, int] = {}
         consumed = self.consumed if used is None else used
         projected = used if not self.settled else None
-        for policy, admitted in self.held:
+        for policy, reservation in self.held:
             # < 0: usage beyond the reservation
-            back = 0 if projected is None else admitted.reservation.tokens - projected
+            back = 0 if projected is None else reservation.tokens - projected
             rate_name, quota_name, consumed_name = policy.header_names
             # (comparisons rather than min()/max(): this runs on every reply)
-            if rate_name is not None and (value := admitted.remaining_tokens) is not None:
+            if rate_name is not None and (value := reservation.remaining_tokens) is not None:
                 value = value + back if value + back > 0 else 0
                 if rate_name not in values or value < values[rate_name]:
                     values[rate_name] = value
-            if quota_name is not None and (value := admitted.remaining_quota) is not None:
+            if quota_name is not None and (value := reservation.remaining_quota) is not None:
                 value = value + back if value + back > 0 else 0
                 if quota_name not in values or value < values[quota_name]:
                     values[quota_name] = value
@@ -249,19 +249,19 @@ class Metering:
             return
         self.settled = True
         used = self.consumed = self.charge(exchange, error)
-        for policy, admitted in self.held:
+        for policy, reservation in self.held:
             try:
-                policy.limiter.settle_soon(admitted.reservation, used)
+                policy.limiter.settle_soon(reservation, used)
             except Exception:  # a bug: the request itself must still end cleanly
-                log.exception("token-limit settle failed for %r", admitted.reservation.limit.key)
+                log.exception("token-limit settle failed for %r", reservation.limit.key)
 
     async def _release(self) -> None:
         held, self.held = self.held, []
-        for policy, admitted in held:
+        for policy, reservation in held:
             try:
-                await policy.limiter.release(admitted.reservation)
+                await policy.limiter.release(reservation)
             except Exception:
-                log.exception("token-limit release failed for %r", admitted.reservation.limit.key)
+                log.exception("token-limit release failed for %r", reservation.limit.key)
 
 
 def token_limits(
