@@ -371,9 +371,16 @@ class TokenLimit(_Schema, kw_only=True, frozen=True):
             raise ValueError("counter-key: must not be empty")
         _check_templates((self.counter_key,), "counter-key")
         _check_header(self.retry_after_header_name, "retry-after-header-name")
+        named: dict[str, str] = {}
         for field in ("remaining-tokens", "remaining-quota-tokens", "tokens-consumed"):
             if value := getattr(self, f"{field.replace('-', '_')}_header_name"):
                 _check_header(value, f"{field}-header-name")
+                if value.lower() in named:
+                    raise ValueError(
+                        f"{field}-header-name: {value!r} is already the "
+                        f"{named[value.lower()]}-header-name; each header reports one figure"
+                    )
+                named[value.lower()] = field
 
 
 class Dimension(_Schema, kw_only=True, frozen=True):

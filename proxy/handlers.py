@@ -344,9 +344,10 @@ class OpenAIHandler(ApiHandler):
         send: Send,
     ) -> None:
         headers = response_headers(response)
-        if metering is not None:  # usage is known: the headers say what will be charged;
-            exchange.status = response.status  # the settlement follows the reply (finally)
-            headers += metering.reply_headers(exchange)
+        if metering is not None:  # usage is known: settled now, and the headers say so
+            exchange.status = response.status
+            metering.settle(exchange, None)
+            headers += metering.headers()
         if lookup is not None:
             headers += lookup.headers()
         headers.append((b"content-length", str(len(payload)).encode()))

@@ -576,6 +576,15 @@ INVALID: list[tuple[str, str, str]] = [
         "policies[0].llm-token-limit.tokens-consumed-header-name: 'x tokens' is not a valid HTTP",
     ),
     (
+        "one header for two figures",
+        policy(
+            "llm-token-limit: {tokens-per-minute: 5, remaining-tokens-header-name: x-left,"
+            " tokens-consumed-header-name: X-Left}"
+        ),
+        "policies[0].llm-token-limit.tokens-consumed-header-name: 'X-Left' is already the "
+        "remaining-tokens-header-name",
+    ),
+    (
         "score threshold out of range",
         policy("llm-semantic-cache-lookup: {score-threshold: 0, embeddings-backend-id: openai}"),
         "policies[0].llm-semantic-cache-lookup.score-threshold: must be in (0, 2]",

@@ -78,6 +78,33 @@ def test_a_busy_second_costs_one_round_trip(server: RedisProc) -> None:
     run(main())
 
 
+def test_an_open_lease_answers_at_once(server: RedisProc) -> None:
+    """`admit_now` draws on an open lease that covers the request, with no round trip, and
+    defers (None) with no lease, with too little left, or after the lease's second."""
+    clock = Clock()
+    limit = Limit("team-a", 10**9, 10**12)
+
+    async def main() -> None:
+        async with leased(server, clock) as (limiter, store):
+            assert limiter.admit_now(limit, 10) is None  # no lease yet
+            for i in range(50):  # the lease learns the demand: 500 tokens a second
+                clock.set(i * 0.01)
+                await take(limiter, limit, 10)
+            clock.set(1.0)
+            await take(limiter, limit, 10)  # the next second's lease, for the demand
+            asked = store.admissions
+            drawn = limiter.admit_now(limit, 10)
+            assert isinstance(drawn, Reservation) and drawn.tokens == 10
+            assert store.admissions == asked  # no round trip
+            assert drawn.second == int(T0) + 1
+            assert limiter.admit_now(limit, 10**6) is None  # more than the lease holds
+            clock.set(2.0)
+            assert limiter.admit_now(limit, 10) is None  # its second has ended
+            assert store.admissions == asked
+
+    run(main())
+
+
 def test_a_lease_is_never_drawn_after_its_second(server: RedisProc) -> None:
     clock = Clock(T0 + 0.5)
     limit = Limit("team-a", 10**9, None)

@@ -139,6 +139,28 @@ def test_admit_within_limits(
     run(main())
 
 
+def test_admit_now_answers_as_admit_would_or_defers(store: Store) -> None:
+    """The handler's path: the memory store answers `admit_now` at once, as `admit` would
+    (a refusal changes nothing); a store that must be asked defers (None) and charges
+    nothing. (An open lease's draw: tests/test_lease.py.)"""
+    limit = Limit("team-a", 100, 1000)
+
+    async def main() -> None:
+        async with store.open(Clock()) as limiter:
+            first = limiter.admit_now(limit, 30)
+            if store.name != "memory":
+                assert first is None
+                assert await limiter.usage(limit) == (0, 0)
+                return
+            assert isinstance(first, Reservation)
+            assert (first.tokens, first.remaining_tokens, first.remaining_quota) == (30, 70, 970)
+            refusal = limiter.admit_now(limit, 80)
+            assert isinstance(refusal, Refused) and refusal.reason == "rate"
+            assert await limiter.usage(limit) == (30, 30)
+
+    run(main())
+
+
 def test_reservation_names_bucket_and_period(store: Store) -> None:
     async def main() -> None:
         async with store.open(Clock(T0 + 0.75)) as limiter:

@@ -90,6 +90,12 @@ class Limiter(Protocol):
         reservation's `tokens` say how many were taken. proxy/limits/lease.py asks so."""
         ...
 
+    def admit_now(self, limit: Limit, tokens: int) -> Reservation | Refused | None:
+        """`admit`, answered without waiting where the store can (in process: the memory
+        store, an open lease); None where it cannot, and then the caller awaits `admit`.
+        The handler's path: a coroutine per admission costs more than the admission."""
+        ...
+
     async def settle(self, reservation: Reservation, used: int) -> tuple[int | None, int | None]:
         """Replace the reservation by `used`; return the remaining tokens and quota after."""
         ...

@@ -73,6 +73,10 @@ class FailoverLimiter:
     async def admit(self, limit: Limit, tokens: int, most: int = 0) -> Reservation | Refused:
         return (await self.admit_for(limit, tokens, most))[0]
 
+    def admit_now(self, limit: Limit, tokens: int) -> None:
+        """Never: the shared store is asked first, and that waits."""
+        return None
+
     async def admit_for(
         self, limit: Limit, tokens: int, most: int = 0
     ) -> tuple[Reservation | Refused, float]:

@@ -133,6 +133,16 @@ class LeasingLimiter:
         self._sweeper: asyncio.TimerHandle | None = None
 
     async def admit(self, limit: Limit, tokens: int, most: int = 0) -> Reservation | Refused:
+        drawn = self.admit_now(limit, tokens)
+        if drawn is not None:
+            return drawn
+        state = self._keys.get(limit.key)
+        if state is None:
+            state = self._keys[limit.key] = _Key()
+        return await self._top_up(state, limit, tokens)
+
+    def admit_now(self, limit: Limit, tokens: int) -> Reservation | None:
+        """A draw on the key's open lease when it covers `tokens`; else None (a top-up)."""
         state = self._keys.get(limit.key)
         if state is not None:
             lease = state.lease
@@ -143,9 +153,7 @@ class LeasingLimiter:
                 and self._clock() < lease.until
             ):
                 return lease.draw(limit, tokens, self)
-        else:
-            state = self._keys[limit.key] = _Key()
-        return await self._top_up(state, limit, tokens)
+        return None
 
     async def _top_up(self, state: _Key, limit: Limit, tokens: int) -> Reservation | Refused:
         """Take a lease (or more of the current one) from the store, and draw on it.

@@ -207,6 +207,10 @@ class RedisLimiter:
     async def admit(self, limit: Limit, tokens: int, most: int = 0) -> Reservation | Refused:
         return (await self.admit_for(limit, tokens, most))[0]
 
+    def admit_now(self, limit: Limit, tokens: int) -> None:
+        """Never: every admission is a round trip (proxy/limits/lease.py saves most)."""
+        return None
+
     async def admit_for(
         self, limit: Limit, tokens: int, most: int = 0
     ) -> tuple[Reservation | Refused, float]:

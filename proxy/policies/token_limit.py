@@ -39,12 +39,16 @@ log = logging.getLogger("tollway")
 MAX_LIMITS = 4096  # resolved counter keys remembered per policy
 
 
+# What a header a policy names reports (TokenLimitPolicy.reported)
+REMAINING_TOKENS, REMAINING_QUOTA, CONSUMED = range(3)
+
+
 class TokenLimitPolicy:
     """One configured `llm-token-limit`, its counter-key template parsed once."""
 
     __slots__ = (
-        "_field", "_key", "_limits", "counts_completion", "counts_prompt", "header_names",
-        "limiter", "spec",
+        "_field", "_key", "_limits", "counts_completion", "counts_prompt", "limiter",
+        "reported", "spec",
     )  # fmt: skip
 
     def __init__(self, spec: TokenLimit, limiter: Limiter):
@@ -56,14 +60,15 @@ class TokenLimitPolicy:
         self.counts_prompt = spec.estimate_prompt_tokens
         self.counts_completion = spec.reserve_completion_tokens
         self._limits: dict[str, Limit] = {}  # by rendered key: one Limit per counter
-        # the remaining-tokens, remaining-quota and tokens-consumed header names, as sent
-        self.header_names = tuple(
-            name.lower().encode("latin-1") if name else None
-            for name in (
-                spec.remaining_tokens_header_name,
-                spec.remaining_quota_tokens_header_name,
-                spec.tokens_consumed_header_name,
+        # the headers it names, as sent, with what each reports
+        self.reported = tuple(
+            (name.lower().encode("latin-1"), kind)
+            for name, kind in (
+                (spec.remaining_tokens_header_name, REMAINING_TOKENS),
+                (spec.remaining_quota_tokens_header_name, REMAINING_QUOTA),
+                (spec.tokens_consumed_header_name, CONSUMED),
             )
+            if name
         )
 
     def limit(self, exchange: Exchange, scope: Scope, subscription_name: str) -> Limit:
@@ -175,7 +180,10 @@ class Metering:
             tokens = (prompt if policy.counts_prompt else 0) + (
                 reserve if policy.counts_completion else 0
             ) or 1
-            result = await policy.limiter.admit(limit, tokens)
+            limiter = policy.limiter
+            result = limiter.admit_now(limit, tokens)
+            if result is None:
+                result = await limiter.admit(limit, tokens)
             if isinstance(result, Refused):
                 await self._release()
                 refusal = _refusal(policy, limit, result, tokens)
@@ -206,39 +214,41 @@ class Metering:
             return self.prompt + self.reserve  # a whole reply without usage: the reservation
         return self.prompt + produced  # timeouts, disconnects, a stream cut short
 
-    def headers(self, used: int | None = None) -> Headers:
+    def headers(self) -> Headers:
         """The headers the policies name: remaining tokens and quota (the smallest where two
-        policies use one name) and the tokens consumed. With `used` (a reply whose usage is
-        known but not yet settled), the figures are projected from the admission as if it
-        were: the settlement itself then happens after the reply has gone out."""
-        values: dict[bytes, int] = {}
-        consumed = self.consumed if used is None else used
-        projected = used if not self.settled else None
-        for policy, reservation in self.held:
-            # < 0: usage beyond the reservation
-            back = 0 if projected is None else reservation.tokens - projected
-            rate_name, quota_name, consumed_name = policy.header_names
-            # (comparisons rather than min()/max(): this runs on every reply)
-            if rate_name is not None and (value := reservation.remaining_tokens) is not None:
-                value = value + back if value + back > 0 else 0
-                if rate_name not in values or value < values[rate_name]:
-                    values[rate_name] = value
-            if quota_name is not None and (value := reservation.remaining_quota) is not None:
-                value = value + back if value + back > 0 else 0
-                if quota_name not in values or value < values[quota_name]:
-                    values[quota_name] = value
-            if consumed_name is not None and (
-                consumed_name not in values or consumed < values[consumed_name]
-            ):
-                values[consumed_name] = consumed
+        policies use one name) and the tokens consumed. Before the settlement (a stream's
+        start) they report the admission and what it reserved; after it (a whole reply), the
+        admission corrected by what the settlement gave back or charged beyond, and what
+        was charged (the stores' own counts are not read again: that would be a round trip)."""
+        consumed = self.consumed
+        settled = self.settled
+        held = self.held
+        # One policy names each header once (config.TokenLimit): no smallest to find.
+        smallest: dict[bytes, int] | None = {} if len(held) > 1 else None
         out: Headers = []
-        for name, value in values.items():  # a loop: cheaper than a comprehension or zip()
-            out.append((name, b"%d" % value))
+        for policy, reservation in held:
+            back = reservation.tokens - consumed if settled else 0  # < 0: used beyond it
+            # (comparisons rather than min()/max(): this runs on every reply)
+            for name, kind in policy.reported:
+                if kind == CONSUMED:
+                    value = consumed
+                else:
+                    left = (
+                        reservation.remaining_tokens
+                        if kind == REMAINING_TOKENS
+                        else reservation.remaining_quota
+                    )
+                    if left is None:
+                        continue  # the policy does not limit it
+                    value = left + back if left + back > 0 else 0
+                if smallest is None:
+                    out.append((name, b"%d" % value))
+                elif name not in smallest or value < smallest[name]:
+                    smallest[name] = value
+        if smallest is not None:
+            for name, value in smallest.items():  # a loop: cheaper than a comprehension
+                out.append((name, b"%d" % value))
         return out
-
-    def reply_headers(self, exchange: Exchange) -> Headers:
-        """Headers for a whole reply, projected from what it will be charged."""
-        return self.headers(self.charge(exchange, None))
 
     def settle(self, exchange: Exchange, error: BaseException | None) -> None:
         """Replace every reservation with what the request cost; later calls do nothing.
