@@ -266,7 +266,7 @@ class OpenAIHandler(ApiHandler):
             error = exc
             raise
         finally:
-            if metering is not None:
+            if metering is not None and not metering.settled:  # (a whole reply settled)
                 metering.settle(exchange, error)
             if self.token_metrics is not None:
                 self.token_metrics.record(exchange.usage, exchange, scope, name)

@@ -97,8 +97,12 @@ class _Lease:
         self.left = left = self.left - tokens
         self.drawn += tokens
         grant = self.grant
-        rate, quota = _plus(self.rate_rest, left), _plus(self.quota_rest, left)
-        return Reservation(limit, tokens, grant.second, grant.period, owner, rate, quota, self)
+        # (no _plus: the rests and `left` are >= 0 here, and this runs on every request)
+        rate, quota = self.rate_rest, self.quota_rest
+        return Reservation(
+            limit, tokens, grant.second, grant.period, owner,
+            None if rate is None else rate + left, None if quota is None else quota + left, self,
+        )  # fmt: skip
 
     def held(self, tokens: int | None = None, limit: Limit | None = None) -> Reservation:
         """A reservation in the store, in the lease's bucket and period: by default the whole

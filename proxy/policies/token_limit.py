@@ -168,7 +168,8 @@ class Metering:
             prompt = prompt_tokens(view, count, exchange.model)
         else:
             prompt = await asyncio.to_thread(prompt_tokens, view, count, exchange.model)
-        reserve = completion_reserve(view, exchange.max_tokens)  # the handler read the bound
+        bound = exchange.max_tokens  # the handler read it
+        reserve = 0 if bound is None else completion_reserve(view, bound)
         self.prompt, self.reserve = prompt, reserve
         if exchange.stream:  # only streams are counted from their deltas
             self.counter = CompletionCounter(count)
