@@ -8,6 +8,7 @@ Real Redis-protocol servers; time is the contract suite's `Clock`, moved by the 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
@@ -74,6 +75,29 @@ def test_a_busy_second_costs_one_round_trip(server: RedisProc) -> None:
             clock.set(2.5)
             assert await limiter.usage(limit) == (1000, 1000)  # this process's view
             assert await store.usage(limit) == (1000, 1000)  # the leases gave back the rest
+
+    run(main())
+
+
+def test_requests_in_flight_wait_for_one_top_up(server: RedisProc) -> None:
+    """A new second under load: the requests in flight when the lease ran out wait for one
+    request's round trip and draw on its grant, instead of asking the store one each."""
+    clock = Clock()
+    limit = Limit("team-a", 10**9, 10**12)
+
+    async def main() -> None:
+        async with leased(server, clock) as (limiter, store):
+            for i in range(50):  # the lease learns the demand: 500 tokens a second
+                clock.set(i * 0.01)
+                await take(limiter, limit, 10)
+            clock.set(1.0)
+            asked = store.admissions
+            taken = await asyncio.gather(*(take(limiter, limit, 10) for _ in range(30)))
+            assert store.admissions - asked == 1
+            assert {t.second for t in taken} == {int(T0) + 1}
+            clock.set(2.5)
+            assert await limiter.usage(limit) == (800, 800)
+            assert await store.usage(limit) == (800, 800)  # the leases gave back the rest
 
     run(main())
 

@@ -121,7 +121,7 @@ class _Key:
         self.lease: _Lease | None = None
         self.late: list[_Lease] = []  # grants for a second already gone, to be closed
         self.rate = 0.0  # tokens drawn per second, from the leases that closed
-        self.topping = False  # a top-up is in flight: others ask for what they need only
+        self.topping: asyncio.Event | None = None  # set when the top-up in flight answers
         self.idle_since = 0.0
 
 
@@ -165,8 +165,14 @@ class LeasingLimiter:
         A lease with a few tokens left that do not cover the request closes first (they go
         back in the same round trip, ahead of the admission), so the process's own undrawn
         tokens never refuse it; an exhausted one is extended by a grant in its second. A
-        reply for a second that has ended meanwhile asks again (rare)."""
-        for _ in range(MAX_TRIES):
+        reply for a second that has ended meanwhile asks again (rare).
+
+        One request at a time asks, for the key's demand; the others wait for its answer and
+        draw on it (so a new second under load costs one round trip, not one per request in
+        flight), then ask themselves if it does not cover them. Waiting is not a try: each
+        wait ends with another request's try, and those are bounded."""
+        tries = 0
+        while tries < MAX_TRIES:
             sent = self._clock()
             current = state.lease
             if current is not None:
@@ -176,16 +182,20 @@ class LeasingLimiter:
                 if not valid or current.left:
                     self._close(state, current)
                     current = None
-            most = 0
-            if not state.topping:  # one asks for the demand; others meanwhile for themselves
-                extra = state.rate if current is None else max(state.rate, current.granted)
-                most = tokens + math.ceil(extra)
-                state.topping = True
+            flight = state.topping
+            if flight is not None:  # another request is asking: wait for it, then look again
+                await flight.wait()
+                continue
+            tries += 1
+            extra = state.rate if current is None else max(state.rate, current.granted)
+            state.topping = flight = asyncio.Event()
             try:
-                decision, lasts = await self.store.admit_for(limit, tokens, most)
+                decision, lasts = await self.store.admit_for(
+                    limit, tokens, tokens + math.ceil(extra)
+                )
             finally:
-                if most:
-                    state.topping = False
+                state.topping = None
+                flight.set()
             if isinstance(decision, Refused):
                 return decision
             lease = self._lease(state, limit, decision, tokens, sent, sent + lasts)
@@ -351,7 +361,7 @@ class LeasingLimiter:
             state.late.clear()
             if state.lease is not None:
                 open_ = True
-            elif now - state.idle_since > FORGET_AFTER and not state.topping:
+            elif now - state.idle_since > FORGET_AFTER and state.topping is None:
                 del self._keys[key]
         if open_:
             self._sweep_soon()
