@@ -52,6 +52,61 @@ LIMIT = Limit("team-a", 1000, 10_000, "daily")
 
 
 @pytest.mark.parametrize("kind", ["server", "cluster"])
+def test_a_settlement_sent_twice_with_one_id_applies_once(
+    request: pytest.FixtureRequest, kind: str
+) -> None:
+    """What a replay after a timeout relies on (proxy/limits/failover.py): settle.lua applies
+    a settlement once per id, a second call only reports; another id applies again."""
+    target: RedisProc | Cluster = request.getfixturevalue(kind)
+    if isinstance(target, Cluster):
+        target.flush()
+    else:
+        with target.client() as client:
+            client.flushall()
+    limit = Limit("team-a", 1000, 10_000, "daily")
+
+    async def main() -> None:
+        async with open_limiter(target.url) as limiter:
+            first = await limiter.admit(limit, 500)
+            assert isinstance(first, Reservation)
+            assert await limiter.settle(first, 120, once="a") == (880, 9880)
+            assert await limiter.settle(first, 120, once="a") == (880, 9880)  # reported only
+            second = await limiter.admit(limit, 100)
+            assert isinstance(second, Reservation)
+            limiter.settle_soon(second, 50, once="b")
+            limiter.settle_soon(second, 50, once="b")
+            deadline = time.monotonic() + 5  # on a cluster each is a call of its own, in a
+            while await limiter.usage(limit) == (220, 220) and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)  # task: wait for the first, then time for both
+            await asyncio.sleep(0.1)
+            assert await limiter.usage(limit) == (170, 170)
+            await limiter.settle(second, 50, once="c")
+            assert await limiter.usage(limit) == (120, 120)
+
+    run(main())
+
+
+def test_a_turns_settlement_runs_before_its_admission_on_a_new_server(server: RedisProc) -> None:
+    """The scripts are loaded on every new connection, so a settlement sent before an
+    admission in one loop turn (how a lease gives back before it asks again) runs first even
+    on a server that had never run settle.lua: a NOSCRIPT resend would run it second."""
+    with server.client() as client:
+        client.flushall()
+        client.script_flush()
+    limit = Limit("team-a", 100, None)
+
+    async def main() -> None:
+        async with open_limiter(server.url) as limiter:
+            full = await limiter.admit(limit, 100)
+            assert isinstance(full, Reservation)
+            limiter.settle_soon(full, 0)  # gives all 100 back, in this turn's batch
+            again = await limiter.admit(limit, 100)
+            assert isinstance(again, Reservation), again
+
+    run(main())
+
+
+@pytest.mark.parametrize("kind", ["server", "cluster"])
 def test_scripts_survive_script_flush(request: pytest.FixtureRequest, kind: str) -> None:
     target: RedisProc | Cluster = request.getfixturevalue(kind)
     nodes = target.nodes if isinstance(target, Cluster) else [target]

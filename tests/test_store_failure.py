@@ -153,7 +153,9 @@ def test_a_retry_interval_spares_a_dead_store(mock: MockProc, own_server: RedisP
 def test_settlements_missed_during_an_outage_are_replayed(own_server: RedisProc, how: str) -> None:
     """A request admitted on Redis whose settlement meets a hung server: the settlement is
     kept and applied once the server answers, so no reservation is left behind. The same for
-    the settlement the handler sends without awaiting it (`settle_soon`)."""
+    the settlement the handler sends without awaiting it (`settle_soon`). The server may have
+    run the settlement when it resumed (it was in its socket): the replay then changes
+    nothing, where applying it twice would give 380 tokens back twice."""
 
     async def main() -> None:
         limiter = FailoverLimiter(RedisLimiter.connect(own_server.url), "open", retry_interval=0.0)
@@ -172,7 +174,8 @@ def test_settlements_missed_during_an_outage_are_replayed(own_server: RedisProc,
                         await asyncio.sleep(0.05)
             finally:
                 own_server.resume()
-            assert await limiter.store.usage(limit) == (500, 500)  # not yet replayed
+            # run from the socket when the server resumed, or lost with the connection
+            assert await limiter.store.usage(limit) in ((120, 120), (500, 500))
             again = await limiter.admit(limit, 1)  # the store answers: replay, then this
             assert isinstance(again, Reservation)
             assert await limiter.store.usage(limit) == (121, 121)

@@ -12,7 +12,10 @@ While degraded, the store is tried again at most once per `retry_interval` (so a
 costs one connection attempt per interval, not one per request); the first success
 recovers, without a restart. A reservation settles in the store that made it; a settlement
 the store could not take is kept (up to `MAX_PENDING`) and replayed when it answers again,
-so an outage leaves no reservation behind in a store that kept its data.
+so an outage leaves no reservation behind in a store that kept its data. A settlement that
+timed out may have run all the same (a hung server runs what was in its socket when it
+resumes), so each carries an id that makes the store apply it once (settle.lua's "once"
+key): a replay never gives tokens back twice.
 
 One ambiguity remains, counted in `failed_admissions`: an admission that timed out against a
 hung server may still run when the server resumes (Redis reads what was already in its
@@ -24,9 +27,12 @@ from __future__ import annotations
 
 import collections
 import functools
+import itertools
 import logging
+import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 from proxy.errors import TokenStoreUnavailableError
 from proxy.limits.base import (
@@ -44,12 +50,25 @@ log = logging.getLogger("tollway")
 MAX_PENDING = 100_000  # settlements kept for replay while the store is away
 
 
+class ReplayableStore(SharedStore, Protocol):
+    """A shared store whose settlements take an id (`once`) that makes one sent twice apply
+    once (RedisLimiter)."""
+
+    async def settle(
+        self, reservation: Reservation, used: int, once: str = ""
+    ) -> tuple[int | None, int | None]: ...
+
+    def settle_soon(
+        self, reservation: Reservation, used: int, failed: Failed | None = None, once: str = ""
+    ) -> None: ...
+
+
 class FailoverLimiter:
     """A shared store with the configured failure mode (see the module docstring)."""
 
     def __init__(
         self,
-        store: SharedStore,
+        store: ReplayableStore,
         mode: str = "open",
         *,
         retry_interval: float = 1.0,
@@ -66,9 +85,12 @@ class FailoverLimiter:
         self._clock = clock
         self._next_try = 0.0
         self._replaying = False
-        self._pending: collections.deque[tuple[Reservation, int]] = collections.deque(
+        self._pending: collections.deque[tuple[Reservation, int, str]] = collections.deque(
             maxlen=MAX_PENDING
         )
+        # settlement ids: unique to this limiter (a random prefix), then counted
+        self._id_prefix = secrets.token_hex(8) + "."
+        self._ids = itertools.count()
 
     async def admit(self, limit: Limit, tokens: int, most: int = 0) -> Reservation | Refused:
         return (await self.admit_for(limit, tokens, most))[0]
@@ -101,25 +123,42 @@ class FailoverLimiter:
         return await self.fallback.admit(limit, tokens), 0.0
 
     async def settle(self, reservation: Reservation, used: int) -> tuple[int | None, int | None]:
+        once = self._new_id()
         try:
-            return await reservation.store.settle(reservation, used)
+            return await self._settle(reservation, used, once)
         except StoreUnavailableError as exc:
             self._degrade(exc)
-            self._pending.append((reservation, used))
+            self._pending.append((reservation, used, once))
             return None, None
 
     def settle_soon(
         self, reservation: Reservation, used: int, failed: Failed | None = None
     ) -> None:
-        missed = functools.partial(self._missed, reservation, used)
-        reservation.store.settle_soon(reservation, used, missed)
+        once = self._new_id()
+        missed = functools.partial(self._missed, reservation, used, once)
+        if reservation.store is self.store:
+            self.store.settle_soon(reservation, used, missed, once)
+        else:  # the per-process fallback's (it cannot fail)
+            reservation.store.settle_soon(reservation, used, missed)
 
-    def _missed(self, reservation: Reservation, used: int, exc: BaseException) -> None:
+    def _settle(
+        self, reservation: Reservation, used: int, once: str
+    ) -> Awaitable[tuple[int | None, int | None]]:
+        """Settle in the store that made the reservation, with the settlement's id when that
+        is the shared store."""
+        if reservation.store is self.store:
+            return self.store.settle(reservation, used, once)
+        return reservation.store.settle(reservation, used)
+
+    def _new_id(self) -> str:
+        return f"{self._id_prefix}{next(self._ids)}"
+
+    def _missed(self, reservation: Reservation, used: int, once: str, exc: BaseException) -> None:
         """A settlement sent with settle_soon failed: keep it for replay when the store was
         away (anything else is a bug, logged)."""
         if isinstance(exc, StoreUnavailableError):
             self._degrade(exc)
-            self._pending.append((reservation, used))
+            self._pending.append((reservation, used, once))
         else:
             log.error("token-limit settlement failed for %r: %s: %s",
                       reservation.limit.key, type(exc).__name__, exc)  # fmt: skip
@@ -137,11 +176,11 @@ class FailoverLimiter:
         pending = self._pending
         try:
             while pending:
-                reservation, used = pending.popleft()
+                reservation, used, once = pending.popleft()
                 try:
-                    await reservation.store.settle(reservation, used)
+                    await self._settle(reservation, used, once)
                 except StoreUnavailableError as exc:
-                    pending.appendleft((reservation, used))
+                    pending.appendleft((reservation, used, once))
                     self._degrade(exc)
                     return
         finally:

@@ -57,6 +57,9 @@ TIMEOUT = 0.5  # seconds to connect, and to wait for a reply
 MAX_CONNECTIONS = 50  # per node on a cluster; further calls wait their turn
 TAG_MAX = 128  # longer counter keys are hashed
 KEEP_PERIOD_MS = 86_400_000  # a period counter outlives its period by a day
+# How long a settlement's "once" key says it was applied (settle.lua): far longer than a
+# replayed settlement waits for a server that answers again (proxy/limits/failover.py).
+ONCE_TTL_MS = 600_000
 UNAVAILABLE = (
     exceptions.ConnectionError,
     exceptions.TimeoutError,
@@ -105,9 +108,9 @@ class Script:
         return cls(source, hashlib.sha1(source.encode()).hexdigest())
 
 
-# ARGV[1] is the time override, then 6 values per admission (5 per settlement) of the batch.
+# ARGV[1] is the time override, then 6 values per admission or settlement of the batch.
 ADMIT = Script.load("admit.lua", clock_arg=1, GRANT_SHARE=GRANT_SHARE)
-SETTLE = Script.load("settle.lua", clock_arg=1)
+SETTLE = Script.load("settle.lua", clock_arg=1, ONCE_TTL_MS=ONCE_TTL_MS)
 
 
 class _Batch:
@@ -143,6 +146,10 @@ def quota_key(key: str, period: str) -> str:
     return f"{PREFIX}:{{{hash_tag(key)}}}:q:{period}"
 
 
+def once_key(key: str, once: str) -> str:
+    return f"{PREFIX}:{{{hash_tag(key)}}}:once:{once}"
+
+
 def _ttl_ms(end: float, now: float) -> int:
     return max(1, round((end - now) * 1000)) + KEEP_PERIOD_MS
 
@@ -165,6 +172,8 @@ class RedisLimiter:
         self._client = client
         self._clock = clock
         self._cluster = client if isinstance(client, RedisCluster) else None
+        if isinstance(client, RespClient):  # so a turn's settlements run before its admits
+            client.preload(ADMIT.source, SETTLE.source)  # on a new connection too
         # redis-py's asyncio pools raise MaxConnectionsError instead of waiting when full.
         self._calls = asyncio.Semaphore(max_calls)
         # redis-py's cluster client breaks its own connections when commands run while it
@@ -234,16 +243,23 @@ class RedisLimiter:
             return Refused("quota", end - now, *left), 0.0
         return Refused("rate", retry_us / 1_000_000, *left), 0.0
 
-    async def settle(self, reservation: Reservation, used: int) -> tuple[int | None, int | None]:
+    async def settle(
+        self, reservation: Reservation, used: int, once: str = ""
+    ) -> tuple[int | None, int | None]:
+        """With `once` (an id unique to this settlement), the server applies it once however
+        often it is sent: a settlement that timed out may have run (proxy/limits/failover.py
+        sends it again)."""
         res = reservation
-        totals = await self._settled(res.limit, used - res.tokens, res.second, res.period)
+        delta = used - res.tokens
+        totals = await self._settled(res.limit, delta, res.second, res.period, once)
         return remaining(res.limit, *totals)
 
     def settle_soon(
-        self, reservation: Reservation, used: int, failed: Failed | None = None
+        self, reservation: Reservation, used: int, failed: Failed | None = None, once: str = ""
     ) -> None:
         res = reservation
-        keys, args, now = self._settlement(res.limit, used - res.tokens, res.second, res.period)
+        delta = used - res.tokens
+        keys, args, now = self._settlement(res.limit, delta, res.second, res.period, once)
         if self._cluster is None:
             self._batch(SETTLE, keys, args, now).waiters.append(failed)
             return
@@ -268,25 +284,29 @@ class RedisLimiter:
         else:
             await self._client.aclose()
 
-    async def _settled(self, limit: Limit, delta: int, second: int, period: str) -> tuple[int, int]:
+    async def _settled(
+        self, limit: Limit, delta: int, second: int, period: str, once: str = ""
+    ) -> tuple[int, int]:
         """Run settle.lua: apply `delta`, return the window and current-period totals."""
-        keys, args, now = self._settlement(limit, delta, second, period)
+        keys, args, now = self._settlement(limit, delta, second, period, once)
         in_window, in_period = await self._call(SETTLE, keys, args, now)
         return in_window, in_period
 
     def _settlement(
-        self, limit: Limit, delta: int, second: int, period: str
+        self, limit: Limit, delta: int, second: int, period: str, once: str = ""
     ) -> tuple[list[str], tuple[int, ...], float]:
         """settle.lua's keys and arguments for one settlement, and the time they were read."""
         now = self._now()
         keys = [rate_key(limit.key)]
-        ttl = 0
+        ttl = has_quota = 0
         if limit.token_quota is not None:
             current, _, end = period_bounds(limit.quota_period, now)
             keys += [quota_key(limit.key, period or current), quota_key(limit.key, current)]
-            ttl = _ttl_ms(end, now)
+            ttl, has_quota = _ttl_ms(end, now), 1
+        if once and delta:
+            keys.append(once_key(limit.key, once))
         has_rate = int(limit.tokens_per_minute is not None)
-        return keys, (len(keys), delta, second, has_rate, ttl), now
+        return keys, (len(keys), delta, second, has_rate, ttl, has_quota), now
 
     def _call(
         self, script: Script, keys: list[str], args: tuple[int, ...], now: float

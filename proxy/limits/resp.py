@@ -73,6 +73,7 @@ class RespClient:
         self.timeout = timeout
         self._ssl = ssl.create_default_context() if parts.scheme == "rediss" else None
         self._hello = _handshake(parts.username, parts.password, parts.path)
+        self._preload: list[bytes] = []
         self._conn: _Connection | None = None
         self._closed = False
 
@@ -93,6 +94,14 @@ class RespClient:
                 raise
         command = ("EVAL", script, len(keys), *keys, *args)
         return await self._send(_pack(command))
+
+    def preload(self, *scripts: str) -> None:
+        """Load these Lua scripts (`SCRIPT LOAD`) on every new connection before its first
+        command. A server that restarted has lost them, and an EVALSHA that meets NOSCRIPT
+        is sent again whole after the commands written behind it: the calls of one turn
+        would run out of the order they were sent in. A refusal (an ACL without SCRIPT) is
+        ignored: EVALSHA then falls back to EVAL as before."""
+        self._preload += [_pack(("SCRIPT", "LOAD", script)) for script in scripts]
 
     def send(self, command: Sequence[Arg], callback: Callback) -> None:
         """Write one command now (not at the end of the loop turn: for a caller that has
@@ -125,8 +134,14 @@ class RespClient:
         conn = self._conn = _Connection(asyncio.get_running_loop(), self.timeout)
         for payload in self._hello:
             conn.send_handshake(payload)
+        for payload in self._preload:
+            conn.queue(payload, _ignore)
         conn.start(self.host, self.port, self._ssl)
         return conn
+
+
+def _ignore(reply: Any) -> None:
+    """The reply to a preloaded script (its SHA-1, or a refusal that changes nothing)."""
 
 
 def _handshake(user: str | None, password: str | None, path: str) -> list[bytes]:

@@ -4,22 +4,28 @@
 -- (RedisLimiter.usage).
 --
 -- ARGV[1]  the time override, see clock.lua (prepended: now_us, second, horizon, LEAVES)
--- Then 5 values per settlement, with its 1 or 3 keys in KEYS, in the same order:
---   nkeys           3 when the limit has a quota, else 1
+-- Then 6 values per settlement, with its keys in KEYS, in the same order:
+--   nkeys           how many keys it has (1, plus 2 with a quota, plus 1 with an id)
 --   delta           used - reserved
 --   reserved        the bucket (unix second) the reservation was charged in
 --   has_rate        1 when the limit has a rate, else 0
 --   quota_ttl       ms until the current period counter may expire (its period end + 1 day)
--- Its KEYS: the key's rate window (a hash, field = unix second, value = tokens charged then),
--- then, when nkeys is 3, the reservation's quota period counter and the current one (often
--- the same key).
+--   has_quota       1 when the limit has a quota, else 0
+-- Its KEYS: the key's rate window (a hash, field = unix second, value = tokens charged then);
+-- with a quota, the reservation's quota period counter and the current one (often the same
+-- key); last, with an id, the settlement's "once" key: a settlement whose once key exists
+-- has been applied (its first call timed out, but the server ran it) and only reports. The
+-- key lives ONCE_TTL_MS, longer than a replay waits for a server that answers again.
 --
 -- Returns one {used, quota_used} per settlement: the window total and the current period's
 -- total after it.
 
-local function settle(rate_key, reserved_key, current_key, delta, reserved_second, has_rate,
-                      quota_ttl)
+local function settle(rate_key, reserved_key, current_key, once_key, delta, reserved_second,
+                      has_rate, quota_ttl)
   local has_quota = current_key ~= nil
+  if once_key and not redis.call("SET", once_key, "1", "NX", "PX", ONCE_TTL_MS) then
+    delta = 0  -- applied before: report only
+  end
   if delta < 0 then
     -- Give back to where the reservation was charged, never below 0; a bucket that has left
     -- the window or a period counter that has expired is left alone.
@@ -66,13 +72,18 @@ local function settle(rate_key, reserved_key, current_key, delta, reserved_secon
 end
 
 local out, k = {}, 1
-for a = 2, #ARGV, 5 do
+for a = 2, #ARGV, 6 do
   local nkeys = tonumber(ARGV[a])
-  local reserved_key, current_key
-  if nkeys == 3 then
+  local reserved_key, current_key, once_key
+  local next_key = k + 1
+  if ARGV[a + 5] == "1" then
     reserved_key, current_key = KEYS[k + 1], KEYS[k + 2]
+    next_key = k + 3
   end
-  out[#out + 1] = settle(KEYS[k], reserved_key, current_key, tonumber(ARGV[a + 1]),
+  if next_key < k + nkeys then
+    once_key = KEYS[next_key]
+  end
+  out[#out + 1] = settle(KEYS[k], reserved_key, current_key, once_key, tonumber(ARGV[a + 1]),
     tonumber(ARGV[a + 2]), ARGV[a + 3] == "1", tonumber(ARGV[a + 4]))
   k = k + nkeys
 end
