@@ -17,7 +17,9 @@ a policy's added instructions track the CPU per request it adds (bench/RESULTS.m
 the two); use bench.ab's slices for the req/s figure. Work paced by wall time weighs up to
 50x more per request under valgrind, which runs the worker that much slower: limit-redis's
 leases last one second of wall time, so its figure counts ~50x their real share of round
-trips, and it is not in the default profiles.
+trips, and it is not in the default profiles. For a profile on Redis the store's script
+calls per counted request are printed too (INFO commandstats), to compare with a run at
+full speed.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import tempfile
 from pathlib import Path
 
 import psutil
+import redis
 
 from bench import procs, stack
 
@@ -54,18 +57,24 @@ def main(argv: list[str] | None = None) -> int:
             store = services.enter_context(stack.redis_server(tmp)).url
         first = 0.0
         for profile in profiles:
-            per_request = measure(tmp, profile, upstream, store, args.requests)
+            per_request, calls = measure(tmp, profile, upstream, store, args.requests)
             line = f"{profile:16} {per_request / 1e3:9.1f} k instructions per request"
             if first:
                 line += f"   {per_request / first - 1:+7.1%} vs {profiles[0]}"
             else:
                 first = per_request
+            if profile in stack.NEEDS_REDIS:
+                line += f"   ({calls:.4f} store round trips per request)"
             print(line, flush=True)
     return 0
 
 
-def measure(tmp: Path, profile: str, upstream: str, store: str, requests: int) -> float:
-    """Instructions the worker of `profile`'s gateway executes per counted request."""
+def measure(
+    tmp: Path, profile: str, upstream: str, store: str, requests: int
+) -> tuple[float, float]:
+    """Instructions the worker of `profile`'s gateway executes per counted request, and the
+    Redis script calls per counted request (0 for a profile that does not use Redis)."""
+    shared = store if profile in stack.NEEDS_REDIS else ""
     port = procs.free_port()
     config = tmp / f"gateway-{profile}-{port}.yaml"
     config.write_text(stack.gateway_config(profile, upstream, store))
@@ -85,15 +94,27 @@ def measure(tmp: Path, profile: str, upstream: str, store: str, requests: int) -
         url = base + stack.API_PATH + "/chat/completions"
         _send(url, WARMUP)
         subprocess.run(["callgrind_control", "-z", worker], check=True, capture_output=True)
+        calls = _script_calls(shared)
         _send(url, requests)
         subprocess.run(["callgrind_control", "-d", worker], check=True, capture_output=True)
+        calls = _script_calls(shared) - calls
         dumps = sorted(tmp.glob(f"callgrind-{profile}.{worker}.*"))
         if not dumps:
             raise RuntimeError(f"callgrind wrote no dump for worker {worker}; see {log}")
         totals = re.search(r"^(?:totals|summary): (\d+)", dumps[-1].read_text(), re.M)
         if totals is None:
             raise RuntimeError(f"no totals in {dumps[-1]}")
-        return int(totals.group(1)) / requests
+        return int(totals.group(1)) / requests, calls / requests
+
+
+def _script_calls(url: str) -> int:
+    """The Redis server's script calls so far (EVALSHA and EVAL, INFO commandstats); 0
+    without a server."""
+    if not url:
+        return 0
+    with redis.Redis.from_url(url) as client:
+        stats = client.info("commandstats")
+    return sum(stats.get(f"cmdstat_{name}", {}).get("calls", 0) for name in ("evalsha", "eval"))
 
 
 def _send(url: str, requests: int) -> None:
