@@ -18,8 +18,8 @@ the two); use bench.ab's slices for the req/s figure. Work paced by wall time we
 50x more per request under valgrind, which runs the worker that much slower: limit-redis's
 leases last one second of wall time, so its figure counts ~50x their real share of round
 trips, and it is not in the default profiles. For a profile on Redis the store's script
-calls per counted request are printed too (INFO commandstats), to compare with a run at
-full speed.
+calls per counted request are printed too (INFO commandstats); `--native` runs the same
+sequence without valgrind and prints only those, the rate at full speed.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.instructions", description=__doc__)
     p.add_argument("--profiles", default="auth,limit-memory")
     p.add_argument("--requests", type=int, default=2560, help="counted requests per profile")
+    p.add_argument("--native", action="store_true", help="no valgrind: round trips only")
     args = p.parse_args(argv)
     if args.requests % 64:
         p.error("--requests must be a multiple of 64 (hey sends the same number per connection)")
@@ -57,7 +58,10 @@ def main(argv: list[str] | None = None) -> int:
             store = services.enter_context(stack.redis_server(tmp)).url
         first = 0.0
         for profile in profiles:
-            per_request, calls = measure(tmp, profile, upstream, store, args.requests)
+            per_request, calls = measure(tmp, profile, upstream, store, args.requests, args.native)
+            if args.native:
+                print(f"{profile:16} {calls:.4f} store round trips per request, at full speed")
+                continue
             line = f"{profile:16} {per_request / 1e3:9.1f} k instructions per request"
             if first:
                 line += f"   {per_request / first - 1:+7.1%} vs {profiles[0]}"
@@ -70,10 +74,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def measure(
-    tmp: Path, profile: str, upstream: str, store: str, requests: int
+    tmp: Path, profile: str, upstream: str, store: str, requests: int, native: bool = False
 ) -> tuple[float, float]:
-    """Instructions the worker of `profile`'s gateway executes per counted request, and the
-    Redis script calls per counted request (0 for a profile that does not use Redis)."""
+    """Instructions the worker of `profile`'s gateway executes per counted request (0 when
+    `native`: no valgrind), and the Redis script calls per counted request (0 for a profile
+    that does not use Redis)."""
     shared = store if profile in stack.NEEDS_REDIS else ""
     port = procs.free_port()
     config = tmp / f"gateway-{profile}-{port}.yaml"
@@ -81,9 +86,9 @@ def measure(
     log = tmp / f"gateway-{profile}-{port}.log"
     out = tmp / f"callgrind-{profile}"
     cmd = ["valgrind", "--tool=callgrind", "--trace-children=yes",
-           f"--callgrind-out-file={out}.%p", sys.executable, "-m", "proxy", "serve",
-           "--config", str(config), "--host", "127.0.0.1", "--port", str(port),
-           "--workers", "1"]  # fmt: skip
+           f"--callgrind-out-file={out}.%p"] if not native else []  # fmt: skip
+    cmd += [sys.executable, "-m", "proxy", "serve", "--config", str(config),
+            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]  # fmt: skip
     with procs.running(cmd, stack.GATEWAY_CPU, log, stack.child_env()) as proc:
         base = f"http://127.0.0.1:{port}"
         procs.wait_ready(proc, base + "/readyz", None, "", log, timeout=600)
@@ -93,11 +98,14 @@ def measure(
         worker = str(workers[0].pid)
         url = base + stack.API_PATH + "/chat/completions"
         _send(url, WARMUP)
-        subprocess.run(["callgrind_control", "-z", worker], check=True, capture_output=True)
+        if not native:
+            subprocess.run(["callgrind_control", "-z", worker], check=True, capture_output=True)
         calls = _script_calls(shared)
         _send(url, requests)
-        subprocess.run(["callgrind_control", "-d", worker], check=True, capture_output=True)
         calls = _script_calls(shared) - calls
+        if native:
+            return 0.0, calls / requests
+        subprocess.run(["callgrind_control", "-d", worker], check=True, capture_output=True)
         dumps = sorted(tmp.glob(f"callgrind-{profile}.{worker}.*"))
         if not dumps:
             raise RuntimeError(f"callgrind wrote no dump for worker {worker}; see {log}")
