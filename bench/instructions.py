@@ -17,9 +17,13 @@ a policy's added instructions track the CPU per request it adds (bench/RESULTS.m
 the two); use bench.ab's slices for the req/s figure. Work paced by wall time weighs up to
 50x more per request under valgrind, which runs the worker that much slower: limit-redis's
 leases last one second of wall time, so its figure counts ~50x their real share of round
-trips, and it is not in the default profiles. For a profile on Redis the store's script
-calls per counted request are printed too (INFO commandstats); `--native` runs the same
-sequence without valgrind and prints only those, the rate at full speed.
+trips. For a profile on Redis the store's script calls per counted request are printed too
+(INFO commandstats); `--native` runs the same sequence without valgrind and prints only
+those, the rate at full speed. `--clock-speed 0.02` runs the worker's clocks (every clock
+the process reads: libfaketime, bench/setup.sh installs it) at 1/50 of real time, to match
+valgrind's slowdown: then what is paced by wall time comes at its full-speed share per
+request again, which the printed round trips show (the leases are then drawn on past their
+Redis second, harmless under a limit no request reaches).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from bench import procs, stack
 
 WARMUP = 640  # ten per connection: every code path taken and specialized before counting
 HEY_OK = re.compile(r"\[200\]\s+(\d+) responses")
+FAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profiles", default="auth,limit-memory")
     p.add_argument("--requests", type=int, default=2560, help="counted requests per profile")
     p.add_argument("--native", action="store_true", help="no valgrind: round trips only")
+    p.add_argument("--clock-speed", type=float, default=0.0, help="e.g. 0.02: a slowed clock")
     args = p.parse_args(argv)
     if args.requests % 64:
         p.error("--requests must be a multiple of 64 (hey sends the same number per connection)")
@@ -58,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
             store = services.enter_context(stack.redis_server(tmp)).url
         first = 0.0
         for profile in profiles:
-            per_request, calls = measure(tmp, profile, upstream, store, args.requests, args.native)
+            per_request, calls = measure(
+                tmp, profile, upstream, store, args.requests, args.native, args.clock_speed
+            )
             if args.native:
                 print(f"{profile:16} {calls:.4f} store round trips per request, at full speed")
                 continue
@@ -74,7 +82,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def measure(
-    tmp: Path, profile: str, upstream: str, store: str, requests: int, native: bool = False
+    tmp: Path,
+    profile: str,
+    upstream: str,
+    store: str,
+    requests: int,
+    native: bool = False,
+    clock_speed: float = 0.0,
 ) -> tuple[float, float]:
     """Instructions the worker of `profile`'s gateway executes per counted request (0 when
     `native`: no valgrind), and the Redis script calls per counted request (0 for a profile
@@ -89,7 +103,10 @@ def measure(
            f"--callgrind-out-file={out}.%p"] if not native else []  # fmt: skip
     cmd += [sys.executable, "-m", "proxy", "serve", "--config", str(config),
             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]  # fmt: skip
-    with procs.running(cmd, stack.GATEWAY_CPU, log, stack.child_env()) as proc:
+    env = stack.child_env()
+    if clock_speed:
+        env |= {"LD_PRELOAD": FAKETIME, "FAKETIME": f"+0 x{clock_speed}"}
+    with procs.running(cmd, stack.GATEWAY_CPU, log, env) as proc:
         base = f"http://127.0.0.1:{port}"
         procs.wait_ready(proc, base + "/readyz", None, "", log, timeout=600)
         workers = psutil.Process(proc.pid).children()

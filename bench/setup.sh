@@ -5,6 +5,7 @@
 #   hey    - the constant-rate load generator (the `rate` scenario)
 #   taskset (util-linux) - CPU pinning
 #   valgrind - callgrind's instruction counts (bench/instructions.py)
+#   faketime - a slowed clock for a worker under valgrind (bench/instructions.py)
 # and the Python packages the client comparison imports (httpx-aiohttp is bench-only).
 # Usage: bash bench/setup.sh      (root, or sudo available)
 set -euo pipefail
@@ -15,6 +16,7 @@ command -v wrk >/dev/null 2>&1 || need+=(wrk)
 command -v hey >/dev/null 2>&1 || need+=(hey)
 command -v taskset >/dev/null 2>&1 || need+=(util-linux)
 command -v callgrind_control >/dev/null 2>&1 || need+=(valgrind)
+[ -e /usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1 ] || need+=(faketime)
 
 if [ "${#need[@]}" -gt 0 ]; then
     SUDO=""
