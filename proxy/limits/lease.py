@@ -247,18 +247,35 @@ class LeasingLimiter:
     async def settle(self, reservation: Reservation, used: int) -> tuple[int | None, int | None]:
         lease = reservation.held
         if isinstance(lease, _Lease) and self._open(lease):
-            self._into(lease, reservation, used)
+            self.settle_soon(reservation, used)  # into the lease
             return _plus(lease.rate_rest, lease.left), _plus(lease.quota_rest, lease.left)
         return await self.store.settle(self._direct(reservation), used)
 
     def settle_soon(
         self, reservation: Reservation, used: int, failed: Failed | None = None
     ) -> None:
+        """A request drawn from a lease that is still open settles into it: the difference
+        is the lease's (drawn beyond it, settled when it closes; or given back to be drawn
+        again). What a refund would leave undrawn beyond what the lease may hold goes back to
+        the store at once, so refunds never make a lease hold more than base.grant allowed.
+        Otherwise the settlement is the store's, in the lease's bucket."""
         lease = reservation.held
-        if isinstance(lease, _Lease) and self._open(lease):
-            self._into(lease, reservation, used)
-        else:
+        if not (isinstance(lease, _Lease) and self._open(lease)):
             self.store.settle_soon(self._direct(reservation), used, failed)
+            return
+        delta = used - reservation.tokens
+        lease.drawn += delta
+        left = lease.left - delta
+        if left > lease.keep:
+            back = left - lease.keep
+            self.store.settle_soon(lease.held(back), 0)
+            lease.granted -= back
+            left = lease.keep
+            if lease.rate_rest is not None:
+                lease.rate_rest += back
+            if lease.quota_rest is not None:
+                lease.quota_rest += back
+        lease.left = left
 
     async def release(self, reservation: Reservation) -> None:
         await self.settle(reservation, 0)
@@ -292,25 +309,6 @@ class LeasingLimiter:
             state.late.clear()
         self._keys.clear()
         await self.store.close()
-
-    def _into(self, lease: _Lease, reservation: Reservation, used: int) -> None:
-        """A settlement of a request drawn from an open lease: the difference is the lease's
-        (drawn beyond it, settled when it closes; or given back to be drawn again). What a
-        refund would leave undrawn beyond what the lease may hold goes back to the store at
-        once, so refunds never make a lease hold more than base.grant allowed."""
-        delta = used - reservation.tokens
-        lease.drawn += delta
-        left = lease.left - delta
-        if left > lease.keep:
-            back = left - lease.keep
-            self.store.settle_soon(lease.held(back), 0)
-            lease.granted -= back
-            left = lease.keep
-            if lease.rate_rest is not None:
-                lease.rate_rest += back
-            if lease.quota_rest is not None:
-                lease.quota_rest += back
-        lease.left = left
 
     @staticmethod
     def _direct(reservation: Reservation) -> Reservation:
