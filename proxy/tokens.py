@@ -144,18 +144,29 @@ class TokenizerRegistry:
 
     def __init__(self, globs: Mapping[str, str]) -> None:
         loaded: dict[str, Tokenizer] = {}
-        self._rules = [(glob, _load_once(glob, spec, loaded)) for glob, spec in globs.items()]
-        self._fallback = _load_once("(fallback)", _FALLBACK, loaded)
-        self._by_model: dict[str, Tokenizer] = {}
+        rules = [(glob, _load_once(glob, spec, loaded)) for glob, spec in globs.items()]
+        fallback = _load_once("(fallback)", _FALLBACK, loaded)
+        # model -> its tokenizer; a model seen before is answered in C, with no Python frame
+        self._by_model = _ByModel(rules, fallback)
+        self.for_model: Callable[[str], Tokenizer] = self._by_model.__getitem__
 
-    def for_model(self, model: str) -> Tokenizer:
-        tokenizer = self._by_model.get(model)
-        if tokenizer is None:
-            matches = (t for glob, t in self._rules if fnmatchcase(model, glob))
-            tokenizer = next(matches, self._fallback)
-            if len(self._by_model) >= _MODEL_CACHE_SIZE:  # model names come from clients
-                self._by_model.clear()
-            self._by_model[model] = tokenizer
+
+class _ByModel(dict[str, Tokenizer]):
+    """The registry's memo of each model's tokenizer (bounded: model names come from
+    clients)."""
+
+    __slots__ = ("_fallback", "_rules")
+
+    def __init__(self, rules: list[tuple[str, Tokenizer]], fallback: Tokenizer) -> None:
+        super().__init__()
+        self._rules, self._fallback = rules, fallback
+
+    def __missing__(self, model: str) -> Tokenizer:
+        matches = (t for glob, t in self._rules if fnmatchcase(model, glob))
+        tokenizer = next(matches, self._fallback)
+        if len(self) >= _MODEL_CACHE_SIZE:
+            self.clear()
+        self[model] = tokenizer
         return tokenizer
 
 
