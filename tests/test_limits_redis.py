@@ -82,6 +82,11 @@ def test_a_settlement_sent_twice_with_one_id_applies_once(
             assert await limiter.usage(limit) == (170, 170)
             await limiter.settle(second, 50, once="c")
             assert await limiter.usage(limit) == (120, 120)
+            rate_only = Limit("team-b", 1000, None)  # an id as the second of two keys
+            third = await limiter.admit(rate_only, 100)
+            assert isinstance(third, Reservation)
+            assert await limiter.settle(third, 40, once="d") == (960, None)
+            assert await limiter.settle(third, 40, once="d") == (960, None)
 
     run(main())
 

@@ -108,7 +108,7 @@ class Script:
         return cls(source, hashlib.sha1(source.encode()).hexdigest())
 
 
-# ARGV[1] is the time override, then 6 values per admission or settlement of the batch.
+# ARGV[1] is the time override, then 6 values per admission (5 per settlement) of the batch.
 ADMIT = Script.load("admit.lua", clock_arg=1, GRANT_SHARE=GRANT_SHARE)
 SETTLE = Script.load("settle.lua", clock_arg=1, ONCE_TTL_MS=ONCE_TTL_MS)
 
@@ -298,15 +298,15 @@ class RedisLimiter:
         """settle.lua's keys and arguments for one settlement, and the time they were read."""
         now = self._now()
         keys = [rate_key(limit.key)]
-        ttl = has_quota = 0
+        ttl = 0
         if limit.token_quota is not None:
             current, _, end = period_bounds(limit.quota_period, now)
             keys += [quota_key(limit.key, period or current), quota_key(limit.key, current)]
-            ttl, has_quota = _ttl_ms(end, now), 1
-        if once and delta:
+            ttl = _ttl_ms(end, now)
+        if once and delta:  # last: settle.lua tells it by the key count
             keys.append(once_key(limit.key, once))
         has_rate = int(limit.tokens_per_minute is not None)
-        return keys, (len(keys), delta, second, has_rate, ttl, has_quota), now
+        return keys, (len(keys), delta, second, has_rate, ttl), now
 
     def _call(
         self, script: Script, keys: list[str], args: tuple[int, ...], now: float

@@ -4,13 +4,13 @@
 -- (RedisLimiter.usage).
 --
 -- ARGV[1]  the time override, see clock.lua (prepended: now_us, second, horizon, LEAVES)
--- Then 6 values per settlement, with its keys in KEYS, in the same order:
---   nkeys           how many keys it has (1, plus 2 with a quota, plus 1 with an id)
+-- Then 5 values per settlement, with its keys in KEYS, in the same order:
+--   nkeys           how many keys it has: 1, plus 2 with a quota, plus 1 with an id (so 3 or
+--                   4 mean a quota, and an even count an id)
 --   delta           used - reserved
 --   reserved        the bucket (unix second) the reservation was charged in
 --   has_rate        1 when the limit has a rate, else 0
 --   quota_ttl       ms until the current period counter may expire (its period end + 1 day)
---   has_quota       1 when the limit has a quota, else 0
 -- Its KEYS: the key's rate window (a hash, field = unix second, value = tokens charged then);
 -- with a quota, the reservation's quota period counter and the current one (often the same
 -- key); last, with an id, the settlement's "once" key: a settlement whose once key exists
@@ -72,16 +72,14 @@ local function settle(rate_key, reserved_key, current_key, once_key, delta, rese
 end
 
 local out, k = {}, 1
-for a = 2, #ARGV, 6 do
+for a = 2, #ARGV, 5 do
   local nkeys = tonumber(ARGV[a])
   local reserved_key, current_key, once_key
-  local next_key = k + 1
-  if ARGV[a + 5] == "1" then
+  if nkeys >= 3 then
     reserved_key, current_key = KEYS[k + 1], KEYS[k + 2]
-    next_key = k + 3
   end
-  if next_key < k + nkeys then
-    once_key = KEYS[next_key]
+  if nkeys % 2 == 0 then
+    once_key = KEYS[k + nkeys - 1]
   end
   out[#out + 1] = settle(KEYS[k], reserved_key, current_key, once_key, tonumber(ARGV[a + 1]),
     tonumber(ARGV[a + 2]), ARGV[a + 3] == "1", tonumber(ARGV[a + 4]))
