@@ -22,21 +22,16 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import msgspec
 import psutil
 import redis.asyncio as aredis
 import uvloop
 
 from bench import stack
-from proxy.config import TokenLimit
-from proxy.exchange import Exchange
+from bench.policypath import MeteredRequests, new_exchange
 from proxy.limits.base import Limit, Limiter, Reservation
 from proxy.limits.lease import LeasingLimiter
 from proxy.limits.memory import MemoryLimiter
 from proxy.limits.redis import RedisLimiter
-from proxy.policies.token_limit import Metering, TokenLimitPolicy, TokenLimits
-from proxy.schemas import Usage, decode_request
-from proxy.tokens import TokenizerRegistry
 
 
 def _cpu() -> float:
@@ -110,29 +105,12 @@ async def run(url: str, conc: int, ops: int, server: psutil.Process) -> None:
 
 async def policy_path(ops: int) -> None:
     """The handler's metering calls for the bench's chat body (the stack's limit profile)."""
-    spec = msgspec.convert(
-        {"counter-key": "{subscription.id}", "tokens-per-minute": 10**12, "token-quota": 10**15,
-         "remaining-tokens-header-name": "x-ratelimit-remaining-tokens"},
-        TokenLimit,
-    )  # fmt: skip
-    tokenizers = TokenizerRegistry({"gpt-4o*": "tiktoken:o200k_base"})
-    limits = TokenLimits([], {}, [TokenLimitPolicy(spec, MemoryLimiter())], tokenizers)
-    view = decode_request("chat-completions", stack.CHAT_BODY)
-    usage = Usage(prompt_tokens=20, completion_tokens=10, total_tokens=30)
+    metered = MeteredRequests(MemoryLimiter())
 
-    async def one(i: int) -> None:
-        exchange = Exchange("POST", "/openai/chat/completions", "id", "127.0.0.1")
-        exchange.model, exchange.subscription_id = "gpt-4o-mini", "s0"
-        metering = Metering()
-        policies = limits.for_product("")
-        await metering.admit(
-            limits, policies, view, len(stack.CHAT_BODY), exchange, {"headers": []}, ""
-        )
-        exchange.status, exchange.usage = 200, usage
-        metering.settle(exchange, None)  # as a whole reply is: settled, then its headers
-        metering.headers()
+    async def timed(i: int) -> None:
+        await metered.run(new_exchange(), 1)
 
-    await measure("memory: whole policy per request", one, 1, ops)
+    await measure("memory: whole policy per request", timed, 1, ops)
 
 
 def main(argv: list[str] | None = None) -> int:

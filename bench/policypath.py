@@ -8,7 +8,8 @@ bench's chat body, one `llm-token-limit` policy as in the stack's limit profiles
 request reaches) and a whole reply whose usage is above the estimate (as nginx's fixed reply
 is): `Metering.admit`, `settle`, then `headers`, one request after another. The loop runs
 under valgrind's cachegrind for 1,000 and for 11,000 requests, and the difference per
-request is printed, so start-up and imports cancel out. `--store redis` runs the store the
+request is printed, so start-up and imports cancel out (both runs with one hash seed: with a
+random one the figure moved by up to ~1 k between runs). `--store redis` runs the store the
 gateway runs on Redis (leases over the failover store over a valkey-server this starts);
 its round trips come at the rate this loop reaches under valgrind.
 """
@@ -67,38 +68,60 @@ def _count(tmp: Path, requests: int, url: str) -> int:
     cmd = ["taskset", "-c", stack.GATEWAY_CPU, "valgrind", "--tool=cachegrind", "--cache-sim=no",
            f"--cachegrind-out-file={out}", sys.executable, "-m", "bench.policypath",
            "--loop", str(requests), "--url", url]  # fmt: skip
-    subprocess.run(cmd, check=True, capture_output=True, env=stack.child_env())
+    # one hash seed for every run: dict layouts (and so probe counts) then repeat
+    env = {**stack.child_env(), "PYTHONHASHSEED": "0"}
+    subprocess.run(cmd, check=True, capture_output=True, env=env)
     totals = re.search(r"^summary: (\d+)", out.read_text(), re.M)
     if totals is None:
         raise RuntimeError(f"no summary in {out}")
     return int(totals.group(1))
 
 
+class MeteredRequests:
+    """Limited requests' metering calls, as the handler makes them, on one store: one policy
+    as in the stack's limit profiles, the bench's chat body, a whole reply whose usage is
+    above the estimate. bench.limiter times them; this module counts them."""
+
+    def __init__(self, store: Limiter) -> None:
+        spec = msgspec.convert(
+            {"counter-key": "{subscription.id}", "tokens-per-minute": 10**12,
+             "token-quota": 10**15, "remaining-tokens-header-name": "x-ratelimit-remaining-tokens"},
+            TokenLimit,
+        )  # fmt: skip
+        tokenizers = TokenizerRegistry({"gpt-4o*": "tiktoken:o200k_base"})
+        self.limits = TokenLimits([], {}, [TokenLimitPolicy(spec, store)], tokenizers)
+        self.view = decode_request("chat-completions", stack.CHAT_BODY)
+        self.usage = Usage(prompt_tokens=20, completion_tokens=10, total_tokens=30)
+
+    async def run(self, exchange: Exchange, requests: int) -> None:
+        """`requests` requests on `exchange`, one after another, in one coroutine (so the
+        loop adds nothing per request but itself)."""
+        limits, view, usage = self.limits, self.view, self.usage
+        scope: dict[str, list[tuple[bytes, bytes]]] = {"headers": []}
+        size = len(stack.CHAT_BODY)
+        for _ in range(requests):
+            exchange.usage, exchange.status = None, 0
+            metering = Metering()
+            policies = limits.for_product("")
+            await metering.admit(limits, policies, view, size, exchange, scope, "")
+            exchange.status, exchange.usage = 200, usage
+            metering.settle(exchange, None)  # a whole reply: settled, then its headers
+            metering.headers()
+
+
+def new_exchange() -> Exchange:
+    """The request's exchange as the handler has it when the policy runs."""
+    exchange = Exchange("POST", "/openai/chat/completions", "id", "127.0.0.1")
+    exchange.model, exchange.subscription_id = "gpt-4o-mini", "s0"
+    return exchange
+
+
 async def _loop(requests: int, url: str) -> None:
-    spec = msgspec.convert(
-        {"counter-key": "{subscription.id}", "tokens-per-minute": 10**12, "token-quota": 10**15,
-         "remaining-tokens-header-name": "x-ratelimit-remaining-tokens"},
-        TokenLimit,
-    )  # fmt: skip
     store: Limiter = MemoryLimiter()
     if url:
         store = LeasingLimiter(FailoverLimiter(RedisLimiter.connect(url)))
-    tokenizers = TokenizerRegistry({"gpt-4o*": "tiktoken:o200k_base"})
-    limits = TokenLimits([], {}, [TokenLimitPolicy(spec, store)], tokenizers)
-    view = decode_request("chat-completions", stack.CHAT_BODY)
-    usage = Usage(prompt_tokens=20, completion_tokens=10, total_tokens=30)  # above the estimate
-    exchange = Exchange("POST", "/openai/chat/completions", "id", "127.0.0.1")
-    exchange.model, exchange.subscription_id = "gpt-4o-mini", "s0"
-    scope = {"headers": []}
-    size = len(stack.CHAT_BODY)
-    for _ in range(requests):
-        exchange.usage, exchange.status = None, 0
-        metering = Metering()
-        policies = limits.for_product("")
-        await metering.admit(limits, policies, view, size, exchange, scope, "")
-        exchange.status, exchange.usage = 200, usage
-        metering.settle(exchange, None)  # a whole reply: settled, then its headers
-        metering.headers()
+    # one exchange for all: the handler's own cost is not counted here
+    await MeteredRequests(store).run(new_exchange(), requests)
     await store.close()
 
 
