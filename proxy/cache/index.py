@@ -144,9 +144,15 @@ class MemoryIndex:
 
     name = "memory"
 
-    def __init__(self, max_entries: int = 10_000, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        max_entries: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+        on_evict: Callable[[str], None] | None = None,
+    ):
         self.max_entries = max_entries
         self._clock = clock
+        self._on_evict = on_evict  # told the partition of every entry evicted for room
         self._partitions: dict[str, _Partition] = {}
         # entry id -> (partition, row), least recently used first
         self._lru: OrderedDict[int, tuple[str, int]] = OrderedDict()
@@ -204,9 +210,23 @@ class MemoryIndex:
         self._lru[entry_id] = (partition, part.size)
         part.append(entry_id, vector, payload, expires)
 
-    async def close(self) -> None:
+    def count(self, partition: str) -> int:
+        """How many entries `partition` holds (expired ones not yet dropped included)."""
+        part = self._partitions.get(partition)
+        return 0 if part is None else part.size
+
+    def drop(self, partition: str) -> None:
+        """Forget every entry of `partition`."""
+        part = self._partitions.get(partition)
+        if part is not None:
+            self._drop_partition(partition, part)
+
+    def clear(self) -> None:
         self._partitions.clear()
         self._lru.clear()
+
+    async def close(self) -> None:
+        self.clear()
 
     def _now(self) -> float:
         return self._clock()
@@ -215,6 +235,8 @@ class MemoryIndex:
         _, (partition, row) = self._lru.popitem(last=False)
         self.evicted += 1
         self._remove(partition, self._partitions[partition], row)
+        if self._on_evict is not None:
+            self._on_evict(partition)
 
     def _expire(self, partition: str, part: _Partition, now: float) -> None:
         row = part.size - 1

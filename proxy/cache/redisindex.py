@@ -9,6 +9,8 @@ One search index per vector dimension, over hashes under its own key prefix:
     tollway:cache:idx:<dim>             FT index: part TAG, exp NUMERIC, vec VECTOR (HNSW,
                                         FLOAT32, COSINE)
     tollway:cache:<dim>:<id>            hash: part, exp, vec, body; PEXPIRE = the entry's ttl
+    tollway:cache:log:<dim>             stream: one entry per store (key, part, exp, origin),
+                                        ~10,000 kept, for the copies in process
 
 The id is a digest of the partition and the vector, so the same prompt stored twice (two
 misses at once) replaces its entry instead of adding a twin, as the in-process index does.
@@ -35,6 +37,11 @@ from it for up to NEAR_SECONDS more. A near hit is within `max_distance` but may
 nearest entry Redis holds. Entries this process stores are not put there: a stored miss may
 never be asked again, and every lookup in its partition would pay for scanning it.
 
+Partitions this process looks up in are also copied into it (proxy/cache/mirror.py: the
+vectors and keys, kept current from a stream every store writes to): a lookup in a copied
+partition searches the copy, so a miss sends no command and a hit one HMGET; the copy is
+dropped whenever it cannot be trusted, and lookups then ask the server as above.
+
 A single server only (`redis://`, `rediss://`, through proxy/limits/resp.py's client): on
 `redis+cluster://` the index is its fallback from the start (with the log line). On a Redis
 Cluster, RediSearch's open-source builds search one node's keys only (the coordinator is
@@ -43,8 +50,8 @@ written to their slots' nodes, which this index does not do.
 
 Every failure (connection, timeout, error reply) raises CacheUnavailableError within `timeout`
 seconds, and the cache steps aside. A server restarted or flushed without its indexes answers
-one lookup as a miss and gets them again on the next call. An entry is written with MULTI/EXEC,
-so it never exists without its expiry.
+one lookup as a miss and gets them again on the next call. An entry is written with MULTI/EXEC
+(with its stream entry), so it never exists without its expiry.
 """
 
 from __future__ import annotations
@@ -63,6 +70,7 @@ import numpy as np
 
 from proxy.cache.base import CacheUnavailableError, Vector, VectorIndex
 from proxy.cache.index import MemoryIndex
+from proxy.cache.mirror import MAX_VECTOR_BYTES, Mirror, log_entry, stream_key
 from proxy.limits.base import StoreUnavailableError
 from proxy.limits.redis import PREFIX as STORE_PREFIX
 from proxy.limits.resp import ReplyError, RespClient
@@ -140,6 +148,7 @@ class RedisIndex:
         timeout: float = TIMEOUT,
         clock: Callable[[], float] | None = None,
         near_entries: int = NEAR_ENTRIES,
+        mirror_bytes: int = MAX_VECTOR_BYTES,
     ) -> None:
         self._fallback = fallback
         self._timeout = timeout
@@ -161,6 +170,9 @@ class RedisIndex:
         self._sizes: dict[str, int] = {}
         # hot entries, in process (the module docstring); None: every lookup asks the server
         self._near = MemoryIndex(near_entries, clock=self._clock) if near_entries > 0 else None
+        self._mirror_bytes = mirror_bytes  # 0: no copy, every lookup asks the server
+        self._mirrors: dict[int, Mirror] = {}  # dimension -> its partitions' copy
+        self._origin = os.urandom(8).hex().encode()  # in the stream: "stored by this process"
 
     @classmethod
     def connect(cls, url: str, *, timeout: float = TIMEOUT) -> RedisIndex:
@@ -176,6 +188,8 @@ class RedisIndex:
         await self._bounded(self._add(partition, vector, payload, ttl))
 
     async def close(self) -> None:
+        for mirror in self._mirrors.values():
+            await mirror.close()
         if self._near is not None:
             await self._near.close()
         if self._client is not None:
@@ -221,6 +235,33 @@ class RedisIndex:
         dim = len(vector)
         await self._ensure(dim)
         tag = partition_tag(partition)
+        mirror = self.mirror(dim)
+        if mirror is not None and tag in mirror.copied:  # a miss needs no round trip
+            found = await mirror.index.nearest(tag, vector, max_distance)
+        else:
+            if mirror is not None:
+                mirror.want(tag)
+            found = await self._search(dim, tag, partition, vector, max_distance)
+        if found is None:
+            return None
+        key, distance = found
+        body, exp, vec = await self.client.execute("HMGET", key, "body", "exp", "vec")
+        if body is None or exp is None or vec is None or len(vec) != 4 * dim:
+            if mirror is not None:
+                mirror.lost(tag)  # the copy had it: the server lost it (FLUSHALL, restart)
+            return None  # the server's expiry has passed (or the hash is not ours)
+        left = int(exp) / 1000 - self._clock()
+        if left <= 0:
+            return None  # expired by this process's clock; the server deletes it soon
+        if self._near is not None and len(body) <= NEAR_MAX_BODY:
+            near_ttl = min(left, NEAR_SECONDS)
+            self._near.put(partition, np.frombuffer(vec, dtype="<f4"), body, near_ttl)
+        return body, distance
+
+    async def _search(
+        self, dim: int, tag: str, partition: str, vector: Vector, max_distance: float
+    ) -> tuple[bytes, float] | None:
+        """The server's nearest entry in the partition: (its key, distance), or None."""
         size = self._sizes.get(partition)
         if size is None:  # this process's first look at the partition: what the server holds
             size = await self._count(dim, tag, partition)
@@ -236,20 +277,17 @@ class RedisIndex:
                 raise
             self._ready.pop(dim, None)  # made again on the next call
             return None
-        found = _nearest_key(reply, max_distance)
-        if found is None:
-            return None
-        key, distance = found
-        body, exp, vec = await self.client.execute("HMGET", key, "body", "exp", "vec")
-        if body is None or exp is None or vec is None or len(vec) != 4 * dim:
-            return None  # the server's expiry has passed (or the hash is not ours)
-        left = int(exp) / 1000 - self._clock()
-        if left <= 0:
-            return None  # expired by this process's clock; the server deletes it soon
-        if self._near is not None and len(body) <= NEAR_MAX_BODY:
-            near_ttl = min(left, NEAR_SECONDS)
-            self._near.put(partition, np.frombuffer(vec, dtype="<f4"), body, near_ttl)
-        return body, distance
+        return _nearest_key(reply, max_distance)
+
+    def mirror(self, dim: int) -> Mirror | None:
+        """`dim`'s copy in process (None without one)."""
+        mirror = self._mirrors.get(dim)
+        if mirror is None and self._mirror_bytes > 0:
+            mirror = self._mirrors[dim] = Mirror(
+                self.client.url, PREFIX, index_name(dim), dim, clock=self._clock,
+                origin=self._origin, timeout=self._timeout, max_vector_bytes=self._mirror_bytes,
+            )  # fmt: skip
+        return mirror
 
     async def _add(self, partition: str, vector: Vector, payload: bytes, ttl: float) -> None:
         if (fallback := await self._fallback_in_use()) is not None:
@@ -260,7 +298,13 @@ class RedisIndex:
         tag, blob, expiry = partition_tag(partition), _blob(vector), self._now_ms() + ttl_ms
         key = key_prefix(dim) + hashlib.sha256(tag.encode() + blob).hexdigest()[:32]
         fields = ("part", tag, "exp", expiry, "vec", blob, "body", payload)
-        await self._transaction(("HSET", key, *fields), ("PEXPIRE", key, ttl_ms))
+        await self._transaction(
+            ("HSET", key, *fields),
+            ("PEXPIRE", key, ttl_ms),
+            log_entry(stream_key(PREFIX, dim), key, tag, expiry, self._origin),  # for copies
+        )
+        if (mirror := self.mirror(dim)) is not None:
+            mirror.stored(tag, vector, key.encode(), ttl)
         sizes = self._sizes_with_room(partition)
         sizes[partition] = sizes.get(partition, 0) + 1
 

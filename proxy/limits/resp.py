@@ -68,6 +68,7 @@ class RespClient:
             raise ValueError(f"not a redis:// or rediss:// URL with a host: {parts.scheme}://…")
         if parts.query or parts.fragment:
             raise ValueError("no query or fragment in a Redis URL (only user:password@ and /db)")
+        self.url = url
         self.host = parts.hostname
         self.port = parts.port or 6379
         self.timeout = timeout
