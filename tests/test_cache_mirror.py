@@ -6,6 +6,7 @@ it cannot be trusted."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import numpy as np
@@ -72,6 +73,9 @@ def test_a_copied_partition_answers_misses_without_a_command(clean: RedisProc) -
             for i, vector in enumerate(stored):
                 await index.add("p", vector, b"%d" % i, 60)
             await copied(index, "p")
+            mirror = copy_of(index)
+            mirror.want(partition_tag("p"))  # copied already: not read again
+            assert not mirror._loading and len(mirror.index) == 30
             seen: list[str] = []
             record_commands(index, seen)
             far = vectors(2, 20)
@@ -256,7 +260,7 @@ def test_a_follower_behind_the_trimming_drops_the_copy(
 
 
 def test_a_server_outage_drops_the_copy_and_it_is_built_again(
-    own_search_server: RedisProc,
+    own_search_server: RedisProc, caplog: pytest.LogCaptureFixture
 ) -> None:
     vector = unit(1)
 
@@ -269,12 +273,17 @@ def test_a_server_outage_drops_the_copy_and_it_is_built_again(
             await until(lambda: not mirror.copied)  # the follower lost its connection
             with pytest.raises(CacheUnavailableError):
                 await index.nearest("p", unit(0, 1), 0.1)  # asks the server: down
+            await asyncio.sleep(0.5)  # the follower's retries fail meanwhile
             own_search_server.start()  # empty
             await index.add("p", vector, b"y", 60)
             await copied(index, "p", seconds=15)  # the follower's backoff grew meanwhile
             assert (await index.nearest("p", vector, 0.1) or (b"",))[0] == b"y"
 
-    run(main())
+    with caplog.at_level(logging.WARNING, logger="tollway"):
+        run(main())
+    lines = [r.getMessage() for r in caplog.records if "copy of the Redis index" in r.getMessage()]
+    assert len(lines) == 2, lines  # one when it stopped, however many retries failed
+    assert "stopped" in lines[0] and "follows the server again" in lines[1]
 
 
 @pytest.mark.parametrize(
@@ -291,3 +300,32 @@ def test_a_partition_is_not_copied_while_the_index_takes_in_older_hashes(
     info: dict[bytes, object], indexing: bool
 ) -> None:
     assert mirrors._indexing(info) is indexing
+
+
+def test_an_entry_of_another_partition_is_never_a_hit(clean: RedisProc) -> None:
+    """Whatever put a key into a partition's copy (here: a stream entry naming the wrong
+    partition), a hit reads the entry's own partition and refuses another's."""
+    vector = unit(1)
+
+    async def main() -> None:
+        async with open_index(clean.url) as one, open_index(clean.url, near_entries=0) as two:
+            await one.add("tenant-a", vector, b"a's answer", 60)
+            await two.add("tenant-b", unit(0, 1), b"b's answer", 60)
+            await copied(two, "tenant-b")
+            with clean.client() as client:
+                key = client.keys(f"{key_prefix(DIM)}*")
+                a_key = next(k for k in key if client.hget(k, "body") == b"a's answer")
+                client.xadd(
+                    copy_of(two).stream,
+                    {
+                        "k": a_key,
+                        "p": partition_tag("tenant-b"),
+                        "e": int(time.time() * 1000) + 60_000,
+                    },
+                )
+            mirror = copy_of(two)
+            await until(lambda: len(mirror.index) == 2)  # the forged row reached the copy
+            assert await two.nearest("tenant-b", vector, 0.1) is None
+            assert partition_tag("tenant-b") not in mirror.copied  # and it was dropped
+
+    run(main())

@@ -68,6 +68,8 @@ LOAD_TIMEOUT = 10.0  # seconds one partition's read may take
 MAX_LOADS = 4  # partitions read at once
 BACKOFF = (0.1, 5.0)  # the follower's wait after a failure: first, longest
 
+NO_COUNT = "the server's streams do not count their entries (XINFO STREAM entries-added, Redis 7)"
+
 log = logging.getLogger("tollway")
 # what a server that is down, refuses, or answers unexpectedly (another program's stream
 # under our key) raises here
@@ -123,6 +125,7 @@ class Mirror:
         self._generation = 0  # counts the times the whole copy was dropped
         self._position: bytes | None = None  # the stream id read through; None: not following
         self._follower: asyncio.Task[None] | None = None
+        self._failing = False  # the follower's last attempt failed (and said so)
         self._loader: RespClient | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -133,7 +136,12 @@ class Mirror:
             return
         if self._follower is None:
             self._follower = asyncio.get_running_loop().create_task(self._follow())
-        if self._position is None or tag in self._loading or len(self._loading) >= MAX_LOADS:
+        if (
+            self._position is None
+            or tag in self.copied
+            or tag in self._loading
+            or len(self._loading) >= MAX_LOADS
+        ):
             return
         until = self._remote_until.get(tag)
         if until is not None:
@@ -230,18 +238,21 @@ class Mirror:
     # -- the stream
 
     async def _follow(self) -> None:
-        """Follow the stream until closed; every failure drops the copy, then retries."""
+        """Follow the stream until closed; every failure drops the copy, then retries (one
+        log line when the copy stops, one when it follows again)."""
         wait = BACKOFF[0]
         while not self._closed:
             client = RespClient(self._url, timeout=BLOCK_MS / 1000 + self._timeout)
             try:
                 await self._read(client)
             except _FAILURES as exc:
-                if self._position is not None:  # it was following: a new outage
+                if self._position is not None:  # it was following: retry soon
                     wait = BACKOFF[0]
+                if not self._failing:
+                    self._failing = True
                     log.warning("tollway: the semantic cache's copy of the Redis index "
                                 "stopped (%s): lookups ask the server until it is back",
-                                exc)  # fmt: skip
+                                exc or type(exc).__name__)  # fmt: skip
             finally:
                 self._position = None
                 self._forget_all()
@@ -252,6 +263,10 @@ class Mirror:
     async def _read(self, client: RespClient) -> None:
         position, consumed = await self._head(client)
         self._position = position
+        if self._failing:
+            self._failing = False
+            log.warning("tollway: the semantic cache's copy of the Redis index follows the "
+                        "server again")  # fmt: skip
         while True:
             reply = await client.execute(
                 *("XREAD", "COUNT", READ_COUNT, "BLOCK", BLOCK_MS, "STREAMS", self.stream),
@@ -288,6 +303,8 @@ class Mirror:
                 raise
             return b"0-0", 0
         fields = _pairs(info)
+        if b"entries-added" not in fields:
+            raise ValueError(NO_COUNT)
         return fields[b"last-generated-id"], int(fields[b"entries-added"])
 
     async def _added(self, client: RespClient) -> tuple[int, int]:

@@ -20,7 +20,8 @@ its separator and folds case, and a query must escape its punctuation, so a raw 
 could match another's entries; a hex digest needs no escaping and cannot collide. The search
 is `KNN 1` among the partition's entries and returns the nearest one's distance alone; the
 hit counts only within `max_distance`, and only a hit reads the entry (HMGET body, exp,
-vec), so a miss carries no reply back. An expired hash stays in the index until the server
+vec, part: an entry whose `part` is not the lookup's is a miss, whatever found it), so a
+miss carries no reply back. An expired hash stays in the index until the server
 deletes it: the HMGET finds no key once the server's expiry has passed, and an `exp` (the
 expiry in ms) this process's clock has passed makes a miss too (the gateways' clocks must
 roughly agree). Filtering on `exp` in the query instead cost ~0.03 ms per search here. The
@@ -235,6 +236,7 @@ class RedisIndex:
         dim = len(vector)
         await self._ensure(dim)
         tag = partition_tag(partition)
+        tag_bytes = tag.encode()
         mirror = self.mirror(dim)
         if mirror is not None and tag in mirror.copied:  # a miss needs no round trip
             found = await mirror.index.nearest(tag, vector, max_distance)
@@ -245,11 +247,11 @@ class RedisIndex:
         if found is None:
             return None
         key, distance = found
-        body, exp, vec = await self.client.execute("HMGET", key, "body", "exp", "vec")
-        if body is None or exp is None or vec is None or len(vec) != 4 * dim:
+        body, exp, vec, part = await self.client.execute("HMGET", key, "body", "exp", "vec", "part")
+        if body is None or exp is None or vec is None or len(vec) != 4 * dim or part != tag_bytes:
             if mirror is not None:
                 mirror.lost(tag)  # the copy had it: the server lost it (FLUSHALL, restart)
-            return None  # the server's expiry has passed (or the hash is not ours)
+            return None  # the server's expiry has passed (or the hash is not this partition's)
         left = int(exp) / 1000 - self._clock()
         if left <= 0:
             return None  # expired by this process's clock; the server deletes it soon
