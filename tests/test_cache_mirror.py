@@ -329,3 +329,22 @@ def test_an_entry_of_another_partition_is_never_a_hit(clean: RedisProc) -> None:
             assert partition_tag("tenant-b") not in mirror.copied  # and it was dropped
 
     run(main())
+
+
+def test_the_partitions_remembered_are_bounded(
+    clean: RedisProc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each partition looked up is remembered as copied, empty ones too (clients' `vary-by`
+    makes them): past MAX_PARTITIONS the copy starts again."""
+    monkeypatch.setattr(mirrors, "MAX_PARTITIONS", 3)
+
+    async def main() -> None:
+        async with open_index(clean.url) as index:
+            for name in ("a", "b", "c"):
+                await copied(index, name)
+            mirror = copy_of(index)
+            assert len(mirror.copied) == 3
+            await copied(index, "d")
+            assert mirror.copied == {partition_tag("d")}
+
+    run(main())

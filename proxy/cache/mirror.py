@@ -66,6 +66,8 @@ RETRY_SECONDS = 60.0  # a partition that could not be copied stays with the serv
 FAILED_LOAD_SECONDS = 1.0  # ... and one whose read failed (no index after a restart, say)
 LOAD_TIMEOUT = 10.0  # seconds one partition's read may take
 MAX_LOADS = 4  # partitions read at once
+MAX_PARTITIONS = 100_000  # partitions copied or held back, remembered (the copy is dropped
+# when more are copied: most are then empty ones, one lookup each, from clients' vary-by)
 BACKOFF = (0.1, 5.0)  # the follower's wait after a failure: first, longest
 
 NO_COUNT = "the server's streams do not count their entries (XINFO STREAM entries-added, Redis 7)"
@@ -148,6 +150,10 @@ class Mirror:
             if self._clock() < until:
                 return
             del self._remote_until[tag]
+        if len(self.copied) >= MAX_PARTITIONS:
+            self._forget_all()
+        if len(self._remote_until) >= MAX_PARTITIONS:
+            self._remote_until.clear()
         self._loading[tag] = self._generation
         task = asyncio.get_running_loop().create_task(self._load(tag))
         self._tasks.add(task)
@@ -204,36 +210,44 @@ class Mirror:
     async def _load(self, tag: str) -> None:
         generation = self._generation
         try:
-            if self._loader is None:
-                self._loader = RespClient(self._url, timeout=LOAD_TIMEOUT)
-            info, reply = await asyncio.gather(  # back to back on one connection
-                self._loader.execute("FT.INFO", self._index_name),
-                self._loader.execute(
-                    *("FT.SEARCH", self._index_name, f"@part:{{{tag}}}"),
-                    *("RETURN", 2, "vec", "exp", "LIMIT", 0, self.max_partition + 1),
-                    *("DIALECT", 2),
-                ),
-            )
-            held = -1 if _indexing(_pairs(info)) else int(reply[0])
+            held = await self._read_partition(tag, generation)
         except _FAILURES:
             held = -1
         if self._loading.get(tag) != generation or generation != self._generation:
             return  # dropped meanwhile (the follower failed, an eviction, a lost entry)
-        if held < 0 or held > self.max_partition:
-            del self._loading[tag]
-            hold = RETRY_SECONDS if held > 0 else FAILED_LOAD_SECONDS
-            self._remote_until[tag] = self._clock() + hold
+        del self._loading[tag]
+        if 0 <= held <= self.max_partition:
+            self.copied.add(tag)
             return
+        self.index.drop(tag)
+        hold = RETRY_SECONDS if held > 0 else FAILED_LOAD_SECONDS
+        self._remote_until[tag] = self._clock() + hold
+
+    async def _read_partition(self, tag: str, generation: int) -> int:
+        """Put the partition's entries into the copy; how many the server holds (-1: the
+        index is still taking in older hashes, so the reply may lack some)."""
+        if self._loader is None:
+            self._loader = RespClient(self._url, timeout=LOAD_TIMEOUT)
+        info, reply = await asyncio.gather(  # back to back on one connection
+            self._loader.execute("FT.INFO", self._index_name),
+            self._loader.execute(
+                *("FT.SEARCH", self._index_name, f"@part:{{{tag}}}"),
+                *("RETURN", 2, "vec", "exp", "LIMIT", 0, self.max_partition + 1),
+                *("DIALECT", 2),
+            ),
+        )
+        held = int(reply[0])
+        if _indexing(_pairs(info)):
+            return -1
+        if held > self.max_partition or self._loading.get(tag) != generation:
+            return held
         now = self._clock()
         for i in range(1, len(reply) - 1, 2):
             found = _pairs(reply[i + 1])
             vec, exp = found.get(b"vec"), found.get(b"exp")
-            if vec is None or exp is None or len(vec) != 4 * self.dim:
-                continue
-            ttl = int(exp) / 1000 - now
-            self._put(tag, np.frombuffer(vec, dtype="<f4"), reply[i], ttl)
-        if self._loading.pop(tag, None) == generation:
-            self.copied.add(tag)
+            if vec is not None and exp is not None and len(vec) == 4 * self.dim:
+                self._put(tag, np.frombuffer(vec, dtype="<f4"), reply[i], int(exp) / 1000 - now)
+        return held
 
     # -- the stream
 
