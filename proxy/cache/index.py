@@ -215,6 +215,15 @@ class MemoryIndex:
         part = self._partitions.get(partition)
         return 0 if part is None else part.size
 
+    def discard(self, partition: str, payload: bytes) -> None:
+        """Forget the entry of `partition` whose payload is `payload` (a linear scan: for
+        rare paths, such as an entry found gone elsewhere)."""
+        part = self._partitions.get(partition)
+        if part is not None and payload in part.payloads:
+            row = part.payloads.index(payload)
+            self._lru.pop(part.ids[row], None)
+            self._remove(partition, part, row)
+
     def drop(self, partition: str) -> None:
         """Forget every entry of `partition`."""
         part = self._partitions.get(partition)

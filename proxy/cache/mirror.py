@@ -25,16 +25,19 @@ How the copy keeps up with the server:
 When the copy cannot be trusted it is dropped and built again on later lookups, which ask
 the server meanwhile: the follower lost its connection or fell behind the stream's trimming
 (XINFO STREAM: more entries were added after its position than the stream holds), or a
-hit's entry was gone from the server (a FLUSHALL or restart lost it; that partition only).
-A partition larger than MAX_PARTITION (when read, or grown past it since), or one whose
-rows the copy had to evict for room, stays with the server for RETRY_SECONDS (one whose
-read failed, FAILED_LOAD_SECONDS). The copy holds at most MAX_VECTOR_BYTES of vectors.
+hit's entry belonged to another partition (that partition only). A partition larger than
+MAX_PARTITION (when read, or grown past it since), or one whose rows the copy had to evict
+for room, stays with the server for RETRY_SECONDS (one whose read failed,
+FAILED_LOAD_SECONDS). The copy holds at most MAX_VECTOR_BYTES of vectors.
 
 Entries are never changed in place and expire at the `exp` written with them, so a copied
-row is right until its expiry unless the server lost it (then the hit's read finds nothing,
-a miss). A copied partition sees another process's new entry once the follower has read it
-(a stream read away, within FOLLOW_PAUSE and a round trip): until then a prompt that process just
-stored is a miss here, as it is for any process that asked a moment earlier.
+row is right until its expiry unless the server lost it first: a FLUSHALL, a restart, or
+its expiry by the server's clock when the storing gateway's clock ran ahead. Then the hit's
+read finds nothing: a miss, and that row alone leaves the copy (dropping the partition would
+read it again for every such entry). A copied partition sees another process's new entry
+once the follower has read it (a stream read away, within FOLLOW_PAUSE and a round trip):
+until then a prompt that process just stored is a miss here, as it is for any process that
+asked a moment earlier.
 """
 
 from __future__ import annotations
@@ -164,8 +167,14 @@ class Mirror:
         if tag in self.copied or tag in self._loading:
             self._put(tag, vector, key, ttl)
 
-    def lost(self, tag: str) -> None:
-        """A copied row's entry is gone from the server: copy the partition again."""
+    def gone(self, tag: str, key: bytes) -> None:
+        """A copied row's entry is gone from the server (its expiry by the server's clock,
+        a FLUSHALL, a restart): forget that row. Dropping the partition instead would read
+        it again for every entry whose storing gateway's clock runs ahead of the server's."""
+        self.index.discard(tag, key)
+
+    def foreign(self, tag: str) -> None:
+        """A copied row's entry belongs to another partition: the copy cannot be trusted."""
         self._forget(tag)
 
     async def close(self) -> None:
@@ -214,7 +223,7 @@ class Mirror:
         except _FAILURES:
             held = -1
         if self._loading.get(tag) != generation or generation != self._generation:
-            return  # dropped meanwhile (the follower failed, an eviction, a lost entry)
+            return  # dropped meanwhile (the follower failed, an eviction, a foreign entry)
         del self._loading[tag]
         if 0 <= held <= self.max_partition:
             self.copied.add(tag)

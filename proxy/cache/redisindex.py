@@ -248,10 +248,14 @@ class RedisIndex:
             return None
         key, distance = found
         body, exp, vec, part = await self.client.execute("HMGET", key, "body", "exp", "vec", "part")
-        if body is None or exp is None or vec is None or len(vec) != 4 * dim or part != tag_bytes:
+        if body is None or exp is None or vec is None or len(vec) != 4 * dim:
             if mirror is not None:
-                mirror.lost(tag)  # the copy had it: the server lost it (FLUSHALL, restart)
-            return None  # the server's expiry has passed (or the hash is not this partition's)
+                mirror.gone(tag, key)
+            return None  # the server's expiry has passed (or the hash is not ours)
+        if part != tag_bytes:
+            if mirror is not None:
+                mirror.foreign(tag)
+            return None  # not this partition's entry, whatever found it
         left = int(exp) / 1000 - self._clock()
         if left <= 0:
             return None  # expired by this process's clock; the server deletes it soon
