@@ -1201,6 +1201,9 @@ def test_gateways_on_one_redis_with_vector_search_share_entries(
             hit = await two.post(chat(SPAIN))
             assert hit.cache == "HIT" and hit.body == stored.body
             assert tag in mirror.copied  # answered through the copy
+            gauges = {g.name: g.points for g in apps[1].cache_parts.gauges()}
+            assert gauges == {"tollway.cache.copied": (((), len(mirror.index)),)}
+            assert len(mirror.index) >= 3  # FRANCE, POEM and SPAIN, at least
         finally:
             for app in apps:
                 await app.shutdown()

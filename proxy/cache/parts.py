@@ -86,12 +86,24 @@ class CacheParts:
         log.info("tollway: the semantic cache uses the Redis vector index")
 
     def gauges(self) -> list[Gauge]:
-        """The in-process indexes' size and evictions (read from the metrics thread)."""
+        """The in-process indexes' size and evictions, or the Redis index's copy in process
+        (read from the metrics thread)."""
         slots = list(self._slots.values())  # a reload may add one meanwhile
         if not slots:
             return []
         from proxy.cache.index import MemoryIndex
 
+        shared = self._shared
+        if shared is not None and all(s.current is shared for s in slots):
+            from proxy.cache.redisindex import RedisIndex
+
+            if not isinstance(shared, RedisIndex):
+                return []
+            copied = sum(len(m.index) for m in shared.mirrors())
+            return [
+                Gauge(genai.CACHE_COPIED, "{entry}",
+                      "Redis vector index entries copied into this process.", (((), copied),)),
+            ]  # fmt: skip
         memory = [s.current for s in slots if isinstance(s.current, MemoryIndex)]
         if not memory:
             return []

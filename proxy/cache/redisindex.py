@@ -289,6 +289,10 @@ class RedisIndex:
         """`dim`'s copy in process, if this index has made one (tests, benchmarks)."""
         return self._mirrors.get(dim)
 
+    def mirrors(self) -> list[Mirror]:
+        """The copies in process, one per dimension (safe from another thread)."""
+        return list(self._mirrors.values())
+
     def _copy(self, dim: int) -> Mirror | None:
         """`dim`'s copy in process, made on first use (None: no copies)."""
         mirror = self._mirrors.get(dim)
