@@ -786,6 +786,41 @@ def test_memory_index_stays_consistent_under_churn() -> None:
     asyncio.run(main())
 
 
+def test_memory_index_knows_each_partitions_earliest_expiry() -> None:
+    """A lookup reads the partition's earliest expiry from a float kept up to date (or
+    recomputed after a removal or a renewal): never an expired entry returned, never a
+    stale value, through adds, renewals (shorter and longer), discards, evictions and
+    expiry."""
+
+    async def main() -> None:
+        clock = Clock()
+        rng = np.random.default_rng(21)
+        index = MemoryIndex(40, clock)
+        vectors = [rng.standard_normal(8).astype(np.float32) for _ in range(60)]
+        vectors = [v / np.linalg.norm(v) for v in vectors]
+        expiry: dict[int, float] = {}  # vector -> its entry's expiry, as last stored
+        for _ in range(3000):
+            i = int(rng.integers(len(vectors)))
+            part = f"p{i % 3}"
+            action = rng.random()
+            if action < 0.5:
+                ttl = float(rng.integers(1, 40))
+                index.put(part, vectors[i], b"%d" % i, ttl)  # a renewal if it is there
+                expiry[i] = clock.now + ttl
+            elif action < 0.55:
+                index.discard(part, b"%d" % i)
+            else:
+                found = await index.nearest(part, vectors[i], 1e-4)
+                if found is not None:
+                    assert found[0] == b"%d" % i and expiry[i] > clock.now
+            for name, partition in index._partitions.items():
+                rows = partition.expires[: partition.size]
+                assert partition.soonest is None or partition.soonest == rows.min(), name
+            clock.now += float(rng.random())
+
+    asyncio.run(main())
+
+
 def _embedding_like(rng: np.random.Generator, rows: int, dim: int) -> Vector:
     """Unit vectors bunched around one direction, as real embeddings are (unrelated texts
     at cosine ~0.3 rather than 0): the hard case for a sketch."""

@@ -76,7 +76,8 @@ def best_rows(scores: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.intp]:
 class _Partition:
     """The rows of one partition."""
 
-    __slots__ = ("expires", "ids", "payloads", "projection", "size", "sketch", "vectors")
+    __slots__ = ("expires", "ids", "payloads", "projection", "size", "sketch", "soonest",
+                 "vectors")  # fmt: skip
 
     def __init__(self, dim: int):
         self.vectors: npt.NDArray[np.float32] = np.empty((4, dim), dtype=np.float32)
@@ -88,6 +89,9 @@ class _Partition:
         self.ids: list[int] = []
         self.payloads: list[bytes] = []
         self.size = 0
+        # the earliest expiry among the rows, None when a removal or a renewal may have
+        # changed it: a lookup reads a float instead of a numpy pass over every row
+        self.soonest: float | None = float("inf")
 
     def append(self, entry_id: int, vector: Vector, payload: bytes, expires: float) -> None:
         n = self.size
@@ -100,6 +104,8 @@ class _Partition:
         if self.sketch is not None and self.projection is not None:
             self.sketch[n] = vector @ self.projection
         self.expires[n] = expires
+        if self.soonest is not None and expires < self.soonest:
+            self.soonest = expires
         self.ids.append(entry_id)
         self.payloads.append(payload)
         self.size = n + 1
@@ -126,6 +132,8 @@ class _Partition:
         """Drop `row`; return the id of the entry that moved into it (None if none did)."""
         last = self.size - 1
         moved = None
+        if self.soonest is not None and self.expires[row] <= self.soonest:
+            self.soonest = None
         if row != last:
             self.vectors[row] = self.vectors[last]
             if self.sketch is not None:
@@ -169,11 +177,12 @@ class MemoryIndex:
         if part is None or part.size == 0 or part.vectors.shape[1] != vector.shape[0]:
             return None
         now = self._now()
-        n = part.size
-        if part.expires[:n].min() <= now:
+        soonest = part.soonest
+        if soonest is None:
+            soonest = part.soonest = float(part.expires[: part.size].min())
+        if soonest <= now:
             self._expire(partition, part, now)
-            n = part.size
-            if n == 0:
+            if part.size == 0:
                 return None
         row, similarity = part.nearest(vector)
         distance = max(0.0, 1.0 - similarity)
@@ -198,6 +207,7 @@ class MemoryIndex:
             if similarity[row - first] >= 1.0 - SAME:
                 part.payloads[row] = payload
                 part.expires[row] = expires
+                part.soonest = None  # the renewed row may have been the earliest
                 self._lru.move_to_end(part.ids[row])
                 return
         while len(self._lru) >= self.max_entries:
