@@ -236,7 +236,6 @@ class RedisIndex:
         dim = len(vector)
         await self._ensure(dim)
         tag = partition_tag(partition)
-        tag_bytes = tag.encode()
         mirror = self._copy(dim)
         if mirror is not None and tag in mirror.copied:  # a miss needs no round trip
             found = await mirror.index.nearest(tag, vector, max_distance)
@@ -252,7 +251,7 @@ class RedisIndex:
             if mirror is not None:
                 mirror.gone(tag, key)
             return None  # the server's expiry has passed (or the hash is not ours)
-        if part != tag_bytes:
+        if part != tag.encode():
             if mirror is not None:
                 mirror.foreign(tag)
             return None  # not this partition's entry, whatever found it
