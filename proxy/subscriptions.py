@@ -393,14 +393,20 @@ class RedisStore:
         await self._client.aclose()
 
     async def _call(self, work: Awaitable[Any]) -> Any:
-        async with self._calls:
-            try:
-                result = await work
-            except UNAVAILABLE as exc:
-                raise StoreUnavailableError(f"{type(exc).__name__}: {exc}") from exc
-            finally:
-                _honour_cancel()
-            return result
+        try:
+            await self._calls.acquire()
+        except BaseException:  # cancelled while another call ran (a close, a shutdown)
+            if isinstance(work, Coroutine):  # never started: closed here, not left to the
+                work.close()  # garbage collector's "coroutine ... was never awaited"
+            raise
+        try:
+            result = await work
+        except UNAVAILABLE as exc:
+            raise StoreUnavailableError(f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            self._calls.release()
+            _honour_cancel()
+        return result
 
 
 def _honour_cancel() -> None:
