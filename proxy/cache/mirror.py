@@ -84,10 +84,6 @@ _FAILURES = (
 )  # fmt: skip
 
 
-def stream_key(prefix: str, dim: int) -> str:
-    return f"{prefix}:log:{dim}"
-
-
 def log_entry(stream: str, key: str, tag: str, expiry: int, origin: bytes) -> tuple[Any, ...]:
     """The XADD of one stored entry (`origin`: the storing process's) to `stream`."""
     return ("XADD", stream, "MAXLEN", "~", STREAM_ENTRIES, "*", "k", key, "p", tag,
@@ -98,15 +94,16 @@ class Mirror:
     """The copy of one dimension's partitions; see the module docstring.
 
     `url` is the server's (the follower and the loads open connections of their own);
-    `index_name` the dimension's FT index; `origin` what this process's stores write to the
-    stream (`log_entry`); `clock` wall-clock seconds (the entries' `exp`).
+    `index_name` the dimension's FT index and `stream` its stream (proxy/cache/redisindex.py
+    names both); `origin` what this process's stores write to the stream (`log_entry`);
+    `clock` wall-clock seconds (the entries' `exp`).
     """
 
     def __init__(
         self,
         url: str,
-        prefix: str,
         index_name: str,
+        stream: str,
         dim: int,
         *,
         origin: bytes,
@@ -116,7 +113,7 @@ class Mirror:
     ) -> None:
         self.dim = dim
         self.origin = origin  # the stores of this process, which the follower skips
-        self.stream = stream_key(prefix, dim)
+        self.stream = stream
         self.copied: set[str] = set()  # tags whose copy is complete
         max_entries = max(1, max_vector_bytes // (4 * dim))
         self.index = MemoryIndex(max_entries, clock=clock, on_evict=self._evicted)
@@ -164,7 +161,7 @@ class Mirror:
 
     def stored(self, tag: str, vector: Vector, key: bytes, ttl: float) -> None:
         """This process stored an entry (the follower skips its own)."""
-        if tag in self.copied or tag in self._loading:
+        if self._copying(tag):
             self._put(tag, vector, key, ttl)
 
     def gone(self, tag: str, key: bytes) -> None:
@@ -191,10 +188,14 @@ class Mirror:
 
     # -- the partitions
 
+    def _copying(self, tag: str) -> bool:
+        """Whether `tag`'s rows belong in the copy: copied, or being read."""
+        return tag in self.copied or tag in self._loading
+
     def _put(self, tag: str, vector: Vector, key: bytes, ttl: float) -> None:
         if ttl > 0:
             self.index.put(tag, vector, key, ttl)
-            if tag not in self.copied and tag not in self._loading:  # evicted in the put
+            if not self._copying(tag):  # evicted in the put
                 self.index.drop(tag)
             elif self.index.count(tag) > self.max_partition:  # grew too large to copy
                 self._forget(tag)
@@ -298,19 +299,17 @@ class Mirror:
             if not reply:
                 continue
             entries = reply[0][1]
-            if len(entries) == READ_COUNT:  # perhaps behind: did trimming pass `position`?
-                added, held = await self._added(client)
-                if added - consumed > held:
-                    self._forget_all()  # entries after `position` were lost
+            if len(entries) == READ_COUNT and await self._trimmed(client, consumed):
+                self._forget_all()  # entries after `position` were lost
             consumed += len(entries)
             wanted = []
             for _, flat in entries:
-                fields = dict(zip(flat[::2], flat[1::2], strict=True))
+                fields = _pairs(flat)
                 key, tag, exp = fields.get(b"k"), fields.get(b"p"), fields.get(b"e")
                 if key is None or tag is None or exp is None or fields.get(b"o") == self.origin:
                     continue  # this process's own store (or not a store)
                 name = tag.decode()
-                if (name in self.copied or name in self._loading) and exp.isdigit():
+                if self._copying(name) and exp.isdigit():
                     wanted.append((key, name, int(exp)))
             position = self._position = entries[-1][0]
             if wanted:
@@ -319,33 +318,38 @@ class Mirror:
 
     async def _head(self, client: RespClient) -> tuple[bytes, int]:
         """The stream's last id and how many entries it was ever given (none yet: 0-0, 0)."""
+        info = await self._info(client)
+        if info is None:
+            return b"0-0", 0
+        return info[b"last-generated-id"], int(info[b"entries-added"])
+
+    async def _trimmed(self, client: RespClient, consumed: int) -> bool:
+        """Whether the stream lost entries this follower, having read `consumed` of all it
+        was ever given, has not read: it holds its newest entries, so some were lost when
+        more were added since than it holds (or it is gone)."""
+        info = await self._info(client)
+        return info is None or int(info[b"entries-added"]) - consumed > int(info[b"length"])
+
+    async def _info(self, client: RespClient) -> dict[Any, Any] | None:
+        """XINFO STREAM's fields (None: no stream yet); raises when the server's streams do
+        not count their entries."""
         try:
             info = await client.execute("XINFO", "STREAM", self.stream)
         except ReplyError as exc:
             if "no such key" not in str(exc).lower():
                 raise
-            return b"0-0", 0
+            return None
         fields = _pairs(info)
         if b"entries-added" not in fields:
             raise ValueError(NO_COUNT)
-        return fields[b"last-generated-id"], int(fields[b"entries-added"])
-
-    async def _added(self, client: RespClient) -> tuple[int, int]:
-        """How many entries the stream was ever given and how many it holds (the newest):
-        a follower that has read `consumed` of them lost some when the rest exceed these."""
-        fields = _pairs(await client.execute("XINFO", "STREAM", self.stream))
-        return int(fields[b"entries-added"]), int(fields[b"length"])
+        return fields
 
     async def _read_vectors(self, client: RespClient, wanted: list[tuple[bytes, str, int]]) -> None:
         reads = [client.execute("HGET", key, "vec") for key, _, _ in wanted]
         vectors = await asyncio.gather(*reads)
         now = self._clock()
         for (key, tag, exp), vec in zip(wanted, vectors, strict=True):
-            if (
-                vec is not None
-                and len(vec) == 4 * self.dim
-                and (tag in self.copied or tag in self._loading)
-            ):
+            if vec is not None and len(vec) == 4 * self.dim and self._copying(tag):
                 self._put(tag, np.frombuffer(vec, dtype="<f4"), key, exp / 1000 - now)
 
 

@@ -91,8 +91,6 @@ class CacheParts:
         slots = list(self._slots.values())  # a reload may add one meanwhile
         if not slots:
             return []
-        from proxy.cache.index import MemoryIndex
-
         shared = self._shared
         if shared is not None and all(s.current is shared for s in slots):
             from proxy.cache.redisindex import RedisIndex
@@ -104,6 +102,8 @@ class CacheParts:
                 Gauge(genai.CACHE_COPIED, "{entry}",
                       "Redis vector index entries copied into this process.", (((), copied),)),
             ]  # fmt: skip
+        from proxy.cache.index import MemoryIndex
+
         memory = [s.current for s in slots if isinstance(s.current, MemoryIndex)]
         if not memory:
             return []

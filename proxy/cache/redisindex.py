@@ -71,7 +71,7 @@ import numpy as np
 
 from proxy.cache.base import CacheUnavailableError, Vector, VectorIndex
 from proxy.cache.index import MemoryIndex
-from proxy.cache.mirror import MAX_VECTOR_BYTES, Mirror, log_entry, stream_key
+from proxy.cache.mirror import MAX_VECTOR_BYTES, Mirror, log_entry
 from proxy.limits.base import StoreUnavailableError
 from proxy.limits.redis import PREFIX as STORE_PREFIX
 from proxy.limits.resp import ReplyError, RespClient
@@ -113,6 +113,10 @@ def index_name(dim: int) -> str:
 
 def key_prefix(dim: int) -> str:
     return f"{PREFIX}:{dim}:"
+
+
+def stream_key(dim: int) -> str:
+    return f"{PREFIX}:log:{dim}"
 
 
 def partition_tag(partition: str) -> str:
@@ -297,7 +301,7 @@ class RedisIndex:
         mirror = self._mirrors.get(dim)
         if mirror is None and self._mirror_bytes > 0:
             mirror = self._mirrors[dim] = Mirror(
-                self.client.url, PREFIX, index_name(dim), dim, clock=self._clock,
+                self.client.url, index_name(dim), stream_key(dim), dim, clock=self._clock,
                 origin=self._origin, timeout=self._timeout, max_vector_bytes=self._mirror_bytes,
             )  # fmt: skip
         return mirror
@@ -314,7 +318,7 @@ class RedisIndex:
         await self._transaction(
             ("HSET", key, *fields),
             ("PEXPIRE", key, ttl_ms),
-            log_entry(stream_key(PREFIX, dim), key, tag, expiry, self._origin),  # for copies
+            log_entry(stream_key(dim), key, tag, expiry, self._origin),  # for copies
         )
         if (mirror := self._copy(dim)) is not None:
             mirror.stored(tag, vector, key.encode(), ttl)
