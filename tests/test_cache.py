@@ -43,7 +43,7 @@ from proxy.schemas import (
     decode_request,
 )
 from tests.conftest import KEY, KEY_B
-from tests.mockproc import MockProc, free_port
+from tests.mockproc import MockProc, free_port, start_mock
 from tests.redisproc import RedisProc
 
 FRANCE = "What is the capital of France?"
@@ -246,6 +246,32 @@ def test_the_lookups_of_one_loop_turn_share_one_embeddings_request(backend: Mock
     asked = [json.loads(r["body"])["input"] for r in backend.requests()
              if r["path"] == "/v1/embeddings"]  # fmt: skip
     assert asked == [TOPICS, TOPICS]  # one request per turn, in the order they were asked
+
+
+def test_a_lookup_given_up_leaves_its_batch_mates_their_answer(backend: MockProc) -> None:
+    """Three lookups share one embeddings request to a backend taking 300 ms; the one given
+    up after 50 ms (as its timeout would) does not cancel the request or the others' wait."""
+    slow = start_mock()
+    slow.faults({"faults": {"delay-ms": "300"}})
+
+    async def scenario(client: Client) -> None:
+        cache = client.app.runtime.caches[0].for_product("")
+        assert isinstance(cache, SemanticCache)
+        embed = cache.embedder.embed
+        given_up = asyncio.ensure_future(asyncio.wait_for(embed([FRANCE]), 0.05))
+        kept = asyncio.gather(embed([POEM]), embed([FRANCE, POEM]))
+        with pytest.raises(TimeoutError):
+            await given_up
+        (poem,), (france, poem_again) = await kept
+        assert float(france @ poem) < 0.9 and float(poem @ poem_again) == pytest.approx(1.0)
+
+    try:
+        run(config_text(backend.url, embeddings_url=slow.url), scenario)
+        asked = [json.loads(r["body"])["input"] for r in slow.requests()
+                 if r["path"] == "/v1/embeddings"]  # fmt: skip
+        assert [sorted(texts) for texts in asked] == [sorted([FRANCE, POEM])]  # one request
+    finally:
+        slow.stop()
 
 
 def test_a_prompt_asked_twice_in_one_turn_is_embedded_once(backend: MockProc) -> None:
@@ -484,6 +510,62 @@ def test_embeddings_backend_down_is_a_miss_logged_once_and_counted(
     lines = [r.getMessage() for r in caplog.records if "semantic cache" in r.getMessage()]
     assert len(lines) == 1 and "lookup unavailable" in lines[0]
     assert backend_calls(backend) == 3
+
+
+_MALFORMED_EMBEDDINGS = {
+    "bad base64 padding": {"data": [{"embedding": "abc", "index": 0}]},
+    "base64 of 5 bytes": {"data": [{"embedding": "AAAAAAA=", "index": 0}]},
+    "not base64 at all": {"data": [{"embedding": "***", "index": 0}]},
+    "strings in the list": {"data": [{"embedding": ["a", "b"], "index": 0}]},
+    "nan": {"data": [{"embedding": "AADAfw==", "index": 0}]},  # one float32 NaN
+    "zero vector": {"data": [{"embedding": [0.0, 0.0], "index": 0}]},
+    "empty": {"data": [{"embedding": "", "index": 0}]},
+    "two vectors for one text": {"data": [{"embedding": [1.0]}, {"embedding": [1.0]}]},
+    "no data": {"object": "list"},
+}
+
+
+@pytest.mark.parametrize("reply", list(_MALFORMED_EMBEDDINGS))
+def test_a_malformed_embeddings_reply_is_a_miss_counted_as_an_error(
+    backend: MockProc, reply: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Whatever a 200 from the embeddings backend holds, the request goes on as a miss."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    payload = json.dumps(_MALFORMED_EMBEDDINGS[reply]).encode()
+
+    class Malformed(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["content-length"]))
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Malformed)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+
+    async def scenario(client: Client) -> None:
+        for text in (FRANCE, POEM):
+            answer = await client.post(chat(text))
+            assert (answer.status, answer.cache) == (200, "MISS")
+            assert answer.json()["usage"]["completion_tokens"] == 16
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="tollway"):
+            app = run(config_text(backend.url, embeddings_url=url), scenario)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert _errors(app) == {("lookup",): 2}
+    lines = [r.getMessage() for r in caplog.records if "semantic cache" in r.getMessage()]
+    assert len(lines) == 1 and "embeddings backend" in lines[0]
 
 
 def test_a_hung_embeddings_backend_costs_at_most_the_timeout(backend: MockProc) -> None:

@@ -12,8 +12,9 @@ floats from a backend that answers that with a 400 (some OpenAI-compatible serve
 from __future__ import annotations
 
 import asyncio
-import base64
+import binascii
 import logging
+import math
 
 import msgspec
 import numpy as np
@@ -44,16 +45,27 @@ MAX_BATCH = 256  # texts in one embeddings request (OpenAI takes up to 2,048)
 
 
 class _Batch:
-    """The texts of one event-loop turn's lookups, and the one answer they share."""
+    """The texts of one event-loop turn's lookups, and each lookup's wait for the answer."""
 
-    __slots__ = ("future", "index", "texts")
+    __slots__ = ("index", "texts", "waiters")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
+    def __init__(self) -> None:
         self.texts: list[str] = []
         self.index: dict[str, int] = {}  # text -> its place in `texts` (asked once)
-        self.future: asyncio.Future[list[Vector]] = loop.create_future()
-        # A lookup that timed out no longer awaits it: its failure is nobody's to report.
-        self.future.add_done_callback(_retrieved)
+        # One future per lookup (not one shared and shielded: a lookup that times out cancels
+        # only its own, and the answer wakes each waiter in one loop turn, not two).
+        self.waiters: list[asyncio.Future[list[Vector]]] = []
+
+    def answer(self, vectors: list[Vector]) -> None:
+        for waiter in self.waiters:
+            if not waiter.done():
+                waiter.set_result(vectors)
+
+    def fail(self, exc: BaseException) -> None:
+        for waiter in self.waiters:
+            if not waiter.done():
+                waiter.set_exception(exc)
+                waiter.add_done_callback(_retrieved)  # its lookup may be gone by now
 
 
 def _retrieved(future: asyncio.Future[list[Vector]]) -> None:
@@ -81,10 +93,13 @@ class BackendEmbedder:
 
     async def embed(self, texts: list[str]) -> list[Vector]:
         batch = self._batch
+        loop = asyncio.get_running_loop()
         if batch is None or len(batch.texts) + len(texts) > MAX_BATCH:
-            loop = asyncio.get_running_loop()
-            batch = self._batch = _Batch(loop)
-            loop.call_soon(self._send, batch)  # after the other lookups of this turn
+            batch = self._batch = _Batch()
+            # its first step runs after the other lookups of this turn have joined
+            task = loop.create_task(self._answer(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         places = []
         for text in texts:  # a text asked twice in one turn (a popular prompt) goes once
             place = batch.index.get(text)
@@ -92,26 +107,23 @@ class BackendEmbedder:
                 place = batch.index[text] = len(batch.texts)
                 batch.texts.append(text)
             places.append(place)
-        # shielded: a lookup that times out must not cancel its batch-mates' request
-        vectors = await asyncio.shield(batch.future)
+        waiter: asyncio.Future[list[Vector]] = loop.create_future()
+        batch.waiters.append(waiter)
+        vectors = await waiter
         return [vectors[place] for place in places]
 
-    def _send(self, batch: _Batch) -> None:
-        if self._batch is batch:
-            self._batch = None
-        task = asyncio.get_running_loop().create_task(self._answer(batch))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     async def _answer(self, batch: _Batch) -> None:
+        if self._batch is batch:
+            self._batch = None  # closed: later lookups start the next one
         try:
             vectors = await self._embed_all(batch.texts)
         except Exception as exc:  # CacheUnavailableError, or a bug: each lookup hears of it
-            if not batch.future.done():
-                batch.future.set_exception(exc)
-            return
-        if not batch.future.done():
-            batch.future.set_result(vectors)
+            batch.fail(exc)
+        except BaseException:  # cancelled (shutting down): the lookups go on as misses
+            batch.fail(CacheUnavailableError("embeddings request cancelled"))
+            raise
+        else:
+            batch.answer(vectors)
 
     async def _embed_all(self, texts: list[str]) -> list[Vector]:
         asked = self._format
@@ -152,15 +164,22 @@ def _vectors(payload: bytes, count: int) -> list[Vector]:
         raise CacheUnavailableError("embeddings backend: not an embeddings reply") from exc
     if len(reply.data) != count:
         raise CacheUnavailableError(f"embeddings backend: {len(reply.data)} vectors for {count}")
-    out: list[Vector] = []
-    for item in sorted(reply.data, key=lambda i: i.index):
-        raw = item.embedding
+    items = reply.data if count == 1 else sorted(reply.data, key=lambda i: i.index)
+    return [_unit(item.embedding) for item in items]
+
+
+def _unit(raw: list[float] | str) -> Vector:
+    """One embedding (base64 of little-endian float32s, or a list) as a unit float32 vector.
+    (binascii and `v @ v` rather than base64.b64decode and np.linalg.norm: ~50 -> ~20 µs a
+    reply, measured in the gateway between requests.)"""
+    try:
         if isinstance(raw, str):
-            vector = np.frombuffer(base64.b64decode(raw), dtype="<f4").astype(np.float32)
+            vector = np.frombuffer(binascii.a2b_base64(raw), dtype="<f4")
         else:
             vector = np.asarray(raw, dtype=np.float32)
-        norm = float(np.linalg.norm(vector))
-        if not vector.size or not np.isfinite(norm) or norm == 0.0:
-            raise CacheUnavailableError("embeddings backend: an empty or zero vector")
-        out.append(vector / norm)
-    return out
+    except (binascii.Error, ValueError) as exc:  # bad padding; a length not 4 bytes a float
+        raise CacheUnavailableError("embeddings backend: a malformed vector") from exc
+    norm = math.sqrt(float(vector @ vector)) if vector.size else 0.0
+    if not math.isfinite(norm) or norm == 0.0:
+        raise CacheUnavailableError("embeddings backend: an empty, zero or non-finite vector")
+    return (vector / norm).astype(np.float32, copy=False)
