@@ -21,15 +21,18 @@ Chat goes to nginx's fixed reply (~20 µs); embeddings to `tollway mock-llm`'s d
 
 A Lua `response()` hook counts the `x-cache` values (a hit run must be all HIT, a miss run all
 MISS) and keeps the distribution of `x-tollway-overhead-ms`, the gateway's own time (the
-embeddings call is counted as backend wait, so it is excluded). Each round also measures the
-mock's `/v1/embeddings` directly at c=1 (the miss path's unique texts and the hit prompt) for
-scale. Every measurement waits for a quiet machine first (bench/measure.py's guard).
+embeddings call is counted as backend wait, so it is excluded: its request, its wait and its
+reply's decoding alike). Each round also measures the mock's `/v1/embeddings` directly at c=1
+(the miss path's unique texts and the hit prompt), as the gateway calls it: base64, from the
+gateway core. Every measurement waits for a quiet machine first (bench/measure.py's guard).
 
 Figures: req/s, p50/p99, overhead p50/p99, the gateway's CPU per request, how busy each core
 was (a load core near 1.0 means wrk, the mock or Redis limited the run); "added" = median
-over rounds of (cache profile - nocache), paired by round. Targets (issue 8): a hit's
-overhead p50 ≤ 2 ms; a miss adds ≤ the embeddings call + 0.3 ms at p50 (the gateway's own
-part: miss overhead p50 - baseline overhead p50 ≤ 0.3 ms). Rows are appended to
+over rounds of (cache profile - nocache), paired by round. Targets (issue 8), read two ways:
+by the overhead header, a hit's overhead p50 ≤ 2 ms and a miss's overhead p50 - baseline
+overhead p50 ≤ 0.3 ms; end to end, a hit's p50 - the embeddings call ≤ 2 ms and a miss's
+added p50 - the embeddings call ≤ 0.3 ms (this also counts the lookup's own work around the
+call and the store, which runs after the reply, before the next request). Rows are appended to
 bench/results/cache.jsonl (`--out`, `--no-save`).
 """
 
@@ -285,9 +288,10 @@ def write_script(
     return path
 
 
-def wrk(url: str, connections: int, seconds: int, script: Path) -> Row:
-    """wrk closed loop, one thread on the load core: latency, x-cache counts, overhead."""
-    found = loadgen.run_wrk(url, connections, seconds, script, stack.LOAD_CPU)
+def wrk(url: str, connections: int, seconds: int, script: Path, cpu: str = stack.LOAD_CPU) -> Row:
+    """wrk closed loop, one thread on `cpu` (the load core): latency, x-cache counts,
+    overhead."""
+    found = loadgen.run_wrk(url, connections, seconds, script, cpu)
     hist = {float(k): int(v) for k, v in found.get("TOLLWAY_HIST", {}).items()}
     return {
         **loadgen.wrk_summary(found["TOLLWAY"]),
@@ -374,6 +378,7 @@ class Bench:
         warm: Path,
         pgid: int | None,
         again: Callable[[int], tuple[Path, Path]] | None = None,
+        cpu: str = stack.LOAD_CPU,
     ) -> Row:
         """Warm up with `warm`, then measure `script` (guarded; the CPU of `pgid`). A miss
         path passes `again`: the scripts for a repeat (the guard's, on a busy machine), whose
@@ -386,11 +391,11 @@ class Bench:
                 script, warm = again(attempts)
             attempts += 1
             if self.args.warmup:
-                wrk(url, c, self.args.warmup, warm)
+                wrk(url, c, self.args.warmup, warm, cpu)
 
             def run() -> Row:
                 before = core_times()
-                row = wrk(url, c, self.args.duration, script)
+                row = wrk(url, c, self.args.duration, script, cpu)
                 row.update(busy_cores(before, core_times()))
                 return row
 
@@ -407,10 +412,16 @@ class Bench:
         return row
 
     def embeddings(self, rnd: int, mock: stack.Service) -> None:
-        """The mock's /v1/embeddings directly at c=1: a new text each time, and the hit's."""
+        """The mock's /v1/embeddings directly at c=1, a new text each time and the hit's, as
+        the gateway calls it: base64 asked, from the gateway core (no gateway runs then). From
+        the load core, beside the mock, a call is ~0.1-0.2 ms faster than the gateway's own
+        ever is: no wake-up of the other core."""
         url = mock.url + "/embeddings"
         marker = b"@@TEXT@@"
-        body = b'{"model":"%s","input":["%s"]}' % (EMBED_MODEL.encode(), marker)
+        body = b'{"model":"%s","input":["%s"],"encoding_format":"base64"}' % (
+            EMBED_MODEL.encode(),
+            marker,
+        )
         fixed = body.replace(marker, b"Say hello to the benchmark in one short sentence.")
         for kind, seed in (("unique", 1000 + rnd), ("repeated", None)):
             script = self.tmp / f"emb-{kind}-{rnd}.lua"
@@ -421,7 +432,7 @@ class Bench:
             warm = self.tmp / f"emb-{kind}-{rnd}-warm.lua"
             write_script(warm, stack.JSON_HEADERS, body, 9000 + rnd, marker)
             key = {"path": "embed", "profile": f"mock:{kind}", "round": rnd}
-            self.measure(key, url, 1, script, warm, None)
+            self.measure(key, url, 1, script, warm, None, cpu=stack.GATEWAY_CPU)
 
     def profile(self, rnd: int, profile: str, chat: str, mock: str, store: str) -> None:
         """One gateway: the hit path, then the miss path, at each concurrency."""
@@ -486,8 +497,10 @@ def summarise(rows: list[Row], profiles: list[str]) -> list[Row]:
     groups: dict[tuple[str, str, int], list[Row]] = {}
     for row in rows:
         groups.setdefault((row["path"], row["profile"], row["c"]), []).append(row)
-    embed = groups.get(("embed", "mock:unique", 1), [])
-    embed_p50 = median([r["p50_ms"] for r in embed])
+    embed_p50 = {  # the call a hit (the repeated prompt) and a miss (a new one) waits for
+        path: median([r["p50_ms"] for r in groups.get(("embed", f"mock:{kind}", 1), [])])
+        for path, kind in (("hit", "repeated"), ("miss", "unique"))
+    }
     out: list[Row] = []
     for (path, profile, c), rounds in groups.items():
         merged: Row = {"path": path, "profile": profile, "c": c}
@@ -515,8 +528,8 @@ def summarise(rows: list[Row], profiles: list[str]) -> list[Row]:
                 [100.0 * (r["req_s"] / base[r["round"]]["req_s"] - 1) for r in rounds
                  if r["round"] in base]
             )  # fmt: skip
-        if path == "miss" and profile != "nocache":
-            merged["embed_p50_ms"] = embed_p50
+        if path in embed_p50 and profile != "nocache":
+            merged["embed_p50_ms"] = embed_p50[path]
         merged["rounds"] = [{k: r.get(k) for k in (*fields, "round", "other_load")}
                             for r in rounds]  # fmt: skip
         out.append(merged)
@@ -561,11 +574,16 @@ def table(summary: list[Row]) -> str:
         if value is None:
             continue
         verdict = "met" if value <= target else f"MISSED by {value - target:.3f} ms"
-        extra = ""
-        if r["path"] == "miss" and r.get("added_p50_ms") is not None and r.get("embed_p50_ms"):
-            extra = (f"; added p50 {r['added_p50_ms']:.3f} ms vs embeddings call "
-                     f"{r['embed_p50_ms']:.3f} ms + {MISS_TARGET_MS} ms")  # fmt: skip
-        lines.append(f"- {name}: {what} {value:.3f} ms ≤ {target} ms: {verdict}{extra}")
+        lines.append(f"- {name}: {what} {value:.3f} ms ≤ {target} ms: {verdict}")
+        added, embed = r.get("added_p50_ms"), r.get("embed_p50_ms")
+        if added is not None and embed:
+            # end to end: what a client waits beyond no cache, less the embeddings call
+            own = added if r["path"] == "miss" else r["p50_ms"]
+            lines.append(
+                f"  - end to end: {'added ' if r['path'] == 'miss' else ''}p50 {own:.3f} ms "
+                f"- embeddings call {embed:.3f} ms = {own - embed:.3f} ms "
+                f"({'met' if own - embed <= target else 'MISSED'} against {target} ms)"
+            )
     return "\n".join(lines)
 
 
