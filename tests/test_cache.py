@@ -914,11 +914,12 @@ def _embedding_like(rng: np.random.Generator, rows: int, dim: int) -> Vector:
     return out
 
 
-def test_a_large_partition_finds_near_duplicates_through_its_sketch() -> None:
+@pytest.mark.parametrize(("rows", "dim"), [(12_000, 384), (1_100, 256)])
+def test_a_large_partition_finds_near_duplicates_through_its_sketch(rows: int, dim: int) -> None:
     """Past SKETCH_FROM a lookup scores the rows' sketches, then the best candidates exactly:
-    every near duplicate is still found, with its exact distance; nothing unrelated is."""
+    every near duplicate is still found, with its exact distance; nothing unrelated is (a
+    large partition, and one just past SKETCH_FROM)."""
     rng = np.random.default_rng(11)
-    rows, dim = 12_000, 384
     assert rows * dim >= index_module.SKETCH_FROM
     stored = _embedding_like(rng, rows, dim)
 
