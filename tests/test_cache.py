@@ -12,11 +12,14 @@ vs "What is the capital of Spain?" 0.23 and "Write a poem about the sea and sail
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import socket
+import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
@@ -512,6 +515,32 @@ def test_embeddings_backend_down_is_a_miss_logged_once_and_counted(
     assert backend_calls(backend) == 3
 
 
+@contextlib.contextmanager
+def embeddings_server(answer: Callable[[bytes], tuple[int, bytes]]) -> Iterator[str]:
+    """A real HTTP server on loopback that answers each POST's body with `answer(body)`
+    (status, JSON): an embeddings backend misbehaving as a test needs. Yields its /v1 URL."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            status, reply = answer(self.rfile.read(int(self.headers["content-length"])))
+            self.send_response(status)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(reply)))
+            self.end_headers()
+            self.wfile.write(reply)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 _MALFORMED_EMBEDDINGS = {
     "bad base64 padding": {"data": [{"embedding": "abc", "index": 0}]},
     "base64 of 5 bytes": {"data": [{"embedding": "AAAAAAA=", "index": 0}]},
@@ -530,26 +559,7 @@ def test_a_malformed_embeddings_reply_is_a_miss_counted_as_an_error(
     backend: MockProc, reply: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Whatever a 200 from the embeddings backend holds, the request goes on as a miss."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
     payload = json.dumps(_MALFORMED_EMBEDDINGS[reply]).encode()
-
-    class Malformed(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            self.rfile.read(int(self.headers["content-length"]))
-            self.send_response(200)
-            self.send_header("content-type", "application/json")
-            self.send_header("content-length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Malformed)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
 
     async def scenario(client: Client) -> None:
         for text in (FRANCE, POEM):
@@ -557,12 +567,11 @@ def test_a_malformed_embeddings_reply_is_a_miss_counted_as_an_error(
             assert (answer.status, answer.cache) == (200, "MISS")
             assert answer.json()["usage"]["completion_tokens"] == 16
 
-    try:
-        with caplog.at_level(logging.WARNING, logger="tollway"):
-            app = run(config_text(backend.url, embeddings_url=url), scenario)
-    finally:
-        server.shutdown()
-        server.server_close()
+    with (
+        embeddings_server(lambda _: (200, payload)) as url,
+        caplog.at_level(logging.WARNING, logger="tollway"),
+    ):
+        app = run(config_text(backend.url, embeddings_url=url), scenario)
     assert _errors(app) == {("lookup",): 2}
     lines = [r.getMessage() for r in caplog.records if "semantic cache" in r.getMessage()]
     assert len(lines) == 1 and "embeddings backend" in lines[0]
@@ -1455,47 +1464,26 @@ def test_embeddings_are_asked_as_base64_and_as_floats_from_a_backend_that_refuse
 ) -> None:
     """base64 first (the vector's bytes straight into numpy); a backend answering that with a
     400 is asked for floats from then on, and the cache works the same."""
-    import json
-    import threading
     import urllib.request
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     asked: list[str] = []
 
-    class FloatsOnly(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers["content-length"]))
-            encoding = json.loads(body).get("encoding_format", "float")
-            asked.append(encoding)
-            if encoding != "float":
-                reply, status = b'{"error": {"message": "encoding_format"}}', 400
-            else:
-                forward = urllib.request.Request(backend.url + "/embeddings", body,
-                                                 {"content-type": "application/json"})  # fmt: skip
-                with urllib.request.urlopen(forward) as answer:
-                    reply, status = answer.read(), 200
-            self.send_response(status)
-            self.send_header("content-type", "application/json")
-            self.send_header("content-length", str(len(reply)))
-            self.end_headers()
-            self.wfile.write(reply)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FloatsOnly)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    def floats_only(body: bytes) -> tuple[int, bytes]:
+        encoding = json.loads(body).get("encoding_format", "float")
+        asked.append(encoding)
+        if encoding != "float":
+            return 400, b'{"error": {"message": "encoding_format"}}'
+        forward = urllib.request.Request(backend.url + "/embeddings", body,
+                                         {"content-type": "application/json"})  # fmt: skip
+        with urllib.request.urlopen(forward) as answer:
+            return 200, answer.read()
 
     async def scenario(client: Client) -> None:
         assert (await client.post(chat(FRANCE))).cache == "MISS"
         assert (await client.post(chat(FRANCE_2))).cache == "HIT"
 
-    try:
+    with embeddings_server(floats_only) as url:
         run(config_text(backend.url, embeddings_url=url), scenario)
-    finally:
-        server.shutdown()
-        server.server_close()
     assert asked[0] == "base64" and set(asked[1:]) == {"float"} and len(asked) >= 3
 
     seen: list[str] = []
