@@ -170,8 +170,8 @@ def _vectors(payload: bytes, count: int) -> list[Vector]:
 
 def _unit(raw: list[float] | str) -> Vector:
     """One embedding (base64 of little-endian float32s, or a list) as a unit float32 vector.
-    (binascii and `v @ v` rather than base64.b64decode and np.linalg.norm: ~50 -> ~20 µs a
-    reply, measured in the gateway between requests.)"""
+    (binascii and `v @ v` rather than base64.b64decode, a copy and np.linalg.norm: a reply's
+    decoding went ~50 -> ~15 µs with cold caches out of the gateway, ~53 -> ~46 µs in it.)"""
     try:
         if isinstance(raw, str):
             vector = np.frombuffer(binascii.a2b_base64(raw), dtype="<f4")
@@ -179,7 +179,7 @@ def _unit(raw: list[float] | str) -> Vector:
             vector = np.asarray(raw, dtype=np.float32)
     except (binascii.Error, ValueError) as exc:  # bad padding; a length not 4 bytes a float
         raise CacheUnavailableError("embeddings backend: a malformed vector") from exc
-    norm = math.sqrt(float(vector @ vector)) if vector.size else 0.0
+    norm = math.sqrt(float(vector @ vector))  # 0.0 for an empty vector
     if not math.isfinite(norm) or norm == 0.0:
         raise CacheUnavailableError("embeddings backend: an empty, zero or non-finite vector")
     return (vector / norm).astype(np.float32, copy=False)
