@@ -15,6 +15,8 @@ Stages: `request` (the handler, from the request's start) and its `own time` (le
 backend wait, as in x-tollway-overhead-ms); `lookup` and within it `text`, `partition`, the
 `embeddings wait` (as the lookup sees it) and `search`; the `embeddings request` (the batch's
 HTTP call, with `decoding` its reply); `store`, which runs after the reply has gone out.
+Also the gateway's CPU per request (every thread, Granian's included, user and system), which
+the stages do not all explain.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from bench import cache, procs, stack
-from bench.measure import median
+from bench.measure import median, with_cpu
 
 HOOK = stack.REPO / "bench" / "stagehook"
 ORDER = ("request", "request, own time", "lookup", "lookup: text", "lookup: partition",
@@ -103,9 +105,11 @@ def run_once(args: argparse.Namespace, tmp: Path, rnd: int, profile: str,
         if args.warmup:
             cache.wrk(url, args.c, args.warmup, warm)
         os.kill(pid, signal.SIGUSR1)
-        row = cache.wrk(url, args.c, args.duration, script)
+        row = with_cpu(gw.pgid, lambda r: int(r["requests"]),
+                       lambda: cache.wrk(url, args.c, args.duration, script))  # fmt: skip
         times = read_times(pid, out)
     summary: dict[str, Any] = {"req_s": row["req_s"], "p50_ms": row["p50_ms"],
+                               "cpu_us": row["server_cpu_us_per_req"],
                                "x_cache": row["x_cache"]}  # fmt: skip
     for stage, values in times.items():
         values.sort()
@@ -130,9 +134,11 @@ def table(results: dict[str, list[dict[str, Any]]]) -> str:
             calls = median([float(x[0]) for x in rounds])
             cells.append(f"{p50:.0f} / {mean:.0f} ({calls:.0f} calls)")
         lines.append(f"| {stage} | " + " | ".join(cells) + " |")
-    for key in ("req_s", "p50_ms"):
-        cells = [f"{median([r[key] for r in results[p]]):.3f}" for p in profiles]
-        lines.append(f"| wrk {key} | " + " | ".join(cells) + " |")
+    totals = (("cpu_us", "gateway CPU per request, µs (all threads)", ".0f"),
+              ("req_s", "wrk req/s", ".0f"), ("p50_ms", "wrk p50 ms", ".3f"))  # fmt: skip
+    for key, name, spec in totals:
+        cells = [format(median([r[key] for r in results[p]]), spec) for p in profiles]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append("| x-cache | " + " | ".join(
         str([r["x_cache"] for r in results[p]]) for p in profiles) + " |")  # fmt: skip
     return "\n".join(lines)
