@@ -83,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     verbs = keys.add_subparsers(dest="verb", required=True, metavar="VERB")
     verbs.add_parser("new", help="print a new random key").set_defaults(run=_keys_new)
     hash_ = verbs.add_parser("hash", help="print the sha256: form of KEY for the config")
-    hash_.add_argument("key")
+    hash_.add_argument("key", help='the key (after "--" if it starts with "-")')
     hash_.set_defaults(run=_keys_hash)
     return parser
 

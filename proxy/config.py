@@ -139,8 +139,12 @@ def hash_key(key: str) -> str:
 
 
 def new_key() -> str:
-    """A fresh random subscription key (256 bits, URL- and header-safe)."""
-    return secrets.token_urlsafe(32)
+    """A fresh random subscription key (256 bits, URL- and header-safe). Never one starting
+    with "-", which a command line would read as an option (`tollway keys hash KEY`, curl)."""
+    while True:
+        key = secrets.token_urlsafe(32)
+        if not key.startswith("-"):
+            return key
 
 
 def _key_problem(key: str) -> str | None:

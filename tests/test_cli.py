@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from proxy.config import hash_key
+from proxy.config import hash_key, new_key
 from tests.conftest import KEY, gateway_config
 from tests.gatewayproc import start_gateway
 from tests.mockproc import ROOT, MockProc, free_port
@@ -53,6 +53,16 @@ def test_keys_new_and_hash() -> None:
     assert hashed.stdout.strip() == hash_key(key)
     assert re.fullmatch(r"sha256:[0-9a-f]{64}", hashed.stdout.strip())
     assert tollway("keys", "new").stdout.strip() != key
+
+
+def test_new_keys_never_start_with_a_dash_and_such_a_key_still_hashes() -> None:
+    """A key starting with "-" reads as an option on a command line: CI once drew one
+    (1 in 64) and `tollway keys hash KEY` printed nothing. Made keys avoid it; a key of the
+    operator's own that starts with "-" hashes after "--"."""
+    assert not any(new_key().startswith("-") for _ in range(2000))  # 1 - (63/64)^2000 ~ 1
+    own = "-" + new_key()
+    hashed = tollway("keys", "hash", "--", own)
+    assert hashed.returncode == 0 and hashed.stdout.strip() == hash_key(own)
 
 
 @pytest.mark.parametrize(
