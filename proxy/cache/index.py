@@ -46,13 +46,13 @@ SKETCH_FROM = 1 << 18
 # The candidates are the rows scoring at least the SAMPLE_RANK-th best of every SAMPLE_STRIDE-th
 # row (~96 rows): a superset of the best SKETCH_CANDIDATES whenever it holds that many, found
 # in ~15 us where np.argpartition takes ~90 us for 10,000 rows (measured here).
+SAMPLE_STRIDE = 16
+SAMPLE_RANK = 6
+MAX_CANDIDATES = 8 * SKETCH_CANDIDATES
 # Below SELECT_BELOW rows np.argpartition costs the same (10-30 us) and picks exactly the
 # SKETCH_CANDIDATES best instead of ~96: fewer rows fetched for the exact scores. Timed
 # inside the gateway (bench.stages, c=1 misses, 0 to ~4,500 rows, three alternations), a
 # search took 241/246/222 us against 259/265/244 with the sample.
-SAMPLE_STRIDE = 16
-SAMPLE_RANK = 6
-MAX_CANDIDATES = 8 * SKETCH_CANDIDATES
 SELECT_BELOW = 8192
 _projections: dict[int, npt.NDArray[np.float32]] = {}
 
@@ -239,10 +239,14 @@ class MemoryIndex:
         """Forget the entry of `partition` whose payload is `payload` (a linear scan: for
         rare paths, such as an entry found gone elsewhere)."""
         part = self._partitions.get(partition)
-        if part is not None and payload in part.payloads:
+        if part is None:
+            return
+        try:
             row = part.payloads.index(payload)
-            self._lru.pop(part.ids[row], None)
-            self._remove(partition, part, row)
+        except ValueError:  # not (or no longer) in the partition
+            return
+        self._lru.pop(part.ids[row], None)
+        self._remove(partition, part, row)
 
     def drop(self, partition: str) -> None:
         """Forget every entry of `partition`."""

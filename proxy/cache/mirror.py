@@ -53,7 +53,7 @@ import numpy as np
 from proxy.cache.base import Vector
 from proxy.cache.index import MemoryIndex
 from proxy.limits.base import StoreUnavailableError
-from proxy.limits.resp import ReplyError, RespClient
+from proxy.limits.resp import ReplyError, RespClient, pairs
 
 STREAM_ENTRIES = 10_000  # the stream's approximate length (XADD MAXLEN ~)
 # Stream entries per XREAD: at most STREAM_ENTRIES, so that a follower that fell behind the
@@ -247,13 +247,13 @@ class Mirror:
             ),
         )
         held = int(reply[0])
-        if _indexing(_pairs(info)):
+        if _indexing(pairs(info)):
             return -1
         if held > self.max_partition or self._loading.get(tag) != generation:
             return held
         now = self._clock()
         for i in range(1, len(reply) - 1, 2):
-            found = _pairs(reply[i + 1])
+            found = pairs(reply[i + 1])
             vec, exp = found.get(b"vec"), found.get(b"exp")
             if vec is not None and exp is not None and len(vec) == 4 * self.dim:
                 self._put(tag, np.frombuffer(vec, dtype="<f4"), reply[i], int(exp) / 1000 - now)
@@ -304,7 +304,7 @@ class Mirror:
             consumed += len(entries)
             wanted = []
             for _, flat in entries:
-                fields = _pairs(flat)
+                fields = pairs(flat)
                 key, tag, exp = fields.get(b"k"), fields.get(b"p"), fields.get(b"e")
                 if key is None or tag is None or exp is None or fields.get(b"o") == self.origin:
                     continue  # this process's own store (or not a store)
@@ -339,7 +339,7 @@ class Mirror:
             if "no such key" not in str(exc).lower():
                 raise
             return None
-        fields = _pairs(info)
+        fields = pairs(info)
         if b"entries-added" not in fields:
             raise ValueError(NO_COUNT)
         return fields
@@ -351,10 +351,6 @@ class Mirror:
         for (key, tag, exp), vec in zip(wanted, vectors, strict=True):
             if vec is not None and len(vec) == 4 * self.dim and self._copying(tag):
                 self._put(tag, np.frombuffer(vec, dtype="<f4"), key, exp / 1000 - now)
-
-
-def _pairs(flat: list[Any]) -> dict[Any, Any]:
-    return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
 def _indexing(info: dict[Any, Any]) -> bool:

@@ -74,7 +74,7 @@ from proxy.cache.index import MemoryIndex
 from proxy.cache.mirror import MAX_VECTOR_BYTES, Mirror, log_entry
 from proxy.limits.base import StoreUnavailableError
 from proxy.limits.redis import PREFIX as STORE_PREFIX
-from proxy.limits.resp import ReplyError, RespClient
+from proxy.limits.resp import ReplyError, RespClient, pairs
 
 PREFIX = f"{STORE_PREFIX}:cache"
 TIMEOUT = 0.5  # seconds one index call may take, connecting included
@@ -416,7 +416,7 @@ def _nearest_key(reply: list[Any], max_distance: float) -> tuple[bytes, float] |
     nearest entry, or None when there is none or it is too far."""
     if len(reply) < 3 or not reply[2]:
         return None
-    fields = dict(zip(reply[2][::2], reply[2][1::2], strict=True))
+    fields = pairs(reply[2])
     dist = fields.get(b"dist")
     if dist is None:
         return None

@@ -141,6 +141,12 @@ class RespClient:
         return conn
 
 
+def pairs(flat: list[Any]) -> dict[Any, Any]:
+    """A RESP2 map sent as a flat array `[name, value, name, value, ...]` (HGETALL, XINFO,
+    FT.INFO, a search hit's fields, a stream entry's) as a dict."""
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
 def _ignore(reply: Any) -> None:
     """The reply to a preloaded script (its SHA-1, or a refusal that changes nothing)."""
 
