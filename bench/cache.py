@@ -62,6 +62,12 @@ PROFILES = ("nocache", "memory", "redis")
 CONCURRENCY = (1, 64)
 HIT_KEY, MISS_KEY = stack.KEYS[0], stack.KEYS[1]
 HIT_BODY = stack.CHAT_BODY  # its user message is what a hit's lookup embeds
+HIT_TEXT = b"Say hello to the benchmark in one short sentence."  # that message
+# the miss path's body: HIT_BODY with its message replaced per request (write_script's seed)
+MISS_MARKER = b"@@PROMPT@@"
+MISS_BODY = HIT_BODY.replace(HIT_TEXT, MISS_MARKER)
+HIT_HEADERS = {**stack.JSON_HEADERS, "api-key": HIT_KEY}
+MISS_HEADERS = {**stack.JSON_HEADERS, "api-key": MISS_KEY}
 EMBED_MODEL = "text-embedding-3-small"
 THRESHOLD = 0.05
 HIT_TARGET_MS, MISS_TARGET_MS = 2.0, 0.3
@@ -173,16 +179,22 @@ def redis_entries(url: str) -> int:
 
 @contextlib.contextmanager
 def gateway(
-    tmp: Path, profile: str, chat: str, embeddings: str, store: str
+    tmp: Path,
+    profile: str,
+    chat: str,
+    embeddings: str,
+    store: str,
+    env: dict[str, str] | None = None,
 ) -> Iterator[stack.Service]:
-    """`tollway serve` with `profile`'s config on the gateway core."""
+    """`tollway serve` with `profile`'s config on the gateway core (in `env`, else
+    stack.child_env())."""
     port = procs.free_port()
     config = tmp / f"gateway-{profile}-{port}.yaml"
     config.write_text(gateway_config(profile, chat, embeddings, store))
     log = tmp / f"gateway-{profile}-{port}.log"
     cmd = [sys.executable, "-m", "proxy", "serve", "--config", str(config)]
     cmd += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    with procs.running(cmd, stack.GATEWAY_CPU, log, stack.child_env()) as proc:
+    with procs.running(cmd, stack.GATEWAY_CPU, log, env or stack.child_env()) as proc:
         procs.wait_ready(proc, f"http://127.0.0.1:{port}/readyz", None, "", log, timeout=30)
         yield stack.Service(f"http://127.0.0.1:{port}{stack.API_PATH}", proc.pid, log)
 
@@ -286,6 +298,16 @@ def write_script(
     lines.append(_HOOKS + loadgen.done_hook(_THEN))
     path.write_text("\n".join(lines))
     return path
+
+
+def miss_scripts(stem: Path, seed: int) -> tuple[Path, Path]:
+    """The miss path's wrk scripts (API key 1, a new prompt in every request): the measured
+    one from `seed`, and a warm-up one whose prompts it does not repeat."""
+    script = write_script(stem.with_name(stem.name + ".lua"), MISS_HEADERS, MISS_BODY, seed,
+                          MISS_MARKER)  # fmt: skip
+    warm = write_script(stem.with_name(stem.name + "-warm.lua"), MISS_HEADERS, MISS_BODY,
+                        seed + 500, MISS_MARKER)  # fmt: skip
+    return script, warm
 
 
 def wrk(url: str, connections: int, seconds: int, script: Path, cpu: str = stack.LOAD_CPU) -> Row:
@@ -422,7 +444,7 @@ class Bench:
             EMBED_MODEL.encode(),
             marker,
         )
-        fixed = body.replace(marker, b"Say hello to the benchmark in one short sentence.")
+        fixed = body.replace(marker, HIT_TEXT)
         for kind, seed in (("unique", 1000 + rnd), ("repeated", None)):
             script = self.tmp / f"emb-{kind}-{rnd}.lua"
             if seed is None:
@@ -459,14 +481,10 @@ class Bench:
         warm_hit(gw.url, profile)
         if profile == "redis" and redis_entries(store) < 1:
             raise RuntimeError("the redis profile stored nothing in the server's index")
-        hit_headers = {**stack.JSON_HEADERS, "api-key": HIT_KEY}
-        hit = write_script(self.tmp / f"hit-{profile}-{rnd}.lua", hit_headers, HIT_BODY)
+        hit = write_script(self.tmp / f"hit-{profile}-{rnd}.lua", HIT_HEADERS, HIT_BODY)
         for c in CONCURRENCY:
             self.measure({"path": "hit", "profile": profile, "round": rnd}, url, c, hit, hit,
                          gw.pgid)  # fmt: skip
-        marker = b"@@PROMPT@@"
-        body = HIT_BODY.replace(b"Say hello to the benchmark in one short sentence.", marker)
-        miss_headers = {**stack.JSON_HEADERS, "api-key": MISS_KEY}
         for c in CONCURRENCY:
             # The same bodies for every profile of a round; new ones each round (the Redis
             # index is emptied anyway), for the warm-up, and for a repeat.
@@ -474,11 +492,7 @@ class Bench:
 
             def scripts(attempt: int, name: str = name, c: int = c) -> tuple[Path, Path]:
                 seed = rnd * 1000 + c + attempt * 100_000
-                tag = f"{name}-{attempt}"
-                script = write_script(self.tmp / f"{tag}.lua", miss_headers, body, seed, marker)
-                warm = write_script(self.tmp / f"{tag}-warm.lua", miss_headers, body,
-                                    seed + 500, marker)  # fmt: skip
-                return script, warm
+                return miss_scripts(self.tmp / f"{name}-{attempt}", seed)
 
             script, warm = scripts(0)
             row = self.measure({"path": "miss", "profile": profile, "round": rnd}, url, c,

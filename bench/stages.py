@@ -26,37 +26,18 @@ import contextlib
 import json
 import os
 import signal
-import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
-from bench import cache, procs, stack
+from bench import cache, stack
 from bench.measure import median, with_cpu
 
 HOOK = stack.REPO / "bench" / "stagehook"
 ORDER = ("request", "request, own time", "lookup", "lookup: text", "lookup: partition",
          "lookup: embeddings wait", "lookup: search", "embeddings request",
          "embeddings request: decoding", "store (after the reply)")  # fmt: skip
-
-
-@contextlib.contextmanager
-def gateway(tmp: Path, profile: str, chat: str, embeddings: str, store: str, out: Path
-            ) -> Iterator[stack.Service]:  # fmt: skip
-    """bench/cache.py's gateway, with the stage timers installed."""
-    port = procs.free_port()
-    config = tmp / f"gateway-{profile}-{port}.yaml"
-    config.write_text(cache.gateway_config(profile, chat, embeddings, store))
-    log = tmp / f"gateway-{profile}-{port}.log"
-    cmd = [sys.executable, "-m", "proxy", "serve", "--config", str(config)]
-    cmd += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    env = dict(os.environ, PYTHONPATH=f"{HOOK}{os.pathsep}{stack.REPO}",
-               TOLLWAY_STAGES_OUT=str(out))  # fmt: skip
-    with procs.running(cmd, stack.GATEWAY_CPU, log, env) as proc:
-        procs.wait_ready(proc, f"http://127.0.0.1:{port}/readyz", None, "", log, timeout=30)
-        yield stack.Service(f"http://127.0.0.1:{port}{stack.API_PATH}", proc.pid, log)
 
 
 def worker(pid: int) -> int:
@@ -86,21 +67,18 @@ def run_once(args: argparse.Namespace, tmp: Path, rnd: int, profile: str,
     out = tmp / f"stages-{profile}-{rnd}.json"
     if profile == "redis":
         cache.reset_redis(services["store"])
-    with gateway(tmp, profile, services["chat"], services["mock"], services["store"], out) as gw:
+    # the gateway loads the timers (bench/stagetimer.py) and writes them to `out`
+    env = dict(os.environ, PYTHONPATH=f"{HOOK}{os.pathsep}{stack.REPO}",
+               TOLLWAY_STAGES_OUT=str(out))  # fmt: skip
+    with cache.gateway(tmp, profile, services["chat"], services["mock"], services["store"],
+                       env) as gw:  # fmt: skip
         url = gw.url + "/chat/completions"
         if args.path == "hit":
             cache.warm_hit(gw.url, profile)
-            headers = {**stack.JSON_HEADERS, "api-key": cache.HIT_KEY}
-            script = warm = cache.write_script(tmp / f"hit-{rnd}.lua", headers, cache.HIT_BODY)
+            script = warm = cache.write_script(tmp / f"hit-{rnd}.lua", cache.HIT_HEADERS,
+                                               cache.HIT_BODY)  # fmt: skip
         else:
-            marker = b"@@PROMPT@@"
-            body = cache.HIT_BODY.replace(b"Say hello to the benchmark in one short sentence.",
-                                          marker)  # fmt: skip
-            headers = {**stack.JSON_HEADERS, "api-key": cache.MISS_KEY}
-            seed = 1000 * rnd + args.c
-            script = cache.write_script(tmp / f"miss-{rnd}.lua", headers, body, seed, marker)
-            warm = cache.write_script(tmp / f"miss-{rnd}-w.lua", headers, body, seed + 500,
-                                      marker)  # fmt: skip
+            script, warm = cache.miss_scripts(tmp / f"miss-{rnd}", 1000 * rnd + args.c)
         pid = worker(gw.pgid)
         if args.warmup:
             cache.wrk(url, args.c, args.warmup, warm)
