@@ -41,7 +41,7 @@ def row(n: int, dim: int, reps: int, sweeps: dict[str, Any]) -> list[str]:
     import numpy as np
 
     rng = np.random.default_rng(n)
-    part = index._Partition(dim)
+    part = index._Partition(dim, n)
     rows = rng.standard_normal((n, dim)).astype(np.float32)
     rows /= np.linalg.norm(rows, axis=1, keepdims=True)
     for i in range(n):

@@ -9,7 +9,8 @@ load core, one gateway worker on the gateway core, wrk with the same Lua scripts
 bench/stagetimer.py's wrappers loaded into the gateway: nothing in `proxy/` is changed or
 timed in production. Per profile and round, a fresh gateway: the warm-up run (prompts of
 its own), the timers cleared, the measured run, the timers read. The table gives each
-stage's p50 and mean in µs, medians over rounds; the profiles run in turn each round.
+stage's p50 and mean in µs (medians over rounds) and its largest; the profiles run in turn
+each round. Also every collection of the garbage collector, by generation.
 
 Stages: `request` (the handler, from the request's start) and its `own time` (less every
 backend wait, as in x-tollway-overhead-ms); `lookup` and within it `text`, `partition`, the
@@ -37,7 +38,8 @@ from bench.measure import median, with_cpu
 HOOK = stack.REPO / "bench" / "stagehook"
 ORDER = ("request", "request, own time", "lookup", "lookup: text", "lookup: partition",
          "lookup: embeddings wait", "lookup: search", "embeddings request",
-         "embeddings request: decoding", "store (after the reply)")  # fmt: skip
+         "embeddings request: decoding", "store (after the reply)", "gc: generation 0",
+         "gc: generation 1", "gc: generation 2")  # fmt: skip
 
 
 def worker(pid: int) -> int:
@@ -92,13 +94,13 @@ def run_once(args: argparse.Namespace, tmp: Path, rnd: int, profile: str,
     for stage, values in times.items():
         values.sort()
         summary[stage] = (len(values), values[len(values) // 2] * 1e6,
-                          sum(values) / len(values) * 1e6)  # fmt: skip
+                          sum(values) / len(values) * 1e6, values[-1] * 1e6)  # fmt: skip
     return summary
 
 
 def table(results: dict[str, list[dict[str, Any]]]) -> str:
     profiles = list(results)
-    lines = ["| stage | " + " | ".join(f"{p}: p50 / mean µs" for p in profiles) + " |",
+    lines = ["| stage | " + " | ".join(f"{p}: p50 / mean / max µs" for p in profiles) + " |",
              "|---|" + "--:|" * len(profiles)]  # fmt: skip
     for stage in ORDER:
         cells = []
@@ -109,8 +111,9 @@ def table(results: dict[str, list[dict[str, Any]]]) -> str:
                 continue
             p50 = median([x[1] for x in rounds])
             mean = median([x[2] for x in rounds])
+            top = max(x[3] for x in rounds)
             calls = median([float(x[0]) for x in rounds])
-            cells.append(f"{p50:.0f} / {mean:.0f} ({calls:.0f} calls)")
+            cells.append(f"{p50:.0f} / {mean:.0f} / {top:.0f} ({calls:.0f} calls)")
         lines.append(f"| {stage} | " + " | ".join(cells) + " |")
     totals = (("cpu_us", "gateway CPU per request, µs (all threads)", ".0f"),
               ("req_s", "wrk req/s", ".0f"), ("p50_ms", "wrk p50 ms", ".3f"))  # fmt: skip

@@ -2,7 +2,8 @@
 bench/stagehook/sitecustomize.py on PYTHONPATH): wrappers around the semantic cache's stages
 and the request handler, so the product's code carries no timers.
 
-Each wrapper adds its call's duration (perf_counter) to a list. SIGUSR1 clears the lists
+Each wrapper adds its call's duration (perf_counter) to a list; so does every collection of
+the cyclic garbage collector, by generation (`gc.callbacks`). SIGUSR1 clears the lists
 (after the warm-up); SIGUSR2 writes `{stage: [seconds, ...]}` as JSON to
 $TOLLWAY_STAGES_OUT. Both are registered on the worker's event loop at its first request.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import json
 import os
 import signal
@@ -48,6 +50,19 @@ def _timed(stage: str, func: Callable[..., Any]) -> Callable[..., Any]:
             _record(stage, time.perf_counter() - t)
 
     return wrapper
+
+
+def _gc_timer() -> Callable[[str, dict[str, int]], None]:
+    started = 0.0
+
+    def timer(phase: str, info: dict[str, int]) -> None:
+        nonlocal started
+        if phase == "start":
+            started = time.perf_counter()
+        else:
+            _record(f"gc: generation {info['generation']}", time.perf_counter() - started)
+
+    return timer
 
 
 def _dump() -> None:
@@ -94,3 +109,4 @@ def install() -> None:
     embed._vectors = _timed("embeddings request: decoding", embed._vectors)
     parts.IndexSlot.nearest = _timed_async("lookup: search", parts.IndexSlot.nearest)  # type: ignore[method-assign]
     cache._store = _timed_async("store (after the reply)", cache._store)  # type: ignore[method-assign]
+    gc.callbacks.append(_gc_timer())

@@ -11,9 +11,10 @@ and scores those exactly. The answer is exact for the candidates, so a hit is al
 the threshold; a neighbour the sketch misses makes a miss (random projection keeps a near
 duplicate's similarity to within a few hundredths at 64 dimensions, far inside the 32 best of
 10,000 rows; proven in tests/test_cache.py). Rows are kept contiguous (a removed row is
-replaced by the last one), the matrices grow by doubling. One LRU order spans every
-partition: a hit refreshes its entry, and adding past `max_entries` evicts the least
-recently used. Expired rows are dropped
+replaced by the last one). The matrices double while small; past GROW_BYTES a partition's
+matrix is made once for every row it may hold (`_capacity`), and the memory past its rows
+stays untouched, so not resident. One LRU order spans every partition: a hit refreshes its
+entry, and adding past `max_entries` evicts the least recently used. Expired rows are dropped
 from a partition when a lookup there meets one. Storing compares only the last RECENT rows.
 Nothing here awaits: the coroutine methods exist to fit the `VectorIndex` protocol
 (proxy/cache/base.py).
@@ -54,6 +55,13 @@ MAX_CANDIDATES = 8 * SKETCH_CANDIDATES
 # inside the gateway (bench.stages, c=1 misses, 0 to ~4,500 rows, three alternations), a
 # search took 241/246/222 us against 259/265/244 with the sample.
 SELECT_BELOW = 8192
+# A full partition's matrices double while the rows copied are at most GROW_BYTES; past that
+# a partition gets room for every row it may hold, up to RESERVE_BYTES of vectors, made
+# once. A put runs on the event loop, and doubling a large matrix stalled it: filling one
+# partition with 10,000 vectors, the longest put took 26 ms at 256 dimensions and 145 ms at
+# 1,536 (python -m bench.fill), for copying the rows and faulting in the doubled matrix.
+GROW_BYTES = 1 << 20
+RESERVE_BYTES = 256 << 20
 _projections: dict[int, npt.NDArray[np.float32]] = {}
 
 
@@ -86,10 +94,11 @@ def best_rows(scores: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.intp]:
 class _Partition:
     """The rows of one partition."""
 
-    __slots__ = ("expires", "ids", "payloads", "projection", "size", "sketch", "soonest",
-                 "vectors")  # fmt: skip
+    __slots__ = ("expires", "ids", "limit", "payloads", "projection", "size", "sketch",
+                 "soonest", "vectors")  # fmt: skip
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, limit: int):
+        self.limit = limit  # rows the partition may hold (its index's bound)
         self.vectors: npt.NDArray[np.float32] = np.empty((4, dim), dtype=np.float32)
         self.expires: npt.NDArray[np.float64] = np.empty(4, dtype=np.float64)
         self.projection = projection(dim)
@@ -106,10 +115,11 @@ class _Partition:
     def append(self, entry_id: int, vector: Vector, payload: bytes, expires: float) -> None:
         n = self.size
         if n == len(self.vectors):
-            self.vectors = np.concatenate([self.vectors, np.empty_like(self.vectors)])
-            self.expires = np.concatenate([self.expires, np.empty_like(self.expires)])
+            rows = self._capacity()
+            self.vectors = _grown(self.vectors, n, rows)
+            self.expires = _grown(self.expires, n, rows)
             if self.sketch is not None:
-                self.sketch = np.concatenate([self.sketch, np.empty_like(self.sketch)])
+                self.sketch = _grown(self.sketch, n, rows)
         self.vectors[n] = vector
         if self.sketch is not None and self.projection is not None:
             self.sketch[n] = vector @ self.projection
@@ -119,6 +129,17 @@ class _Partition:
         self.ids.append(entry_id)
         self.payloads.append(payload)
         self.size = n + 1
+
+    def _capacity(self) -> int:
+        """Rows for a full partition: twice as many while that copies at most GROW_BYTES,
+        else room for every row it may hold (up to RESERVE_BYTES; past that, doubling)."""
+        rows, width = self.vectors.shape
+        rows, width = int(rows), int(width)
+        if rows * width * 4 <= GROW_BYTES:
+            wanted = 2 * rows
+        else:
+            wanted = max(2 * rows, RESERVE_BYTES // (width * 4))
+        return max(rows + 1, min(wanted, self.limit))
 
     def nearest(self, vector: Vector) -> tuple[int, float]:
         """The row most similar to `vector` and its cosine similarity: exact for a small
@@ -157,6 +178,14 @@ class _Partition:
         return moved
 
 
+def _grown(rows: npt.NDArray[Any], n: int, capacity: int) -> npt.NDArray[Any]:
+    """`rows` with room for `capacity` rows: a new matrix holding its first `n`, the rest
+    left unwritten (memory the kernel only provides once a row is stored there)."""
+    grown = np.empty((capacity, *rows.shape[1:]), dtype=rows.dtype)
+    grown[:n] = rows[:n]
+    return grown
+
+
 class MemoryIndex:
     """A bounded in-process `VectorIndex`."""
 
@@ -167,8 +196,12 @@ class MemoryIndex:
         max_entries: int = 10_000,
         clock: Callable[[], float] = time.monotonic,
         on_evict: Callable[[str], None] | None = None,
+        max_rows: int | None = None,
     ):
         self.max_entries = max_entries
+        # rows one partition may reach (a bound a caller keeps itself, as the Redis index's
+        # copy does): the room a large partition is given at once
+        self.max_rows = min(max_entries, max_rows or max_entries)
         self._clock = clock
         self._on_evict = on_evict  # told the partition of every entry evicted for room
         self._partitions: dict[str, _Partition] = {}
@@ -224,7 +257,7 @@ class MemoryIndex:
             self._evict_oldest()
         part = self._partitions.get(partition)
         if part is None:
-            part = self._partitions[partition] = _Partition(vector.shape[0])
+            part = self._partitions[partition] = _Partition(vector.shape[0], self.max_rows)
         entry_id = self._next_id
         self._next_id += 1
         self._lru[entry_id] = (partition, part.size)

@@ -116,8 +116,9 @@ class Mirror:
         self.stream = stream
         self.copied: set[str] = set()  # tags whose copy is complete
         max_entries = max(1, max_vector_bytes // (4 * dim))
-        self.index = MemoryIndex(max_entries, clock=clock, on_evict=self._evicted)
         self.max_partition = min(MAX_PARTITION, max_entries)
+        self.index = MemoryIndex(max_entries, clock=clock, on_evict=self._evicted,
+                                 max_rows=self.max_partition + 1)  # fmt: skip
         self._url = url
         self._index_name = index_name
         self._clock = clock

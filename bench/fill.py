@@ -1,0 +1,89 @@
+"""`python -m bench.fill`: what storing costs while one partition of the in-process index
+fills up: each `MemoryIndex.put` timed, its p50, p99 and largest, by vector dimension.
+
+    python -m bench.fill [--rows 10000] [--dims 256,1536] [--runs 3]
+
+A put runs on the event loop, so its longest is a stall of every request the worker holds.
+Each run is a fresh process pinned to the gateway core (new memory costs page faults, as in
+a gateway), storing `--rows` random unit vectors into one partition of a `MemoryIndex`
+bounded at `--rows` entries. Also its resident memory after the fill.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+from bench import stack
+
+
+def fill(rows: int, dim: int) -> dict[str, float]:
+    """One fill, in this process: put times in µs, and the resident memory it added."""
+    import numpy as np
+
+    from proxy.cache.index import MemoryIndex
+
+    rng = np.random.default_rng(dim)
+    index = MemoryIndex(rows)
+    before = _rss_kib()
+    times = []
+    for start in range(0, rows, 100):  # made 100 at a time: little memory besides the index
+        vectors = rng.standard_normal((min(100, rows - start), dim)).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        for vector in vectors:
+            t = time.perf_counter_ns()
+            index.put("p", vector, b"x", 3600.0)
+            times.append((time.perf_counter_ns() - t) / 1000)
+    assert index.count("p") == rows
+    rss = (_rss_kib() - before) / 1024
+    times.sort()
+    return {"p50": times[len(times) // 2], "p99": times[len(times) * 99 // 100],
+            "max": times[-1], "total_ms": sum(times) / 1000, "rss_mib": rss}  # fmt: skip
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.fill", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--rows", type=int, default=10_000)
+    p.add_argument("--dims", default="256,1536")
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--one", type=int, help=argparse.SUPPRESS)  # a child: this dimension
+    args = p.parse_args(argv)
+    if args.one:
+        print(json.dumps(fill(args.rows, args.one)))
+        return 0
+    print(f"{args.rows:,} rows into one partition; per put µs (largest of {args.runs} runs "
+          "for max, medians otherwise)")  # fmt: skip
+    print("| dim | p50 | p99 | max | all puts, ms | resident MiB |")
+    print("|--:|--:|--:|--:|--:|--:|")
+    for dim in (int(x) for x in args.dims.split(",")):
+        runs = []
+        for _ in range(args.runs):
+            out = subprocess.run(
+                ["taskset", "-c", stack.GATEWAY_CPU, sys.executable, "-m", "bench.fill",
+                 "--rows", str(args.rows), "--one", str(dim)],
+                check=True, capture_output=True, text=True, cwd=stack.REPO,
+                env=dict(os.environ, PYTHONPATH=str(stack.REPO)),
+            )  # fmt: skip
+            runs.append(json.loads(out.stdout))
+        mid = {k: sorted(r[k] for r in runs)[len(runs) // 2] for k in runs[0]}
+        top = max(r["max"] for r in runs)
+        print(f"| {dim} | {mid['p50']:.1f} | {mid['p99']:.1f} | {top:,.0f} | "
+              f"{mid['total_ms']:.0f} | {mid['rss_mib']:.1f} |", flush=True)  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
