@@ -1,17 +1,22 @@
-"""`python -m bench.fill`: what storing costs while one partition of the in-process index
-fills up: each `MemoryIndex.put` timed, its p50, p99 and largest, by vector dimension.
+"""`python -m bench.fill`: the in-process index's upkeep, by vector dimension: what storing
+costs while one partition fills up (each `MemoryIndex.put` timed: p50, p99, largest), and
+what a lookup costs once that partition's entries expire in turn.
 
     python -m bench.fill [--rows 10000] [--dims 256,1536] [--runs 3]
 
 A put runs on the event loop, so its longest is a stall of every request the worker holds.
 Each run is a fresh process pinned to the gateway core (new memory costs page faults, as in
 a gateway), storing `--rows` random unit vectors into one partition of a `MemoryIndex`
-bounded at `--rows` entries. Also its resident memory after the fill.
+bounded at `--rows` entries. Also its resident memory after the fill. Then, on a clock the
+bench moves (1 ms a store), a partition whose entries live `--rows` ms, so it holds ~`--rows`
+of them, one expiring at every step as one is stored: after a TTL of warm-up, each of
+`--rows` lookups timed (`MemoryIndex.nearest`, new vectors: misses).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import subprocess
@@ -45,6 +50,36 @@ def fill(rows: int, dim: int) -> dict[str, float]:
             "max": times[-1], "total_ms": sum(times) / 1000, "rss_mib": rss}  # fmt: skip
 
 
+def expiring(rows: int, dim: int) -> dict[str, float]:
+    """Lookups (µs) in a partition whose entries expire one by one as others are stored."""
+    import numpy as np
+
+    from proxy.cache.index import MemoryIndex
+
+    rng = np.random.default_rng(dim)
+    now = 0.0
+    index = MemoryIndex(2 * rows, clock=lambda: now)
+    ttl = rows / 1000
+    times = []
+
+    async def main() -> None:
+        nonlocal now
+        for step in range(2 * rows):
+            vector = rng.standard_normal(dim).astype(np.float32)
+            vector /= np.linalg.norm(vector)
+            now += 0.001
+            t = time.perf_counter_ns()
+            await index.nearest("p", vector, 0.05)
+            if step >= rows:  # after one TTL: every step expires an entry
+                times.append((time.perf_counter_ns() - t) / 1000)
+            index.put("p", vector, b"x", ttl)
+
+    asyncio.run(main())
+    assert abs(index.count("p") - rows) <= 2
+    times.sort()
+    return {"lookup_p50": times[len(times) // 2], "lookup_max": times[-1]}
+
+
 def _rss_kib() -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -62,12 +97,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--one", type=int, help=argparse.SUPPRESS)  # a child: this dimension
     args = p.parse_args(argv)
     if args.one:
-        print(json.dumps(fill(args.rows, args.one)))
+        print(json.dumps(fill(args.rows, args.one) | expiring(args.rows, args.one)))
         return 0
     print(f"{args.rows:,} rows into one partition; per put µs (largest of {args.runs} runs "
           "for max, medians otherwise)")  # fmt: skip
-    print("| dim | p50 | p99 | max | all puts, ms | resident MiB |")
-    print("|--:|--:|--:|--:|--:|--:|")
+    print("| dim | put p50 | p99 | max | all puts, ms | resident MiB | lookup among expiring "
+          "entries: p50 / max |")  # fmt: skip
+    print("|--:|--:|--:|--:|--:|--:|--:|")
     for dim in (int(x) for x in args.dims.split(",")):
         runs = []
         for _ in range(args.runs):
@@ -81,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         mid = {k: sorted(r[k] for r in runs)[len(runs) // 2] for k in runs[0]}
         top = max(r["max"] for r in runs)
         print(f"| {dim} | {mid['p50']:.1f} | {mid['p99']:.1f} | {top:,.0f} | "
-              f"{mid['total_ms']:.0f} | {mid['rss_mib']:.1f} |", flush=True)  # fmt: skip
+              f"{mid['total_ms']:.0f} | {mid['rss_mib']:.1f} | {mid['lookup_p50']:.1f} / "
+              f"{mid['lookup_max']:,.0f} |", flush=True)  # fmt: skip
     return 0
 
 

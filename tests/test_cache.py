@@ -912,6 +912,35 @@ def test_memory_index_knows_each_partitions_earliest_expiry() -> None:
     asyncio.run(main())
 
 
+def test_one_lookup_drops_every_expired_row_and_keeps_the_rest() -> None:
+    """A lookup that meets expired rows drops them all at once (found in one pass, removed
+    from the last): what is left is exactly the live entries, each found as itself, with the
+    LRU order still pointing at their rows."""
+
+    async def main() -> None:
+        clock = Clock()
+        rng = np.random.default_rng(22)
+        index = MemoryIndex(1_000, clock)
+        vectors = _embedding_like(rng, 600, 64)
+        ttls = rng.integers(1, 100, len(vectors)).astype(float)
+        for i, (vector, ttl) in enumerate(zip(vectors, ttls, strict=True)):
+            index.put("p", vector, b"%d" % i, float(ttl))
+        start = clock.now
+        clock.now += 50.5
+        assert await index.nearest("p", vectors[int(ttls.argmax())], 1e-4) is not None
+        live = {b"%d" % i for i in np.flatnonzero(ttls > 50.5)}
+        part = index._partitions["p"]
+        assert 200 < part.size == len(live) == len(index) < 400
+        assert set(part.payloads) == live and bool((part.expires[: part.size] > clock.now).all())
+        for entry_id, (name, row) in index._lru.items():
+            assert name == "p" and part.ids[row] == entry_id
+        for i in rng.choice(len(vectors), 200, replace=False):
+            found = await index.nearest("p", vectors[i], 1e-4)
+            assert (found is not None and found[0] == b"%d" % i) == (start + ttls[i] > clock.now)
+
+    asyncio.run(main())
+
+
 def _embedding_like(rng: np.random.Generator, rows: int, dim: int) -> Vector:
     """Unit vectors bunched around one direction, as real embeddings are (unrelated texts
     at cosine ~0.3 rather than 0): the hard case for a sketch."""
