@@ -941,6 +941,47 @@ def test_one_lookup_drops_every_expired_row_and_keeps_the_rest() -> None:
     asyncio.run(main())
 
 
+def test_rows_added_at_once_are_found_held_once_and_bounded() -> None:
+    """`put_many` (a partition read whole): every row found as itself, a payload already
+    held not added twice (it keeps its own expiry), the bound evicting the least recently
+    used first and keeping the last rows of a batch larger than the index."""
+
+    async def main() -> None:
+        clock = Clock()
+        rng = np.random.default_rng(23)
+        stored = _embedding_like(rng, 150, 64)
+        payloads = [b"%d" % i for i in range(150)]
+        index = MemoryIndex(100, clock)
+        index.put("p", stored[0], payloads[0], 5)
+        index.put_many("p", stored[:10], payloads[:10], np.full(10, 30.0))
+        assert index.count("p") == len(index) == 10
+        for i in range(10):
+            found = await index.nearest("p", stored[i], 1e-4)
+            assert found is not None and found[0] == payloads[i]
+        clock.now += 6  # the row held before: its own expiry
+        assert await index.nearest("p", stored[0], 1e-4) is None
+        assert index.count("p") == 9
+        index.put("q", stored[149], b"q", 60)
+        index.put_many("p", stored[:120], payloads[:120], np.full(120, 20.0))
+        assert index.count("p") == len(index) == 100 and index.count("q") == 0
+        assert index.evicted == 10  # p's nine older rows and q's, least recently used
+        part = index._partitions["p"]
+        assert sorted(part.payloads) == sorted(payloads[20:120])
+        for entry_id, (name, row) in index._lru.items():
+            assert name == "p" and part.ids[row] == entry_id
+        for i in rng.choice(np.arange(20, 120), 30, replace=False):
+            found = await index.nearest("p", stored[i], 1e-4)
+            assert found is not None and found[0] == payloads[i]
+        clock.now += 20.5
+        assert await index.nearest("p", stored[50], 1e-4) is None and len(index) == 0
+        index.put_many("p", stored[:3], payloads[:3], np.full(3, 5.0))
+        other = _embedding_like(rng, 2, 32)
+        index.put_many("p", other, [b"x", b"y"], np.full(2, 5.0))  # another dimension
+        assert index.count("p") == 2 and await index.nearest("p", other[1], 1e-4) is not None
+
+    asyncio.run(main())
+
+
 def _embedding_like(rng: np.random.Generator, rows: int, dim: int) -> Vector:
     """Unit vectors bunched around one direction, as real embeddings are (unrelated texts
     at cosine ~0.3 rather than 0): the hard case for a sketch."""
