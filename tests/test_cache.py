@@ -982,6 +982,56 @@ def test_rows_added_at_once_are_found_held_once_and_bounded() -> None:
     asyncio.run(main())
 
 
+def test_the_memory_index_counts_the_bytes_its_entries_take() -> None:
+    """`held_bytes` (the `tollway.cache.bytes` gauge) stays equal to the payloads and rows
+    held, through adds, renewals with longer or shorter replies, adds at once, discards,
+    expiry, evictions, a partition dropped and a clear; two dimensions, with and without a
+    sketch."""
+
+    def recounted(index: MemoryIndex) -> int:
+        total = 0
+        for part in index._partitions.values():
+            sketch = index_module.SKETCH_DIM if part.sketch is not None else 0
+            width = part.vectors.shape[1] + sketch
+            total += sum(map(len, part.payloads)) + part.size * (4 * width + 8)
+        return total
+
+    async def main() -> None:
+        clock = Clock()
+        rng = np.random.default_rng(24)
+        index = MemoryIndex(30, clock)
+        pool = {8: _embedding_like(rng, 40, 8), 256: _embedding_like(rng, 40, 256)}
+        sketched = False
+        for step in range(2_000):
+            dim = 8 if step % 3 else 256
+            i = int(rng.integers(40))
+            part = f"{dim}-{i % 3}"
+            payload = b"x" * int(rng.integers(1, 500))
+            action = rng.random()
+            if action < 0.5:
+                index.put(part, pool[dim][i], payload, float(rng.integers(1, 30)))
+            elif action < 0.55:
+                rows = rng.choice(40, 5, replace=False)
+                payloads = [b"y%d" % r * int(rng.integers(1, 50)) for r in rows]
+                index.put_many(part, pool[dim][rows], payloads, np.full(5, 10.0))
+            elif action < 0.6:
+                held = index._partitions.get(part)
+                if held is not None and held.payloads:
+                    index.discard(part, held.payloads[0])
+            elif action < 0.61:
+                index.drop(part)
+            else:
+                await index.nearest(part, pool[dim][i], 1e-4)
+            assert index.held_bytes() == recounted(index)
+            sketched |= any(p.sketch is not None for p in index._partitions.values())
+            clock.now += float(rng.random())
+        assert index.evicted > 0 and index.held_bytes() > 0 and sketched
+        index.clear()
+        assert index.held_bytes() == 0
+
+    asyncio.run(main())
+
+
 def _embedding_like(rng: np.random.Generator, rows: int, dim: int) -> Vector:
     """Unit vectors bunched around one direction, as real embeddings are (unrelated texts
     at cosine ~0.3 rather than 0): the hard case for a sketch."""

@@ -168,6 +168,8 @@ def test_an_unreachable_embeddings_backend_fails_open(cached: GatewayProc) -> No
         line for line in metrics.splitlines() if line.startswith("tollway_cache_entries")
     )
     assert float(entries.split()[-1]) >= 3
+    held = next(line for line in metrics.splitlines() if line.startswith("tollway_cache_bytes"))
+    assert float(held.split()[-1]) >= float(entries.split()[-1]) * 100  # replies and vectors
     assert (
         'tollway_cache_lookups_total{tollway_api_id="broken",tollway_cache_result="error"} 3'
         in metrics

@@ -94,8 +94,8 @@ def best_rows(scores: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.intp]:
 class _Partition:
     """The rows of one partition."""
 
-    __slots__ = ("expires", "ids", "limit", "payloads", "projection", "size", "sketch",
-                 "soonest", "vectors")  # fmt: skip
+    __slots__ = ("expires", "ids", "limit", "payload_bytes", "payloads", "projection", "size",
+                 "sketch", "soonest", "vectors")  # fmt: skip
 
     def __init__(self, dim: int, limit: int):
         self.limit = limit  # rows the partition may hold (its index's bound)
@@ -107,6 +107,7 @@ class _Partition:
             self.sketch = np.empty((4, SKETCH_DIM), dtype=np.float32)
         self.ids: list[int] = []
         self.payloads: list[bytes] = []
+        self.payload_bytes = 0  # of every payload held
         self.size = 0
         # the earliest expiry among the rows, None when a removal or a renewal may have
         # changed it: a lookup reads a float instead of a numpy pass over every row
@@ -124,6 +125,7 @@ class _Partition:
             self.soonest = expires
         self.ids.append(entry_id)
         self.payloads.append(payload)
+        self.payload_bytes += len(payload)
         self.size = n + 1
 
     def extend(self, first_id: int, vectors: Vector, payloads: list[bytes],
@@ -139,7 +141,20 @@ class _Partition:
             self.soonest = min(self.soonest, float(expires.min()))
         self.ids.extend(range(first_id, first_id + k))
         self.payloads.extend(payloads)
+        self.payload_bytes += sum(map(len, payloads))
         self.size = n + k
+
+    def replace(self, row: int, payload: bytes, expires: float) -> None:
+        """A new payload and expiry for `row` (the same vector stored again)."""
+        self.payload_bytes += len(payload) - len(self.payloads[row])
+        self.payloads[row] = payload
+        self.expires[row] = expires
+        self.soonest = None  # the renewed row may have been the earliest
+
+    def held_bytes(self) -> int:
+        """The payloads, and the rows of the vectors and sketches, this partition holds."""
+        width = int(self.vectors.shape[1]) + (0 if self.sketch is None else SKETCH_DIM)
+        return self.payload_bytes + self.size * (4 * width + 8)  # 8: the row's expiry
 
     def _make_room(self, rows: int) -> None:
         """Matrices of at least `rows` rows, grown as `_capacity` says, moved once."""
@@ -186,6 +201,7 @@ class _Partition:
         """Drop `row`; return the id of the entry that moved into it (None if none did)."""
         last = self.size - 1
         moved = None
+        self.payload_bytes -= len(self.payloads[row])
         if self.soonest is not None and self.expires[row] <= self.soonest:
             self.soonest = None
         if row != last:
@@ -236,6 +252,12 @@ class MemoryIndex:
     def __len__(self) -> int:
         return len(self._lru)
 
+    def held_bytes(self) -> int:
+        """The stored payloads and the vector rows (and sketches) of every partition: the
+        memory the entries take, not the room reserved for more (read by the metrics
+        thread: a snapshot of the partitions)."""
+        return sum(part.held_bytes() for part in list(self._partitions.values()))
+
     async def nearest(
         self, partition: str, vector: Vector, max_distance: float
     ) -> tuple[bytes, float] | None:
@@ -271,9 +293,7 @@ class MemoryIndex:
             similarity = part.vectors[first : part.size] @ vector
             row = first + int(similarity.argmax())
             if similarity[row - first] >= 1.0 - SAME:
-                part.payloads[row] = payload
-                part.expires[row] = expires
-                part.soonest = None  # the renewed row may have been the earliest
+                part.replace(row, payload, expires)
                 self._lru.move_to_end(part.ids[row])
                 return
         while len(self._lru) >= self.max_entries:

@@ -86,8 +86,8 @@ class CacheParts:
         log.info("tollway: the semantic cache uses the Redis vector index")
 
     def gauges(self) -> list[Gauge]:
-        """The in-process indexes' size and evictions, or the Redis index's copy in process
-        (read from the metrics thread)."""
+        """The in-process indexes' entries, evictions and bytes, or the Redis index's copy in
+        process (read from the metrics thread)."""
         slots = list(self._slots.values())  # a reload may add one meanwhile
         if not slots:
             return []
@@ -109,11 +109,14 @@ class CacheParts:
             return []
         entries = sum(len(m) for m in memory)
         evicted = sum(m.evicted for m in memory)
+        held = sum(m.held_bytes() for m in memory)
         return [
             Gauge(genai.CACHE_ENTRIES, "{entry}", "Entries in the in-process semantic cache.",
                   (((), entries),)),
             Gauge(genai.CACHE_EVICTIONS, "{entry}", "Entries evicted for room (LRU).",
                   (((), evicted),), monotonic=True),
+            Gauge(genai.CACHE_BYTES, "By", "Bytes the in-process semantic cache's entries "
+                  "take: stored replies, vectors and their sketches.", (((), held),)),
         ]  # fmt: skip
 
     def local_embedder(self) -> Embedder:

@@ -43,6 +43,7 @@ CACHE_ERRORS = "tollway.cache.errors"  # embedder or index failures, by stage (f
 CACHE_ENTRIES = "tollway.cache.entries"  # gauge: entries in the in-process index
 SAFETY_CHECKS = "tollway.content_safety.checks"  # screenings by API, target and result
 CACHE_EVICTIONS = "tollway.cache.evictions"  # entries the in-process index dropped for room
+CACHE_BYTES = "tollway.cache.bytes"  # gauge: bytes the in-process index's entries take
 CACHE_COPIED = "tollway.cache.copied"  # gauge: Redis index entries copied into this process
 
 # --- attributes ------------------------------------------------------------------------------
