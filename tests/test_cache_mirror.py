@@ -62,6 +62,22 @@ def record_commands(index: RedisIndex, seen: list[str]) -> None:
     index.client.execute = spy  # type: ignore[method-assign]
 
 
+async def stored_by_another_process(url: str, stored: list[Vector]) -> None:
+    """Store `stored` in partition "p" (payloads "0", "1", ...) from another index."""
+    async with open_index(url) as before:
+        for i, vector in enumerate(stored):
+            await before.add("p", vector, b"%d" % i, 60)
+
+
+async def answered_from_the_copy(index: RedisIndex, stored: list[Vector]) -> None:
+    """Each of `stored` is a hit in "p" read with one HMGET: the copy found it."""
+    seen: list[str] = []
+    record_commands(index, seen)
+    for i, vector in enumerate(stored):
+        assert (await index.nearest("p", vector, 0.01) or (b"",))[0] == b"%d" % i
+    assert seen == ["HMGET"] * len(stored)
+
+
 def vectors(seed: int, count: int) -> list[Vector]:
     rng = np.random.default_rng(seed)
     return [random_unit(rng) for _ in range(count)]
@@ -98,17 +114,11 @@ def test_a_restarted_process_copies_what_the_server_holds(clean: RedisProc) -> N
     stored = vectors(3, 40)
 
     async def main() -> None:
-        async with open_index(clean.url) as before:
-            for i, vector in enumerate(stored):
-                await before.add("p", vector, b"%d" % i, 60)
+        await stored_by_another_process(clean.url, stored)
         async with open_index(clean.url, near_entries=0) as after:
             await copied(after, "p")
             assert len(copy_of(after).index) == 40
-            seen: list[str] = []
-            record_commands(after, seen)
-            for i, vector in enumerate(stored):
-                assert (await after.nearest("p", vector, 0.01) or (b"",))[0] == b"%d" % i
-            assert seen == ["HMGET"] * 40
+            await answered_from_the_copy(after, stored)
 
     run(main())
 
@@ -123,9 +133,7 @@ def test_a_partition_is_read_in_chunks_with_the_loop_free_between(
     stored = vectors(12, 100)
 
     async def main() -> None:
-        async with open_index(clean.url) as before:
-            for i, vector in enumerate(stored):
-                await before.add("p", vector, b"%d" % i, 60)
+        await stored_by_another_process(clean.url, stored)
         async with open_index(clean.url, near_entries=0) as after:
             await after.nearest("p", stored[0], 0.0)  # the copy starts following
             mirror = copy_of(after)
@@ -149,11 +157,7 @@ def test_a_partition_is_read_in_chunks_with_the_loop_free_between(
             assert len(chunks) == 7  # 100 rows, 16 at a time
             assert all(b > a for a, b in itertools.pairwise(chunks))  # the ticker ran between
             assert len(mirror.index) == 100
-            seen: list[str] = []
-            record_commands(after, seen)
-            for i, vector in enumerate(stored):
-                assert (await after.nearest("p", vector, 0.01) or (b"",))[0] == b"%d" % i
-            assert seen == ["HMGET"] * 100
+            await answered_from_the_copy(after, stored)
 
     run(main())
 
