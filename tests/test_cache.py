@@ -12,6 +12,7 @@ vs "What is the capital of Spain?" 0.23 and "Write a poem about the sea and sail
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
@@ -28,6 +29,7 @@ import numpy as np
 import pytest
 
 from proxy.app import Gateway, create_app
+from proxy.cache import embed as embed_module
 from proxy.cache import entry as entries
 from proxy.cache import index as index_module
 from proxy.cache.base import CacheUnavailableError, Vector
@@ -575,6 +577,28 @@ def test_a_malformed_embeddings_reply_is_a_miss_counted_as_an_error(
     assert _errors(app) == {("lookup",): 2}
     lines = [r.getMessage() for r in caplog.records if "semantic cache" in r.getMessage()]
     assert len(lines) == 1 and "embeddings backend" in lines[0]
+
+
+def test_a_batch_reply_is_read_in_order_as_unit_vectors_or_not_at_all() -> None:
+    """A reply for several texts (one batch of lookups): its vectors come back in the texts'
+    order, each of unit length, from base64 or from lists; one bad vector fails the whole
+    batch (its lookups go on as misses)."""
+    rng = np.random.default_rng(25)
+    rows = rng.standard_normal((3, 96)).astype(np.float32)
+    as_base64 = [base64.b64encode(row.tobytes()).decode() for row in rows]
+    as_lists = [row.tolist() for row in rows]
+    for embeddings in (as_base64, as_lists):
+        data = [{"embedding": embeddings[i], "index": i} for i in (2, 0, 1)]
+        vectors = embed_module._vectors(json.dumps({"data": data}).encode(), 3)
+        for vector, row in zip(vectors, rows, strict=True):
+            assert vector.dtype == np.float32 and vector.shape == (96,)
+            assert np.allclose(vector, row / np.linalg.norm(row), atol=1e-6)
+    nan = base64.b64encode(np.full(96, np.nan, dtype=np.float32).tobytes()).decode()
+    for bad in ([as_base64[0], nan, as_base64[2]], [as_lists[0], [0.0] * 96, as_lists[2]],
+                [as_base64[0], as_base64[1][:-4], as_base64[2]]):  # fmt: skip
+        payload = json.dumps({"data": [{"embedding": e, "index": i} for i, e in enumerate(bad)]})
+        with pytest.raises(CacheUnavailableError):
+            embed_module._vectors(payload.encode(), 3)
 
 
 def test_a_hung_embeddings_backend_costs_at_most_the_timeout(backend: MockProc) -> None:

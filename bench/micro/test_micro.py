@@ -440,6 +440,26 @@ def test_memory_index_nearest(benchmark, entries, dim):
     assert found is not None and found[0] == b"17" and found[1] < 1e-5
 
 
+@pytest.mark.parametrize(("texts", "dim"), [(1, 1_536), (12, 1_536), (12, 256), (64, 256)])
+def test_embeddings_reply_decode(benchmark, texts, dim):
+    """An embeddings backend's reply of `texts` base64 vectors (one batch of lookups: ~12 at
+    64 concurrent misses in bench.cache) read into unit vectors."""
+    import base64
+
+    import numpy as np
+
+    from proxy.cache.embed import _vectors
+
+    rng = np.random.default_rng(8)
+    rows = rng.standard_normal((texts, dim)).astype(np.float32)
+    data = [{"index": i, "embedding": base64.b64encode(row.tobytes()).decode()}
+            for i, row in enumerate(rows)]  # fmt: skip
+    payload = msgspec.json.encode({"object": "list", "data": data[::-1], "model": "m"})
+    vectors = benchmark(_vectors, payload, texts)
+    expected = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    assert np.allclose(np.stack(vectors), expected, atol=1e-6)
+
+
 @pytest.mark.parametrize("size", ["short", "long"])
 def test_local_embedder(benchmark, size):
     """The local embedder (extra [local-embeddings]) on one prompt, end to end: a question,
