@@ -94,8 +94,8 @@ def best_rows(scores: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.intp]:
 class _Partition:
     """The rows of one partition."""
 
-    __slots__ = ("expires", "ids", "limit", "payload_bytes", "payloads", "projection", "size",
-                 "sketch", "soonest", "vectors")  # fmt: skip
+    __slots__ = ("expires", "ids", "limit", "payload_bytes", "payloads", "projection",
+                 "row_bytes", "size", "sketch", "soonest", "vectors")  # fmt: skip
 
     def __init__(self, dim: int, limit: int):
         self.limit = limit  # rows the partition may hold (its index's bound)
@@ -108,6 +108,8 @@ class _Partition:
         self.ids: list[int] = []
         self.payloads: list[bytes] = []
         self.payload_bytes = 0  # of every payload held
+        # a row's vector, sketch and expiry
+        self.row_bytes = 4 * dim + (0 if self.sketch is None else 4 * SKETCH_DIM) + 8
         self.size = 0
         # the earliest expiry among the rows, None when a removal or a renewal may have
         # changed it: a lookup reads a float instead of a numpy pass over every row
@@ -129,8 +131,9 @@ class _Partition:
         self.size = n + 1
 
     def extend(self, first_id: int, vectors: Vector, payloads: list[bytes],
-               expires: npt.NDArray[np.float64]) -> None:  # fmt: skip
-        """`append` for many rows at once (ids from `first_id` on): one numpy pass each."""
+               expires: npt.NDArray[np.float64]) -> int:  # fmt: skip
+        """`append` for many rows at once (ids from `first_id` on): one numpy pass each.
+        Returns the bytes the rows take (`held_bytes`)."""
         n, k = self.size, len(vectors)
         self._make_room(n + k)
         self.vectors[n : n + k] = vectors
@@ -141,20 +144,24 @@ class _Partition:
             self.soonest = min(self.soonest, float(expires.min()))
         self.ids.extend(range(first_id, first_id + k))
         self.payloads.extend(payloads)
-        self.payload_bytes += sum(map(len, payloads))
+        added = sum(map(len, payloads))
+        self.payload_bytes += added
         self.size = n + k
+        return added + k * self.row_bytes
 
-    def replace(self, row: int, payload: bytes, expires: float) -> None:
-        """A new payload and expiry for `row` (the same vector stored again)."""
-        self.payload_bytes += len(payload) - len(self.payloads[row])
+    def replace(self, row: int, payload: bytes, expires: float) -> int:
+        """A new payload and expiry for `row` (the same vector stored again); returns the
+        change in bytes held."""
+        change = len(payload) - len(self.payloads[row])
+        self.payload_bytes += change
         self.payloads[row] = payload
         self.expires[row] = expires
         self.soonest = None  # the renewed row may have been the earliest
+        return change
 
     def held_bytes(self) -> int:
         """The payloads, and the rows of the vectors and sketches, this partition holds."""
-        width = int(self.vectors.shape[1]) + (0 if self.sketch is None else SKETCH_DIM)
-        return self.payload_bytes + self.size * (4 * width + 8)  # 8: the row's expiry
+        return self.payload_bytes + self.size * self.row_bytes
 
     def _make_room(self, rows: int) -> None:
         """Matrices of at least `rows` rows, grown as `_capacity` says, moved once."""
@@ -247,6 +254,7 @@ class MemoryIndex:
         # entry id -> (partition, row), least recently used first
         self._lru: OrderedDict[int, tuple[str, int]] = OrderedDict()
         self._next_id = 0
+        self._held = 0  # bytes: see held_bytes
         self.evicted = 0  # entries dropped for room (not for age)
 
     def __len__(self) -> int:
@@ -254,9 +262,9 @@ class MemoryIndex:
 
     def held_bytes(self) -> int:
         """The stored payloads and the vector rows (and sketches) of every partition: the
-        memory the entries take, not the room reserved for more (read by the metrics
-        thread: a snapshot of the partitions)."""
-        return sum(part.held_bytes() for part in list(self._partitions.values()))
+        memory the entries take, not the room reserved for more. A running total: the
+        metrics thread reads it without walking the partitions (which holds the GIL)."""
+        return self._held
 
     async def nearest(
         self, partition: str, vector: Vector, max_distance: float
@@ -293,7 +301,7 @@ class MemoryIndex:
             similarity = part.vectors[first : part.size] @ vector
             row = first + int(similarity.argmax())
             if similarity[row - first] >= 1.0 - SAME:
-                part.replace(row, payload, expires)
+                self._held += part.replace(row, payload, expires)
                 self._lru.move_to_end(part.ids[row])
                 return
         while len(self._lru) >= self.max_entries:
@@ -305,6 +313,7 @@ class MemoryIndex:
         self._next_id += 1
         self._lru[entry_id] = (partition, part.size)
         part.append(entry_id, vector, payload, expires)
+        self._held += len(payload) + part.row_bytes
 
     def put_many(self, partition: str, vectors: Vector, payloads: list[bytes],
                  ttls: npt.NDArray[np.float64]) -> None:  # fmt: skip
@@ -336,7 +345,7 @@ class MemoryIndex:
         for entry_id in range(first, self._next_id):
             self._lru[entry_id] = (partition, row)
             row += 1
-        part.extend(first, vectors, payloads, self._now() + ttls)
+        self._held += part.extend(first, vectors, payloads, self._now() + ttls)
 
     def count(self, partition: str) -> int:
         """How many entries `partition` holds (expired ones not yet dropped included)."""
@@ -365,6 +374,7 @@ class MemoryIndex:
     def clear(self) -> None:
         self._partitions.clear()
         self._lru.clear()
+        self._held = 0
 
     async def close(self) -> None:
         self.clear()
@@ -390,6 +400,7 @@ class MemoryIndex:
 
     def _remove(self, partition: str, part: _Partition, row: int) -> None:
         """Drop a row whose LRU entry is already gone."""
+        self._held -= len(part.payloads[row]) + part.row_bytes
         moved = part.remove(row)
         if moved is not None:
             self._lru[moved] = (partition, row)  # an existing key keeps its LRU position
@@ -397,6 +408,7 @@ class MemoryIndex:
             del self._partitions[partition]
 
     def _drop_partition(self, partition: str, part: _Partition) -> None:
+        self._held -= part.held_bytes()
         for entry_id in part.ids:
             self._lru.pop(entry_id, None)
         del self._partitions[partition]
