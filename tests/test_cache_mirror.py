@@ -406,3 +406,34 @@ def test_the_partitions_remembered_are_bounded(
             assert mirror.copied == {partition_tag("d")}
 
     run(main())
+
+
+def test_a_key_put_while_its_partition_is_read_is_held_once() -> None:
+    """An entry a store (or the follower) puts into a partition while the partition's read
+    is under way may be in the read's reply too: the copy holds it once. (The reply comes
+    from a stand-in for the server: what matters is the order of the two.)"""
+    stored = vectors(13, 5)
+    keys = [b"k%d" % i for i in range(5)]
+    expires = str(int((time.time() + 60) * 1000)).encode()
+    reply: list[Any] = [5]
+    for key, vector in zip(keys, stored, strict=True):
+        reply += [key, [b"vec", vector.astype("<f4").tobytes(), b"exp", expires]]
+
+    class Server:
+        async def execute(self, *args: Any) -> Any:
+            return [b"indexing", 0] if args[0] == "FT.INFO" else reply
+
+        async def close(self) -> None:
+            pass
+
+    async def main() -> None:
+        mirror = Mirror("redis://127.0.0.1:1", "index", "stream", DIM, origin=b"t",
+                        clock=time.time, timeout=1.0)  # fmt: skip
+        mirror._loader = Server()  # type: ignore[assignment]
+        mirror._loading["t"] = mirror._generation
+        mirror.stored("t", stored[2], keys[2], 60)  # in the copy before the reply is
+        assert await mirror._read_partition("t", mirror._generation) == 5
+        assert sorted(mirror.index._partitions["t"].payloads) == keys
+        await mirror.close()
+
+    run(main())

@@ -129,6 +129,8 @@ class Mirror:
         self._clock = clock
         self._timeout = timeout
         self._loading: dict[str, int] = {}  # tag -> the generation its read started in
+        # tag -> keys put into a partition while it is read (the read's reply may hold them)
+        self._arrived: dict[str, set[bytes]] = {}
         self._remote_until: dict[str, float] = {}  # tag -> when a copy may be tried again
         self._generation = 0  # counts the times the whole copy was dropped
         self._position: bytes | None = None  # the stream id read through; None: not following
@@ -200,6 +202,8 @@ class Mirror:
 
     def _put(self, tag: str, vector: Vector, key: bytes, ttl: float) -> None:
         if ttl > 0:
+            if tag in self._loading:
+                self._arrived.setdefault(tag, set()).add(key)
             self.index.put(tag, vector, key, ttl)
             self._checked(tag)
 
@@ -220,12 +224,14 @@ class Mirror:
     def _forget(self, tag: str) -> None:
         self.copied.discard(tag)
         self._loading.pop(tag, None)
+        self._arrived.pop(tag, None)
         self.index.drop(tag)
 
     def _forget_all(self) -> None:
         self._generation += 1
         self.copied.clear()
         self._loading.clear()
+        self._arrived.clear()
         self.index.clear()
 
     async def _load(self, tag: str) -> None:
@@ -237,6 +243,7 @@ class Mirror:
         if self._loading.get(tag) != generation or generation != self._generation:
             return  # dropped meanwhile (the follower failed, an eviction, a foreign entry)
         del self._loading[tag]
+        self._arrived.pop(tag, None)
         if 0 <= held <= self.max_partition:
             self.copied.add(tag)
             return
@@ -267,10 +274,12 @@ class Mirror:
             if held > self.max_partition or self._loading.get(tag) != generation:
                 return held
             keys, vectors, expires = [], [], []
+            arrived = self._arrived.get(tag, ())  # in the copy already: not added twice
             for i in range(start, min(start + 2 * chunk, len(reply) - 1), 2):
                 found = pairs(reply[i + 1])
                 vec, exp = found.get(b"vec"), found.get(b"exp")
-                if vec is not None and exp is not None and len(vec) == 4 * self.dim:
+                if (vec is not None and exp is not None and len(vec) == 4 * self.dim
+                        and reply[i] not in arrived):  # fmt: skip
                     keys.append(reply[i])
                     vectors.append(vec)
                     expires.append(int(exp) / 1000)
