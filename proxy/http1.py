@@ -278,24 +278,27 @@ class _Connection(asyncio.Protocol):
         self._eof_body = False
         head_future: asyncio.Future[Response] = self.loop.create_future()
         self._head = head_future
-        if isinstance(body, bytes):
-            if len(body) <= 16384:
-                transport.write(head + body)
+        try:
+            if isinstance(body, bytes):
+                if len(body) <= 16384:
+                    transport.write(head + body)
+                else:
+                    transport.write(head)
+                    transport.write(body)
             else:
                 transport.write(head)
-                transport.write(body)
-        else:
-            transport.write(head)
-            if body is not None:
-                self._writing = True
-                try:
-                    await self._write_stream(body, chunked)
-                finally:
-                    self._writing = False
-        self._last_read = self.loop.time()
-        self._arm_timer()
-        try:
+                if body is not None:
+                    self._writing = True
+                    try:
+                        await self._write_stream(body, chunked)
+                    finally:
+                        self._writing = False
+            self._last_read = self.loop.time()
+            self._arm_timer()
             return await head_future
+        except BaseException:
+            _abandon(self, head_future)
+            raise
         finally:
             if self._head is head_future:  # the connection may already serve the next one
                 self._head = None
@@ -363,6 +366,20 @@ class _Connection(asyncio.Protocol):
 
     def received_nothing(self) -> bool:
         return not self._received
+
+
+def _abandon(conn: _Connection, head: asyncio.Future[Response]) -> None:
+    """The exchange on `conn` whose head is `head` ends without its caller getting the
+    response (cancelled, or the connection failed). Until the head arrived the connection
+    is mid-exchange, its state unknown: drop it. Once it arrived, the response decides: one
+    already read to its end has put the connection back in the pool, where another request
+    may be using it by now, so it is left alone; one still being read is dropped by
+    `close()`. (A task is told of its cancellation only when it next runs: under load the
+    response can arrive, and the connection serve another request, in between.)"""
+    if head.done() and not head.cancelled() and head.exception() is None:
+        head.result().close()
+    else:
+        conn.abort()
 
 
 def _delimited_by_close(headers: RawHeaders) -> bool:
@@ -448,9 +465,6 @@ class ConnectionPool:
                 if retry and conn.reused and conn.received_nothing():
                     retry = False  # a kept-alive connection the backend had just closed
                     continue
-                raise
-            except BaseException:
-                conn.abort()  # cancelled mid-exchange: the connection's state is unknown
                 raise
 
     async def _acquire(self) -> _Connection:

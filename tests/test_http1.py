@@ -780,6 +780,37 @@ def test_cancelled_request_drops_its_connection(run: Runner) -> None:
     run(main())
 
 
+def test_a_request_cancelled_after_its_response_came_leaves_the_connection_alone(
+    run: Runner,
+) -> None:
+    """A request cancelled after its response arrived and its connection went back to the
+    pool, but before its task ran again, must not drop that connection: another request
+    may already be on it. (Under load, many callbacks run in one loop turn: the gateway's
+    bench saw 502s this way, `BackendConnectionFailure` with nothing received.)"""
+
+    async def main() -> None:
+        async with Backend(answer(lambda r: reply(r.target))) as backend, client(
+            backend.url
+        ) as pool:
+            first = asyncio.create_task(get(pool, b"/first"))
+
+            async def second() -> tuple[int, bytes]:
+                while not pool._idle:  # queued ahead of `first`'s wake-up every loop turn
+                    await asyncio.sleep(0)
+                first.cancel()  # its response came; it has not run since
+                return await get(pool, b"/second")  # on the connection `first` released
+
+            assert await second() == (200, b"/second")
+            with contextlib.suppress(asyncio.CancelledError):
+                await first
+            assert [r.target for r in backend.requests] == [b"/first", b"/second"]
+            assert backend.accepted == 1
+            assert await get(pool, b"/third") == (200, b"/third")  # still the same one
+            assert backend.accepted == 1
+
+    run(main())
+
+
 # -- 9. stale keep-alive connections
 
 
