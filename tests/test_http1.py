@@ -789,9 +789,10 @@ def test_a_request_cancelled_after_its_response_came_leaves_the_connection_alone
     bench saw 502s this way, `BackendConnectionFailure` with nothing received.)"""
 
     async def main() -> None:
-        async with Backend(answer(lambda r: reply(r.target))) as backend, client(
-            backend.url
-        ) as pool:
+        async with (
+            Backend(answer(lambda r: reply(r.target))) as backend,
+            client(backend.url) as pool,
+        ):
             first = asyncio.create_task(get(pool, b"/first"))
 
             async def second() -> tuple[int, bytes]:
