@@ -94,8 +94,8 @@ def best_rows(scores: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.intp]:
 class _Partition:
     """The rows of one partition."""
 
-    __slots__ = ("expires", "ids", "limit", "payload_bytes", "payloads", "projection",
-                 "row_bytes", "size", "sketch", "soonest", "vectors")  # fmt: skip
+    __slots__ = ("expires", "ids", "limit", "payloads", "projection", "row_bytes", "size",
+                 "sketch", "soonest", "vectors")  # fmt: skip
 
     def __init__(self, dim: int, limit: int):
         self.limit = limit  # rows the partition may hold (its index's bound)
@@ -107,7 +107,6 @@ class _Partition:
             self.sketch = np.empty((4, SKETCH_DIM), dtype=np.float32)
         self.ids: list[int] = []
         self.payloads: list[bytes] = []
-        self.payload_bytes = 0  # of every payload held
         # a row's vector, sketch and expiry
         self.row_bytes = 4 * dim + (0 if self.sketch is None else 4 * SKETCH_DIM) + 8
         self.size = 0
@@ -127,7 +126,6 @@ class _Partition:
             self.soonest = expires
         self.ids.append(entry_id)
         self.payloads.append(payload)
-        self.payload_bytes += len(payload)
         self.size = n + 1
 
     def extend(self, first_id: int, vectors: Vector, payloads: list[bytes],
@@ -144,24 +142,22 @@ class _Partition:
             self.soonest = min(self.soonest, float(expires.min()))
         self.ids.extend(range(first_id, first_id + k))
         self.payloads.extend(payloads)
-        added = sum(map(len, payloads))
-        self.payload_bytes += added
         self.size = n + k
-        return added + k * self.row_bytes
+        return sum(map(len, payloads)) + k * self.row_bytes
 
     def replace(self, row: int, payload: bytes, expires: float) -> int:
         """A new payload and expiry for `row` (the same vector stored again); returns the
         change in bytes held."""
         change = len(payload) - len(self.payloads[row])
-        self.payload_bytes += change
         self.payloads[row] = payload
         self.expires[row] = expires
         self.soonest = None  # the renewed row may have been the earliest
         return change
 
     def held_bytes(self) -> int:
-        """The payloads, and the rows of the vectors and sketches, this partition holds."""
-        return self.payload_bytes + self.size * self.row_bytes
+        """The payloads, and the rows of the vectors and sketches, this partition holds (a
+        walk over its payloads: for dropping it, which walks its rows anyway)."""
+        return sum(map(len, self.payloads)) + self.size * self.row_bytes
 
     def _make_room(self, rows: int) -> None:
         """Matrices of at least `rows` rows, grown as `_capacity` says, moved once."""
@@ -208,7 +204,6 @@ class _Partition:
         """Drop `row`; return the id of the entry that moved into it (None if none did)."""
         last = self.size - 1
         moved = None
-        self.payload_bytes -= len(self.payloads[row])
         if self.soonest is not None and self.expires[row] <= self.soonest:
             self.soonest = None
         if row != last:
