@@ -65,7 +65,7 @@ def read_times(pid: int, out: Path) -> dict[str, list[float]]:
 
 def run_once(args: argparse.Namespace, tmp: Path, rnd: int, profile: str,
              services: dict[str, str]) -> dict[str, Any]:  # fmt: skip
-    """One fresh gateway: warm-up, clear, measure, read; per stage (calls, p50, mean) µs."""
+    """One fresh gateway: warm-up, clear, measure, read; per stage (calls, p50, mean, max) µs."""
     out = tmp / f"stages-{profile}-{rnd}.json"
     if profile == "redis":
         cache.reset_redis(services["store"])
