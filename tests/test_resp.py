@@ -159,6 +159,44 @@ def test_send_calls_back_with_the_reply_or_the_error_in_order(server: RedisProc)
     run(main())
 
 
+class _CountedWrites:
+    """A transport that counts its writes (uvloop's cannot be patched)."""
+
+    def __init__(self, transport: Any) -> None:
+        self.transport = transport
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+        self.transport.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)
+
+
+def test_send_all_writes_its_commands_at_once_and_calls_back_in_order(server: RedisProc) -> None:
+    """`send_all` (the cache's MULTI/EXEC): one write for all its commands, not one each,
+    and the callback hears every reply in turn."""
+    heard: list[Any] = []
+
+    async def main() -> None:
+        client = RespClient(server.url)
+        try:
+            await client.execute("DEL", "n")
+            conn = client._conn
+            assert conn is not None
+            counted = conn._transport = _CountedWrites(conn._transport)
+            client.send_all((("MULTI",), ("INCR", "n"), ("INCR", "n"), ("EXEC",)), heard.append)
+            assert len(counted.writes) == 1 and counted.writes[0].count(b"INCR") == 2
+            while len(heard) < 4:
+                await asyncio.sleep(0)
+            assert heard == [b"OK", b"QUEUED", b"QUEUED", [1, 2]]
+        finally:
+            await client.close()
+
+    run(main())
+
+
 def test_reply_types(server: RedisProc) -> None:
     async def main() -> None:
         client = RespClient(server.url)

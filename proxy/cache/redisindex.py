@@ -370,8 +370,8 @@ class RedisIndex:
                 raise
 
     async def _transaction(self, *commands: tuple[Any, ...]) -> None:
-        """MULTI, `commands`, EXEC, written back to back (so that no other caller's command
-        lands inside): the entry never exists without its expiry."""
+        """MULTI, `commands`, EXEC, written back to back in one write (so that no other
+        caller's command lands inside): the entry never exists without its expiry."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[Any] = loop.create_future()
         count = len(commands) + 2
@@ -388,8 +388,7 @@ class RedisIndex:
                 else:
                     done.set_result(None)
 
-        for command in (("MULTI",), *commands, ("EXEC",)):
-            self.client.send(command, answered)
+        self.client.send_all((("MULTI",), *commands, ("EXEC",)), answered)
         await done
 
     async def _bounded(self, call: Coroutine[Any, Any, T]) -> T:

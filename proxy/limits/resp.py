@@ -112,7 +112,17 @@ class RespClient:
         conn = self._conn
         if conn is None or conn.closed:
             conn = self._open()
-        conn.queue(_pack(tuple(command)), callback)
+        conn.queue(_pack(tuple(command)), callback, soon=False)
+        conn.flush()
+
+    def send_all(self, commands: Sequence[Sequence[Arg]], callback: Callback) -> None:
+        """`send` for several commands, written back to back in one write (one system call,
+        not one each: ~25 µs apiece here); `callback` is called with each reply in turn."""
+        conn = self._conn
+        if conn is None or conn.closed:
+            conn = self._open()
+        for command in commands:
+            conn.queue(_pack(tuple(command)), callback, soon=False)
         conn.flush()
 
     async def close(self) -> None:
@@ -210,13 +220,16 @@ class _Connection(asyncio.Protocol):
         """Queue AUTH or SELECT: an error reply drops the connection."""
         self.queue(payload, None)
 
-    def queue(self, payload: bytes, waiter: asyncio.Future[Any] | Callback | None) -> None:
-        """Queue one packed command for this turn's write; `waiter` gets its reply."""
+    def queue(
+        self, payload: bytes, waiter: asyncio.Future[Any] | Callback | None, soon: bool = True
+    ) -> None:
+        """Queue one packed command for this turn's write; `waiter` gets its reply. `soon`
+        False: the caller flushes itself (no write is scheduled for the turn's end)."""
         loop = self.loop
         deadline = loop.time() + self.timeout
         self._waiting.append((waiter, deadline))
         out = self._out
-        if not out and self._transport is not None and not self._write_paused:
+        if soon and not out and self._transport is not None and not self._write_paused:
             loop.call_soon(self.flush)
         out.append(payload)
         if self._timer is None:
