@@ -22,9 +22,11 @@ Chat goes to nginx's fixed reply (~20 µs); embeddings to `tollway mock-llm`'s d
 A Lua `response()` hook counts the `x-cache` values (a hit run must be all HIT, a miss run all
 MISS) and keeps the distribution of `x-tollway-overhead-ms`, the gateway's own time (the
 embeddings call is counted as backend wait, so it is excluded: its request, its wait and its
-reply's decoding alike). Each round also measures the mock's `/v1/embeddings` directly at c=1
-(the miss path's unique texts and the hit prompt), as the gateway calls it: base64, from the
-gateway core. Every measurement waits for a quiet machine first (bench/measure.py's guard).
+reply's decoding alike), and the miss runs count the stores the gateway failed or dropped
+(`tollway.cache.errors`, stage store, from /metrics). Each round also measures the mock's
+`/v1/embeddings` directly at c=1 (the miss path's unique texts and the hit prompt), as the
+gateway calls it: base64, from the gateway core. Every measurement waits for a quiet machine
+first (bench/measure.py's guard).
 
 Figures: req/s, p50/p99, overhead p50/p99, the gateway's CPU per request, how busy each core
 was (a load core near 1.0 means wrk, the mock or Redis limited the run); "added" = median
@@ -75,6 +77,7 @@ HIT_TARGET_MS, MISS_TARGET_MS = 2.0, 0.3
 # in-process one, or a lookup failed (fail-open: it answered MISS without looking).
 FALLBACK_LOG = "keeps its vectors in process"
 OUTAGE_LOG = "semantic cache lookup unavailable"
+STORE_STAGE = 'tollway_cache_stage="store"'  # the label of tollway.cache.errors' store failures
 
 _SUBSCRIPTIONS = "subscriptions:\n" + "".join(
     f"  - {{id: s{i}, scope: all-apis, primary-key: {k}}}\n" for i, k in enumerate(stack.KEYS)
@@ -235,6 +238,12 @@ def scrape(url: str) -> dict[str, float]:
             with contextlib.suppress(ValueError):
                 out[re.sub(r'tollway\.api\.id="[^"]*",?', "", name)] = float(value)
     return out
+
+
+def store_failures(url: str) -> int:
+    """The stores the gateway at `url` (its chat URL) counted as failed or dropped so far."""
+    found = scrape(url.removesuffix("/chat/completions"))
+    return int(found.get(f"tollway_cache_errors_total{{{STORE_STAGE}}}", 0))
 
 
 # -- load: wrk with Lua hooks --------------------------------------------------------------
@@ -406,6 +415,7 @@ class Bench:
         path passes `again`: the scripts for a repeat (the guard's, on a busy machine), whose
         prompts the first attempt has not stored (else a repeat is a run of hits)."""
         attempts = 0
+        counted = key["path"] == "miss" and key["profile"] != "nocache"  # stores to count
 
         def once() -> Row:
             nonlocal attempts, script, warm
@@ -416,9 +426,12 @@ class Bench:
                 wrk(url, c, self.args.warmup, warm, cpu)
 
             def run() -> Row:
+                failed = store_failures(url) if counted else 0
                 before = core_times()
                 row = wrk(url, c, self.args.duration, script, cpu)
                 row.update(busy_cores(before, core_times()))
+                if counted:
+                    row["store_failures"] = store_failures(url) - failed
                 return row
 
             return with_cpu(pgid, lambda r: int(r["requests"]), run) if pgid else run()
@@ -430,7 +443,9 @@ class Bench:
               f"p50 {row['p50_ms']:.3f}  p99 {row['p99_ms']:.3f} ms  overhead p50 "
               f"{'-' if over is None else f'{over:.3f}'} ms  x-cache {row['x_cache']}  "
               f"errors {row['errors']}  busy load/gw core {row.get('load_core_busy')}/"
-              f"{row.get('gateway_core_busy')}", flush=True)  # fmt: skip
+              f"{row.get('gateway_core_busy')}"
+              + (f"  stores failed {row['store_failures']}" if "store_failures" in row else ""),
+              flush=True)  # fmt: skip
         return row
 
     def embeddings(self, rnd: int, mock: stack.Service) -> None:
@@ -530,6 +545,8 @@ def summarise(rows: list[Row], profiles: list[str]) -> list[Row]:
         merged["lookup_failures"] = any(r.get("lookup_failures") for r in rounds)
         if "index_entries" in rounds[0]:
             merged["index_entries"] = rounds[-1]["index_entries"]
+        if "store_failures" in rounds[0]:
+            merged["store_failures"] = sum(int(r.get("store_failures", 0)) for r in rounds)
         base = {r["round"]: r for r in groups.get((path, "nocache", c), [])}
         if path in ("hit", "miss") and profile != "nocache" and base:
             for name in ("p50_ms", "p99_ms", "overhead_p50_ms"):
@@ -589,6 +606,9 @@ def table(summary: list[Row]) -> str:
             continue
         verdict = "met" if value <= target else f"MISSED by {value - target:.3f} ms"
         lines.append(f"- {name}: {what} {value:.3f} ms ≤ {target} ms: {verdict}")
+        if r.get("store_failures"):
+            lines.append(f"  - stores failed or dropped (tollway.cache.errors): "
+                         f"{r['store_failures']} of {r['x_cache'].get('MISS', 0)}")  # fmt: skip
         added, embed = r.get("added_p50_ms"), r.get("embed_p50_ms")
         if added is not None and embed:
             # end to end: what a client waits beyond no cache, less the embeddings call

@@ -32,7 +32,7 @@ from proxy.app import Gateway, create_app
 from proxy.cache import embed as embed_module
 from proxy.cache import entry as entries
 from proxy.cache import index as index_module
-from proxy.cache.base import CacheUnavailableError, Vector
+from proxy.cache.base import CacheBusyError, CacheUnavailableError, Vector
 from proxy.cache.index import MemoryIndex
 from proxy.cache.parts import IndexSlot
 from proxy.cache.policy import SemanticCache
@@ -647,6 +647,33 @@ def test_a_failing_index_never_fails_the_request(backend: MockProc) -> None:
 
     app = run(config_text(backend.url), scenario)
     assert _errors(app) == {("lookup",): 1, ("store",): 2}
+
+
+class BusyIndex(MemoryIndex):
+    async def add(self, partition: str, vector: Vector, payload: bytes, ttl: float) -> None:
+        raise CacheBusyError("16 stores unanswered")
+
+
+def test_a_store_dropped_by_a_busy_index_is_counted_not_an_outage(
+    backend: MockProc, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An index too far behind drops the store (it logs that itself): the cache counts it
+    and does not say the index is down, nor that it answers again at the next store."""
+
+    async def scenario(client: Client) -> None:
+        slot = client.app.runtime.caches[0].all[0].index
+        assert isinstance(slot, IndexSlot)
+        slot.current = BusyIndex(100)
+        for text in (FRANCE, POEM):
+            assert (await client.post(chat(text))).cache == "MISS"
+        slot.current = MemoryIndex(100)
+        assert (await client.post(chat(FRANCE))).cache == "MISS"
+        assert (await client.post(chat(FRANCE))).cache == "HIT"
+
+    with caplog.at_level(logging.WARNING, logger="tollway"):
+        app = run(config_text(backend.url), scenario)
+    assert _errors(app) == {("store",): 2}
+    assert not [r for r in caplog.records if "semantic cache" in r.getMessage()]
 
 
 def test_lookups_are_counted_by_result_and_hits_are_span_events(backend: MockProc) -> None:

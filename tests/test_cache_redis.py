@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from proxy.cache import redisindex
-from proxy.cache.base import CacheUnavailableError, Vector, distance
+from proxy.cache.base import CacheBusyError, CacheUnavailableError, Vector, distance
 from proxy.cache.index import MemoryIndex
 from proxy.cache.redisindex import (
     PREFIX,
@@ -455,7 +455,7 @@ def test_concurrent_calls(clean: RedisProc) -> None:
     vectors = [random_unit(rng) for _ in range(64)]
 
     async def main() -> None:
-        async with open_index(clean.url) as index:
+        async with open_index(clean.url, max_stores=64) as index:
             await asyncio.gather(
                 *(index.add(f"p{i % 4}", v, str(i).encode(), 60) for i, v in enumerate(vectors))
             )
@@ -482,6 +482,63 @@ def test_index_made_again_after_it_vanished(clean: RedisProc) -> None:
             assert await index.nearest("p", vector, 0.1) is None  # no index: a miss
             await index.add("p", vector, b"after", 60)
             hit = await index.nearest("p", vector, 0.1)
+            assert hit is not None and hit[0] == b"after"
+
+    run(main())
+
+
+def test_stores_past_max_stores_unanswered_are_dropped_and_logged(
+    clean: RedisProc, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With `max_stores` stores sent and not yet answered, the next is dropped
+    (CacheBusyError) without a command; answered, they make room again. One log line when
+    the drops start, and one with their count once none came for DROP_QUIET."""
+    monkeypatch.setattr(redisindex, "DROP_QUIET", 0.2)
+    rng = np.random.default_rng(31)
+    vectors = [random_unit(rng) for _ in range(6)]
+
+    async def main() -> None:
+        async with open_index(clean.url, max_stores=2, near_entries=0) as index:
+            await index.add("p", vectors[0], b"0", 60)  # the index made; nothing unanswered
+            added = await asyncio.gather(
+                *(index.add("p", vectors[i], b"%d" % i, 60) for i in range(1, 5)),
+                return_exceptions=True,
+            )
+            assert [type(result) for result in added] == [
+                type(None), type(None), CacheBusyError, CacheBusyError,
+            ]  # fmt: skip
+            await index.add("p", vectors[5], b"5", 60)  # answered: room again
+            for i, vector in enumerate(vectors):
+                hit = await index.nearest("p", vector, 0.001)
+                assert (hit and hit[0]) == (None if i in (3, 4) else b"%d" % i)
+            await asyncio.sleep(0.3)
+
+    with caplog.at_level(logging.WARNING, logger="tollway"):
+        run(main())
+    with clean.client() as client:
+        assert len(client.keys(f"{key_prefix(DIM)}*")) == 4  # a dropped store sent nothing
+    lines = warnings(caplog)
+    assert len(lines) == 2, lines
+    assert "2 stores unanswered" in lines[0] and "dropped" in lines[0]
+    assert "2 stores were dropped" in lines[1]
+
+
+def test_a_failed_store_frees_its_place(own_search_server: RedisProc) -> None:
+    """A store whose connection gave up on it (a hung server) no longer counts as
+    unanswered: the index stores again once the server is back."""
+    vector, other = unit(1), unit(0, 1)
+
+    async def main() -> None:
+        async with open_index(own_search_server.url, timeout=0.2, max_stores=1) as index:
+            await index.add("p", vector, b"x", 60)
+            own_search_server.pause()
+            try:
+                assert await timed_failure(index.add("q", vector, b"y", 60)) < 0.2 + 0.25
+                await asyncio.sleep(0.1)  # the connection's own timeout, and its grace
+            finally:
+                own_search_server.resume()
+            await index.add("p", other, b"after", 60)
+            hit = await index.nearest("p", other, 0.001)
             assert hit is not None and hit[0] == b"after"
 
     run(main())

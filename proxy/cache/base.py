@@ -24,6 +24,11 @@ class CacheUnavailableError(Exception):
     as a miss, and the cache says so (log line, metric)."""
 
 
+class CacheBusyError(Exception):
+    """An index too far behind to take one more store: the store is dropped and counted, and
+    the index says so in its log (not an outage: the index answers)."""
+
+
 class Embedder(Protocol):
     """Text -> unit vectors. One call may embed several texts (one vector each, in order)."""
 

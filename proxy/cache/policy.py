@@ -45,7 +45,7 @@ from collections.abc import Callable, Mapping, Sequence
 import msgspec
 
 from proxy.cache import entry as entries
-from proxy.cache.base import CacheUnavailableError, Embedder, Vector, VectorIndex
+from proxy.cache.base import CacheBusyError, CacheUnavailableError, Embedder, Vector, VectorIndex
 from proxy.cache.entry import Entry
 from proxy.config import Api, CacheLookup, CacheStore, Config, PolicyEntry, parse_template
 from proxy.exchange import Exchange
@@ -355,6 +355,9 @@ class SemanticCache:
             payload = entries.encode(make())
             async with asyncio.timeout(max(self._timeout, 1.0)):
                 await self.index.add(found.partition, found.vector, payload, self._ttl)
+        except CacheBusyError:
+            self.metrics.error("store")  # the index logs it
+            return
         except (CacheUnavailableError, TimeoutError) as exc:
             self.outage.failed("store", str(exc) or "no answer in time")
             self.metrics.error("store")

@@ -52,7 +52,10 @@ written to their slots' nodes, which this index does not do.
 Every failure (connection, timeout, error reply) raises CacheUnavailableError within `timeout`
 seconds, and the cache steps aside. A server restarted or flushed without its indexes answers
 one lookup as a miss and gets them again on the next call. An entry is written with MULTI/EXEC
-(with its stream entry), so it never exists without its expiry.
+(with its stream entry), so it never exists without its expiry. A process with MAX_STORES
+stores unanswered drops the next (CacheBusyError: counted, and logged when the drops start
+and once they have stopped), so a server slower than the misses is never queued more work
+than that.
 """
 
 from __future__ import annotations
@@ -69,7 +72,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from proxy.cache.base import CacheUnavailableError, Vector, VectorIndex
+from proxy.cache.base import CacheBusyError, CacheUnavailableError, Vector, VectorIndex
 from proxy.cache.index import MemoryIndex
 from proxy.cache.mirror import MAX_VECTOR_BYTES, Mirror, log_entry
 from proxy.limits.base import StoreUnavailableError
@@ -93,6 +96,18 @@ PROBE_DIM = 2
 # among 10,000 entries of 256 dimensions against 0.28-0.32 ms with batches. Small partitions
 # keep the planner's choice (a brute force over few entries is cheap and exact).
 BATCHES_FROM = 1_000
+# Stores the server has not answered yet, at most, per process: a store past them is dropped
+# (CacheBusyError, counted in tollway.cache.errors) rather than queued. Each store is an HNSW
+# insert on the server's one thread (~0.5 ms at 256 dimensions), so misses that come faster
+# than the server inserts queued without end: at 64 concurrent misses here (the server on
+# the load core) a store waited 68-144 ms (p50), some timed out, and each timeout dropped
+# the connection with the lookups waiting on it. With 16, a lookup's read waits behind at
+# most ~8 ms of this process's inserts (256 dimensions); 8 stored 27% fewer entries there.
+MAX_STORES = 16
+# Dropped stores are logged twice: at the first, and once none has been dropped this long
+# (with the count), not each time the backlog clears: under a steady overload it clears and
+# refills hundreds of times a second.
+DROP_QUIET = 10.0
 MAX_SIZES = 100_000  # partitions whose sizes are remembered (cleared when full)
 NEAR_ENTRIES = 1_024  # entries found in Redis kept in process (the module docstring)
 NEAR_SECONDS = 30.0  # the longest one is answered from there
@@ -154,6 +169,7 @@ class RedisIndex:
         clock: Callable[[], float] | None = None,
         near_entries: int = NEAR_ENTRIES,
         mirror_bytes: int = MAX_VECTOR_BYTES,
+        max_stores: int = MAX_STORES,
     ) -> None:
         self._fallback = fallback
         self._timeout = timeout
@@ -178,6 +194,11 @@ class RedisIndex:
         self._mirror_bytes = mirror_bytes  # 0: no copy, every lookup asks the server
         self._mirrors: dict[int, Mirror] = {}  # dimension -> its partitions' copy
         self._origin = os.urandom(8).hex().encode()  # in the stream: "stored by this process"
+        self._max_stores = max_stores
+        self._storing = 0  # stores sent and not yet answered (or failed)
+        self._dropped = 0  # stores dropped since the last DROP_QUIET seconds without one
+        self._last_drop = 0.0  # the event loop's time of the latest
+        self._drops_timer: asyncio.TimerHandle | None = None
 
     @classmethod
     def connect(cls, url: str, *, timeout: float = TIMEOUT) -> RedisIndex:
@@ -193,6 +214,8 @@ class RedisIndex:
         await self._bounded(self._add(partition, vector, payload, ttl))
 
     async def close(self) -> None:
+        if self._drops_timer is not None:
+            self._drops_timer.cancel()
         for mirror in self._mirrors.values():
             await mirror.close()
         if self._near is not None:
@@ -311,6 +334,9 @@ class RedisIndex:
             return await fallback.add(partition, vector, payload, ttl)
         dim = len(vector)
         await self._ensure(dim)
+        if self._storing >= self._max_stores:
+            self._drop_store()
+            raise CacheBusyError(f"the Redis index has {self._storing} stores unanswered")
         ttl_ms = max(1, round(ttl * 1000))
         tag, blob, expiry = partition_tag(partition), _blob(vector), self._now_ms() + ttl_ms
         key = key_prefix(dim) + hashlib.sha256(tag.encode() + blob).hexdigest()[:32]
@@ -369,9 +395,33 @@ class RedisIndex:
             if EXISTS not in str(exc).lower():
                 raise
 
+    def _drop_store(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._last_drop = loop.time()
+        if not self._dropped:
+            log.warning("tollway: the semantic cache's Redis index has %d stores unanswered: "
+                        "stores past that are dropped until it catches up",
+                        self._storing)  # fmt: skip
+            self._drops_timer = loop.call_later(DROP_QUIET, self._drops_ended)
+        self._dropped += 1
+
+    def _drops_ended(self) -> None:
+        """Due DROP_QUIET after the first drop: say how many, once none is that recent."""
+        loop = asyncio.get_running_loop()
+        left = self._last_drop + DROP_QUIET - loop.time()
+        if left > 0:
+            self._drops_timer = loop.call_later(left, self._drops_ended)
+            return
+        self._drops_timer = None
+        log.warning("tollway: the semantic cache's Redis index caught up: %d stores were "
+                    "dropped, none in the last %g s", self._dropped, DROP_QUIET)  # fmt: skip
+        self._dropped = 0
+
     async def _transaction(self, *commands: tuple[Any, ...]) -> None:
         """MULTI, `commands`, EXEC, written back to back in one write (so that no other
-        caller's command lands inside): the entry never exists without its expiry."""
+        caller's command lands inside): the entry never exists without its expiry. Counted
+        in `_storing` until the server has answered it all (or the connection failed),
+        whether or not the caller still waits: one that timed out is still in its queue."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[Any] = loop.create_future()
         count = len(commands) + 2
@@ -379,7 +429,10 @@ class RedisIndex:
 
         def answered(reply: Any) -> None:
             replies.append(reply)
-            if len(replies) == count and not done.done():
+            if len(replies) < count:
+                return
+            self._storing -= 1
+            if not done.done():
                 # EXEC's reply holds each command's, error replies included
                 last = replies[-1] if isinstance(replies[-1], list) else []
                 errors = [r for r in (*replies, *last) if isinstance(r, Exception)]
@@ -389,6 +442,7 @@ class RedisIndex:
                     done.set_result(None)
 
         self.client.send_all((("MULTI",), *commands, ("EXEC",)), answered)
+        self._storing += 1
         await done
 
     async def _bounded(self, call: Coroutine[Any, Any, T]) -> T:
