@@ -109,6 +109,48 @@ def test_a_copied_partition_answers_misses_without_a_command(clean: RedisProc) -
     run(main())
 
 
+def timers_of(lookup: Any) -> tuple[Any, int]:
+    """Run coroutine `lookup`, which must return without suspending: its result, and how
+    many timers it set on the loop (asyncio's, whose `call_at` can be wrapped)."""
+    loop = asyncio.get_running_loop()
+    call_at, set_ = loop.call_at, []
+
+    def counted(when: float, callback: Any, *args: Any, **kwargs: Any) -> Any:
+        set_.append(callback)
+        return call_at(when, callback, *args, **kwargs)
+
+    loop.call_at = counted  # type: ignore[method-assign]
+    try:
+        lookup.send(None)
+    except StopIteration as done:
+        return done.value, len(set_)
+    finally:
+        del loop.call_at
+    lookup.close()
+    raise AssertionError("the lookup waited")
+
+
+def test_what_the_process_holds_answers_without_a_timer(clean: RedisProc) -> None:
+    """A miss in a copied partition, and a hit among the near entries, are answered in the
+    call, with no timeout set: nothing in them waits. A hit found in the copy reads its
+    entry, within the timeout."""
+    stored = vectors(3, 5)
+
+    async def main() -> None:
+        async with open_index(clean.url) as index:
+            for i, vector in enumerate(stored):
+                await index.add("p", vector, b"%d" % i, 60)
+            await copied(index, "p")
+            assert timers_of(index.nearest("p", vectors(4, 1)[0], 0.01)) == (None, 0)
+            assert (await index.nearest("p", stored[0], 0.01) or (b"",))[0] == b"0"  # read
+            near, timers = timers_of(index.nearest("p", stored[0], 0.01))  # now held near
+            assert near is not None and near[0] == b"0" and timers == 0
+            with pytest.raises(AssertionError, match="waited"):
+                timers_of(index.nearest("p", stored[1], 0.01))
+
+    run(main())
+
+
 def test_a_restarted_process_copies_what_the_server_holds(clean: RedisProc) -> None:
     """The copy of a partition another process filled is read from the server whole."""
     stored = vectors(3, 40)

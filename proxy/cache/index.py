@@ -264,6 +264,13 @@ class MemoryIndex:
     async def nearest(
         self, partition: str, vector: Vector, max_distance: float
     ) -> tuple[bytes, float] | None:
+        return self.search(partition, vector, max_distance)
+
+    def search(
+        self, partition: str, vector: Vector, max_distance: float
+    ) -> tuple[bytes, float] | None:
+        """`nearest` without the coroutine (the Redis index's copies, which answer in the
+        same call)."""
         part = self._partitions.get(partition)
         if part is None or part.size == 0 or part.vectors.shape[1] != vector.shape[0]:
             return None

@@ -194,6 +194,10 @@ class RedisIndex:
         self._mirror_bytes = mirror_bytes  # 0: no copy, every lookup asks the server
         self._mirrors: dict[int, Mirror] = {}  # dimension -> its partitions' copy
         self._origin = os.urandom(8).hex().encode()  # in the stream: "stored by this process"
+        # the server is known to hold the vectors (no fallback, or the server said yes): a
+        # lookup that this process can answer from its near entries or its copy does so
+        # before any await (`nearest`)
+        self._direct = fallback is None
         self._max_stores = max_stores
         self._storing = 0  # stores sent and not yet answered (or failed)
         self._dropped = 0  # stores dropped since the last DROP_QUIET seconds without one
@@ -208,6 +212,20 @@ class RedisIndex:
     async def nearest(
         self, partition: str, vector: Vector, max_distance: float
     ) -> tuple[bytes, float] | None:
+        if self._direct:  # the server is in use: what this process holds may answer at once
+            if self._near is not None:
+                near = self._near.search(partition, vector, max_distance)
+                if near is not None:
+                    return near
+            dim = len(vector)
+            mirror = self._mirrors.get(dim)
+            if mirror is not None and self._made(dim):
+                tag = partition_tag(partition)
+                if tag in mirror.copied:  # a miss needs no round trip, nor a timer
+                    found = mirror.index.search(tag, vector, max_distance)
+                    if found is None:
+                        return None
+                    return await self._bounded(self._read(dim, tag, partition, found))
         return await self._bounded(self._nearest(partition, vector, max_distance))
 
     async def add(self, partition: str, vector: Vector, payload: bytes, ttl: float) -> None:
@@ -238,7 +256,10 @@ class RedisIndex:
             self._asked = asyncio.ensure_future(self._ask())
             self._asked.add_done_callback(self._forget_failed_ask)
         reason = await asyncio.shield(self._asked)
-        return None if reason is None else self._fallback
+        if reason is None:
+            self._direct = True
+            return None
+        return self._fallback
 
     async def _ask(self) -> str | None:
         reason = self._reason if self._client is None else await _unusable(self._client)
@@ -254,10 +275,12 @@ class RedisIndex:
     async def _nearest(
         self, partition: str, vector: Vector, max_distance: float
     ) -> tuple[bytes, float] | None:
+        """`nearest` when this process cannot answer at once: the first calls (the server
+        asked, the index made), a partition not copied (yet), a hit's entry to read."""
         if (fallback := await self._fallback_in_use()) is not None:  # not `if`: it has len()
             return await fallback.nearest(partition, vector, max_distance)
         if self._near is not None:
-            near = await self._near.nearest(partition, vector, max_distance)
+            near = self._near.search(partition, vector, max_distance)
             if near is not None:
                 return near
         dim = len(vector)
@@ -265,15 +288,23 @@ class RedisIndex:
         tag = partition_tag(partition)
         mirror = self._copy(dim)
         if mirror is not None and tag in mirror.copied:  # a miss needs no round trip
-            found = await mirror.index.nearest(tag, vector, max_distance)
+            found = mirror.index.search(tag, vector, max_distance)
         else:
             if mirror is not None:
                 mirror.want(tag)
             found = await self._search(dim, tag, partition, vector, max_distance)
         if found is None:
             return None
+        return await self._read(dim, tag, partition, found)
+
+    async def _read(
+        self, dim: int, tag: str, partition: str, found: tuple[bytes, float]
+    ) -> tuple[bytes, float] | None:
+        """The reply of the entry the search `found` (its key, distance), when it is still
+        there and this partition's; else None (and the copy told)."""
         key, distance = found
         body, exp, vec, part = await self.client.execute("HMGET", key, "body", "exp", "vec", "part")
+        mirror = self._mirrors.get(dim)
         if body is None or exp is None or vec is None or len(vec) != 4 * dim:
             if mirror is not None:
                 mirror.gone(tag, key)
@@ -383,6 +414,13 @@ class RedisIndex:
             ready = self._ready[dim] = asyncio.ensure_future(self._create(dim))
             ready.add_done_callback(functools.partial(self._forget_failed, dim))
         await asyncio.shield(ready)  # a caller timing out leaves it running for the others
+
+    def _made(self, dim: int) -> bool:
+        """Whether `dim`'s index is known to exist (its FT.CREATE answered)."""
+        ready = self._ready.get(dim)
+        if ready is None or not ready.done() or ready.cancelled():
+            return False
+        return ready.exception() is None
 
     def _forget_failed(self, dim: int, done: asyncio.Future[None]) -> None:
         if (done.cancelled() or done.exception() is not None) and self._ready.get(dim) is done:
