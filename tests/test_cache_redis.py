@@ -380,6 +380,31 @@ def test_a_hot_entry_is_not_kept_past_its_own_expiry(clean: RedisProc) -> None:
     run(main())
 
 
+def test_a_lookup_searches_the_near_entries_once(clean: RedisProc) -> None:
+    """Whichever way a lookup goes (a partition not copied: asked the server), the near
+    entries are searched once."""
+    vector, other = unit(1), unit(0, 1)
+
+    async def main() -> None:
+        async with open_index(clean.url, mirror_bytes=0) as index:
+            assert index._near is not None
+            await index.add("p", vector, b"entry", 60)
+            await index.nearest("p", vector, 0.1)  # found in Redis: kept near
+            searches = []
+            search = index._near.search
+
+            def counted(*args: Any) -> Any:
+                searches.append(args[0])
+                return search(*args)
+
+            index._near.search = counted  # type: ignore[method-assign]
+            for _ in range(3):
+                assert await index.nearest("p", other, 0.1) is None  # near, then the server
+            assert searches == ["p"] * 3
+
+    run(main())
+
+
 def test_entries_stored_here_or_found_without_near_entries_ask_the_server(
     clean: RedisProc,
 ) -> None:

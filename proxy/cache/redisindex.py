@@ -100,7 +100,7 @@ BATCHES_FROM = 1_000
 # (CacheBusyError, counted in tollway.cache.errors) rather than queued. Each store is an HNSW
 # insert on the server's one thread (~0.5 ms at 256 dimensions), so misses that come faster
 # than the server inserts queued without end: at 64 concurrent misses here (the server on
-# the load core) a store waited 68-144 ms (p50), some timed out, and each timeout dropped
+# the load core) a store waited 68-374 ms (p50), some timed out, and each timeout dropped
 # the connection with the lookups waiting on it. With 16, a lookup's read waits behind at
 # most ~8 ms of this process's inserts (256 dimensions); 8 stored 27% fewer entries there.
 MAX_STORES = 16
@@ -226,6 +226,7 @@ class RedisIndex:
                     if found is None:
                         return None
                     return await self._bounded(self._read(dim, tag, partition, found))
+            return await self._bounded(self._nearest(partition, vector, max_distance, False))
         return await self._bounded(self._nearest(partition, vector, max_distance))
 
     async def add(self, partition: str, vector: Vector, payload: bytes, ttl: float) -> None:
@@ -273,13 +274,14 @@ class RedisIndex:
             self._asked = None
 
     async def _nearest(
-        self, partition: str, vector: Vector, max_distance: float
+        self, partition: str, vector: Vector, max_distance: float, ask_near: bool = True
     ) -> tuple[bytes, float] | None:
         """`nearest` when this process cannot answer at once: the first calls (the server
-        asked, the index made), a partition not copied (yet), a hit's entry to read."""
+        asked, the index made), a partition not copied (yet), a hit's entry to read.
+        `ask_near` False: `nearest` has searched the near entries already."""
         if (fallback := await self._fallback_in_use()) is not None:  # not `if`: it has len()
             return await fallback.nearest(partition, vector, max_distance)
-        if self._near is not None:
+        if ask_near and self._near is not None:
             near = self._near.search(partition, vector, max_distance)
             if near is not None:
                 return near
