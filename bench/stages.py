@@ -15,7 +15,9 @@ each round. Also every collection of the garbage collector, by generation.
 Stages: `request` (the handler, from the request's start) and its `own time` (less every
 backend wait, as in x-tollway-overhead-ms); `lookup` and within it `text`, `partition`, the
 `embeddings wait` (as the lookup sees it) and `search`; the `embeddings request` (the batch's
-HTTP call, with `decoding` its reply); `store`, which runs after the reply has gone out.
+HTTP call, with `decoding` its reply); `store`, which runs after the reply has gone out, and
+within it, with the Redis index, the `Redis transaction` (from its write to the server's
+last reply: a queue on the server shows here; dropped stores have none).
 Also the gateway's CPU per request (every thread, Granian's included, user and system), which
 the stages do not all explain.
 """
@@ -38,8 +40,8 @@ from bench.measure import median, with_cpu
 HOOK = stack.REPO / "bench" / "stagehook"
 ORDER = ("request", "request, own time", "lookup", "lookup: text", "lookup: partition",
          "lookup: embeddings wait", "lookup: search", "embeddings request",
-         "embeddings request: decoding", "store (after the reply)", "gc: generation 0",
-         "gc: generation 1", "gc: generation 2")  # fmt: skip
+         "embeddings request: decoding", "store (after the reply)", "store: Redis transaction",
+         "gc: generation 0", "gc: generation 1", "gc: generation 2")  # fmt: skip
 
 
 def worker(pid: int) -> int:

@@ -84,7 +84,7 @@ def _arm() -> None:
 
 
 def install() -> None:
-    from proxy.cache import embed, parts, policy
+    from proxy.cache import embed, parts, policy, redisindex
     from proxy.handlers import OpenAIHandler
 
     handle = OpenAIHandler.__call__
@@ -109,4 +109,6 @@ def install() -> None:
     embed._vectors = _timed("embeddings request: decoding", embed._vectors)
     parts.IndexSlot.nearest = _timed_async("lookup: search", parts.IndexSlot.nearest)  # type: ignore[method-assign]
     cache._store = _timed_async("store (after the reply)", cache._store)  # type: ignore[method-assign]
+    index = redisindex.RedisIndex  # the wait for the server's answer, not the work around it
+    index._transaction = _timed_async("store: Redis transaction", index._transaction)  # type: ignore[method-assign]
     gc.callbacks.append(_gc_timer())
