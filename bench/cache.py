@@ -243,7 +243,8 @@ def scrape(url: str) -> dict[str, float]:
 def store_failures(url: str) -> int:
     """The stores the gateway at `url` (its chat URL) counted as failed or dropped so far."""
     found = scrape(url.removesuffix("/chat/completions"))
-    return int(found.get(f"tollway_cache_errors_total{{{STORE_STAGE}}}", 0))
+    errors = "tollway_cache_errors_total{"  # by stage and error.type: every kind counts
+    return int(sum(v for k, v in found.items() if k.startswith(errors) and STORE_STAGE in k))
 
 
 # -- load: wrk with Lua hooks --------------------------------------------------------------

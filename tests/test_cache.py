@@ -510,7 +510,7 @@ def test_embeddings_backend_down_is_a_miss_logged_once_and_counted(
 
     with caplog.at_level(logging.WARNING, logger="tollway"):
         app = run(config_text(backend.url, embeddings_url=dead), scenario)
-    assert _errors(app) == {("lookup",): 3}
+    assert _errors(app) == {("lookup", "unavailable"): 3}
     assert _lookups(app) == {("chat", "error"): 3}
     lines = [r.getMessage() for r in caplog.records if "semantic cache" in r.getMessage()]
     assert len(lines) == 1 and "lookup unavailable" in lines[0]
@@ -574,7 +574,7 @@ def test_a_malformed_embeddings_reply_is_a_miss_counted_as_an_error(
         caplog.at_level(logging.WARNING, logger="tollway"),
     ):
         app = run(config_text(backend.url, embeddings_url=url), scenario)
-    assert _errors(app) == {("lookup",): 2}
+    assert _errors(app) == {("lookup", "unavailable"): 2}
     lines = [r.getMessage() for r in caplog.records if "semantic cache" in r.getMessage()]
     assert len(lines) == 1 and "embeddings backend" in lines[0]
 
@@ -616,7 +616,7 @@ def test_a_hung_embeddings_backend_costs_at_most_the_timeout(backend: MockProc) 
                 assert 0.2 <= took < 1.0  # the 200 ms bound plus the backend's reply
 
         app = run(config_text(backend.url, lookup=", timeout: 200ms", embeddings_url=url), scenario)
-    assert _errors(app) == {("lookup",): 2}
+    assert _errors(app) == {("lookup", "timeout"): 2}
 
 
 class BrokenIndex:
@@ -646,7 +646,7 @@ def test_a_failing_index_never_fails_the_request(backend: MockProc) -> None:
         assert (await client.post(chat(FRANCE, stream=True))).cache == "MISS"
 
     app = run(config_text(backend.url), scenario)
-    assert _errors(app) == {("lookup",): 1, ("store",): 2}
+    assert _errors(app) == {("lookup", "unavailable"): 1, ("store", "unavailable"): 2}
 
 
 class BusyIndex(MemoryIndex):
@@ -672,7 +672,7 @@ def test_a_store_dropped_by_a_busy_index_is_counted_not_an_outage(
 
     with caplog.at_level(logging.WARNING, logger="tollway"):
         app = run(config_text(backend.url), scenario)
-    assert _errors(app) == {("store",): 2}
+    assert _errors(app) == {("store", "busy"): 2}
     assert not [r for r in caplog.records if "semantic cache" in r.getMessage()]
 
 

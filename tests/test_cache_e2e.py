@@ -163,7 +163,8 @@ def test_an_unreachable_embeddings_backend_fails_open(cached: GatewayProc) -> No
     log = cached.log()
     assert log.count("semantic cache lookup unavailable") == 1
     metrics = httpx.get(cached.base + "/metrics").text
-    assert 'tollway_cache_errors_total{tollway_cache_stage="lookup"} 3' in metrics
+    errors = 'tollway_cache_errors_total{tollway_cache_stage="lookup",error_type="unavailable"} 3'
+    assert errors in metrics
     entries = next(
         line for line in metrics.splitlines() if line.startswith("tollway_cache_entries")
     )

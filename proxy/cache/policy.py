@@ -67,9 +67,13 @@ from proxy.types import Headers, Scope
 log = logging.getLogger("tollway")
 
 LOOKUPS = genai.CACHE_LOOKUPS  # by API and result: hit, miss, skip, error
-ERRORS = genai.CACHE_ERRORS  # by stage: lookup, store
+ERRORS = genai.CACHE_ERRORS  # by stage (lookup, store) and error.type (the kinds below)
 RESULT = "tollway.cache.result"
 STAGE = "tollway.cache.stage"
+# error.type of a cache failure: no answer within the cache's own timeout; an embedder or
+# index that failed or refused (CacheUnavailableError); a store the index dropped, too far
+# behind (CacheBusyError); an unexpected exception (a bug, logged with its traceback).
+TIMEOUT, UNAVAILABLE, BUSY, INTERNAL = "timeout", "unavailable", "busy", "internal"
 DISTANCE = "tollway.cache.distance"
 MAX_ENTRY_BYTES = 1 << 20  # a reply larger than this is not kept
 # Request fields that do not change the answer: not part of the partition. A Responses
@@ -124,16 +128,16 @@ class CacheMetrics:
             )  # fmt: skip
             self.errors = registry.counter(
                 ERRORS, "{error}", "Semantic-cache embedder or index failures (fail-open).",
-                (STAGE,),
+                (STAGE, genai.ERROR_TYPE),
             )  # fmt: skip
 
     def lookup(self, api_id: str, result: str) -> None:
         if self.lookups is not None:
             self.lookups.add(1, (api_id, result))
 
-    def error(self, stage: str) -> None:
+    def error(self, stage: str, kind: str) -> None:
         if self.errors is not None:
-            self.errors.add(1, (stage,))
+            self.errors.add(1, (stage, kind))
 
 
 class Lookup:
@@ -272,7 +276,7 @@ class SemanticCache:
         except (CacheUnavailableError, TimeoutError) as exc:
             why = str(exc) or f"no answer within {self._timeout:g} s"
             self.outage.failed("lookup", why)
-            self.metrics.error("lookup")
+            self.metrics.error("lookup", TIMEOUT if isinstance(exc, TimeoutError) else UNAVAILABLE)
             found.vector, found.result = None, ERROR
             return self._done(found, exchange)
         self.outage.answered("lookup")
@@ -356,15 +360,15 @@ class SemanticCache:
             async with asyncio.timeout(max(self._timeout, 1.0)):
                 await self.index.add(found.partition, found.vector, payload, self._ttl)
         except CacheBusyError:
-            self.metrics.error("store")  # the index logs it
+            self.metrics.error("store", BUSY)  # the index logs it
             return
         except (CacheUnavailableError, TimeoutError) as exc:
             self.outage.failed("store", str(exc) or "no answer in time")
-            self.metrics.error("store")
+            self.metrics.error("store", TIMEOUT if isinstance(exc, TimeoutError) else UNAVAILABLE)
             return
         except Exception:  # a bug must not become an unobserved task exception
             log.exception("tollway: semantic cache store failed")
-            self.metrics.error("store")
+            self.metrics.error("store", INTERNAL)
             return
         self.outage.answered("store")
 
