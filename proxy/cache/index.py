@@ -308,9 +308,7 @@ class MemoryIndex:
                 return
         while len(self._lru) >= self.max_entries:
             self._evict_oldest()
-        part = self._partitions.get(partition)
-        if part is None:
-            part = self._partitions[partition] = _Partition(vector.shape[0], self.max_rows)
+        part = self._partition(partition, vector.shape[0])
         entry_id = self._next_id
         self._next_id += 1
         self._lru[entry_id] = (partition, part.size)
@@ -333,15 +331,21 @@ class MemoryIndex:
             return
         while len(self._lru) + len(payloads) > self.max_entries:
             self._evict_oldest()
-        part = self._partitions.get(partition)  # the evictions may have emptied it
-        if part is None:
-            part = self._partitions[partition] = _Partition(vectors.shape[1], self.max_rows)
+        part = self._partition(partition, vectors.shape[1])
         first, row = self._next_id, part.size
         self._next_id += len(payloads)
         for entry_id in range(first, self._next_id):
             self._lru[entry_id] = (partition, row)
             row += 1
         self._held += part.extend(first, vectors, payloads, self._now() + ttls)
+
+    def _partition(self, partition: str, dim: int) -> _Partition:
+        """`partition`'s rows, made empty when it has none (after the evictions for room,
+        which may have emptied it)."""
+        part = self._partitions.get(partition)
+        if part is None:
+            part = self._partitions[partition] = _Partition(dim, self.max_rows)
+        return part
 
     def count(self, partition: str) -> int:
         """How many entries `partition` holds (expired ones not yet dropped included)."""

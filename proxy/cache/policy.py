@@ -276,7 +276,7 @@ class SemanticCache:
         except (CacheUnavailableError, TimeoutError) as exc:
             why = str(exc) or f"no answer within {self._timeout:g} s"
             self.outage.failed("lookup", why)
-            self.metrics.error("lookup", TIMEOUT if isinstance(exc, TimeoutError) else UNAVAILABLE)
+            self.metrics.error("lookup", _kind(exc))
             found.vector, found.result = None, ERROR
             return self._done(found, exchange)
         self.outage.answered("lookup")
@@ -364,7 +364,7 @@ class SemanticCache:
             return
         except (CacheUnavailableError, TimeoutError) as exc:
             self.outage.failed("store", str(exc) or "no answer in time")
-            self.metrics.error("store", TIMEOUT if isinstance(exc, TimeoutError) else UNAVAILABLE)
+            self.metrics.error("store", _kind(exc))
             return
         except Exception:  # a bug must not become an unobserved task exception
             log.exception("tollway: semantic cache store failed")
@@ -376,6 +376,11 @@ class SemanticCache:
         """Wait for the stores under way (a retiring runtime, tests)."""
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+
+def _kind(exc: Exception) -> str:
+    """The error.type of a failed lookup or store (the cache's own timeout, or the rest)."""
+    return TIMEOUT if isinstance(exc, TimeoutError) else UNAVAILABLE
 
 
 def _message_text(message: Message) -> str | None:

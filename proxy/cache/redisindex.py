@@ -194,9 +194,8 @@ class RedisIndex:
         self._mirror_bytes = mirror_bytes  # 0: no copy, every lookup asks the server
         self._mirrors: dict[int, Mirror] = {}  # dimension -> its partitions' copy
         self._origin = os.urandom(8).hex().encode()  # in the stream: "stored by this process"
-        # the server is known to hold the vectors (no fallback, or the server said yes): a
-        # lookup that this process can answer from its near entries or its copy does so
-        # before any await (`nearest`)
+        # the server is known to hold the vectors (no fallback, or the server said yes):
+        # `nearest` need not ask (`_first`), so what this process holds answers at once
         self._direct = fallback is None
         self._max_stores = max_stores
         self._storing = 0  # stores sent and not yet answered (or failed)
@@ -212,22 +211,9 @@ class RedisIndex:
     async def nearest(
         self, partition: str, vector: Vector, max_distance: float
     ) -> tuple[bytes, float] | None:
-        if self._direct:  # the server is in use: what this process holds may answer at once
-            if self._near is not None:
-                near = self._near.search(partition, vector, max_distance)
-                if near is not None:
-                    return near
-            dim = len(vector)
-            mirror = self._mirrors.get(dim)
-            if mirror is not None and self._made(dim):
-                tag = partition_tag(partition)
-                if tag in mirror.copied:  # a miss needs no round trip, nor a timer
-                    found = mirror.index.search(tag, vector, max_distance)
-                    if found is None:
-                        return None
-                    return await self._bounded(self._read(dim, tag, partition, found))
-            return await self._bounded(self._nearest(partition, vector, max_distance, False))
-        return await self._bounded(self._nearest(partition, vector, max_distance))
+        if self._direct and self._made(len(vector)):  # the server asked, the index made
+            return await self._lookup(partition, vector, max_distance)
+        return await self._bounded(self._first(partition, vector, max_distance))
 
     async def add(self, partition: str, vector: Vector, payload: bytes, ttl: float) -> None:
         await self._bounded(self._add(partition, vector, payload, ttl))
@@ -273,31 +259,44 @@ class RedisIndex:
         if (done.cancelled() or done.exception() is not None) and self._asked is done:
             self._asked = None
 
-    async def _nearest(
-        self, partition: str, vector: Vector, max_distance: float, ask_near: bool = True
+    async def _first(
+        self, partition: str, vector: Vector, max_distance: float
     ) -> tuple[bytes, float] | None:
-        """`nearest` when this process cannot answer at once: the first calls (the server
-        asked, the index made), a partition not copied (yet), a hit's entry to read.
-        `ask_near` False: `nearest` has searched the near entries already."""
+        """`nearest` before the server was asked (the fallback may answer) or the vector's
+        index made."""
         if (fallback := await self._fallback_in_use()) is not None:  # not `if`: it has len()
             return await fallback.nearest(partition, vector, max_distance)
-        if ask_near and self._near is not None:
+        await self._ensure(len(vector))
+        return await self._lookup(partition, vector, max_distance)
+
+    async def _lookup(
+        self, partition: str, vector: Vector, max_distance: float
+    ) -> tuple[bytes, float] | None:
+        """`nearest` on the server in use. What this process holds answers before any
+        await: a near entry, or a miss in a copied partition (no round trip, no timer). The
+        rest (a hit's read, a search on the server) is bounded by the timeout."""
+        if self._near is not None:
             near = self._near.search(partition, vector, max_distance)
             if near is not None:
                 return near
         dim = len(vector)
-        await self._ensure(dim)
         tag = partition_tag(partition)
         mirror = self._copy(dim)
-        if mirror is not None and tag in mirror.copied:  # a miss needs no round trip
+        if mirror is not None and tag in mirror.copied:
             found = mirror.index.search(tag, vector, max_distance)
-        else:
-            if mirror is not None:
-                mirror.want(tag)
-            found = await self._search(dim, tag, partition, vector, max_distance)
-        if found is None:
-            return None
-        return await self._read(dim, tag, partition, found)
+            if found is None:
+                return None
+            return await self._bounded(self._read(dim, tag, partition, found))
+        if mirror is not None:
+            mirror.want(tag)
+        return await self._bounded(self._searched(dim, tag, partition, vector, max_distance))
+
+    async def _searched(
+        self, dim: int, tag: str, partition: str, vector: Vector, max_distance: float
+    ) -> tuple[bytes, float] | None:
+        """The server's nearest entry in the partition, read (see `_read`), or None."""
+        found = await self._search(dim, tag, partition, vector, max_distance)
+        return None if found is None else await self._read(dim, tag, partition, found)
 
     async def _read(
         self, dim: int, tag: str, partition: str, found: tuple[bytes, float]

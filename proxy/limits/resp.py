@@ -109,18 +109,14 @@ class RespClient:
         already gathered a turn's work into it); `callback` is called with its reply, or the
         error in its place, from the loop's read of it (no task or future in between). Raises
         StoreUnavailableError at once when the client is closed."""
-        conn = self._conn
-        if conn is None or conn.closed:
-            conn = self._open()
+        conn = self._connection()
         conn.queue(_pack(tuple(command)), callback, soon=False)
         conn.flush()
 
     def send_all(self, commands: Sequence[Sequence[Arg]], callback: Callback) -> None:
         """`send` for several commands, written back to back in one write (one system call,
         not one each: ~25 µs apiece here); `callback` is called with each reply in turn."""
-        conn = self._conn
-        if conn is None or conn.closed:
-            conn = self._open()
+        conn = self._connection()
         for command in commands:
             conn.queue(_pack(tuple(command)), callback, soon=False)
         conn.flush()
@@ -134,10 +130,14 @@ class RespClient:
             await asyncio.sleep(0)  # let the transport's connection_lost run
 
     def _send(self, payload: bytes) -> asyncio.Future[Any]:
+        return self._connection().send(payload)
+
+    def _connection(self) -> _Connection:
+        """The connection in use, or a new one when there is none or it failed."""
         conn = self._conn
         if conn is None or conn.closed:
             conn = self._open()
-        return conn.send(payload)
+        return conn
 
     def _open(self) -> _Connection:
         if self._closed:
